@@ -1,0 +1,287 @@
+//! The in-memory prefilter: Bloom generations over xxh3-128 digests of the ids.
+//!
+//! Normally one generation answers every lookup (one filter probe, the fast path). The store
+//! rebuilds a fresh generation from sled's live ids about once per window and swaps it in, so
+//! expired ids stop costing false positives without querying many time slices. A burst above the
+//! expected rate rolls a new generation early instead of overfilling the current one; the next
+//! rebuild folds them back into one filter sized for what is really live.
+//!
+//! Invariant kept by the store, not by this type: every id live in sled was `insert`ed here (or
+//! was seen by the rebuild scan that produced the current generation).
+
+use bloomfilter::Bloom;
+use serde::{Deserialize, Serialize};
+
+/// Fixed seed: a digest set by one process must answer the same in the next one that loads the
+/// snapshot. The seed is not a secret; ids are digested with xxh3 before they get here.
+const SEED: [u8; 32] = *b"dedupd bloom generation seed v1.";
+
+/// Digest of an id: what the filter hashes, and what the rebuild collects.
+pub(crate) fn digest(id: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(id)
+}
+
+/// One Bloom filter and what is known about the ids in it.
+pub(crate) struct Generation {
+    bloom: Bloom<u128>,
+    /// Number of ids the filter was sized for at the target false-positive rate.
+    capacity: u64,
+    /// Ids inserted so far (duplicates counted; an upper bound on its load).
+    inserted: u64,
+    /// Latest expiry among its ids: once `now` passes it, the whole generation is dead weight.
+    newest_expiry_ms: u64,
+}
+
+impl Generation {
+    fn new(capacity: u64, fp_rate: f64) -> Generation {
+        let items = usize::try_from(capacity.max(1)).unwrap_or(usize::MAX);
+        let bloom = Bloom::new_for_fp_rate_with_seed(items, fp_rate, &SEED)
+            .expect("capacity and fp_rate are validated by StoreConfig");
+        Generation {
+            bloom,
+            capacity: capacity.max(1),
+            inserted: 0,
+            newest_expiry_ms: 0,
+        }
+    }
+
+    fn set(&mut self, digest: u128, expires_ms: u64) {
+        self.bloom.set(&digest);
+        self.inserted += 1;
+        self.newest_expiry_ms = self.newest_expiry_ms.max(expires_ms);
+    }
+}
+
+/// The generations plus, while a rebuild scan runs, the digests inserted since it started.
+pub(crate) struct Filters {
+    /// Oldest first; inserts go to the last one. Never empty.
+    gens: Vec<Generation>,
+    /// `Some` while a rebuild is scanning sled: inserts are also recorded here so the rebuilt
+    /// generation can be topped up with everything the scan may have missed.
+    pending: Option<Vec<(u128, u64)>>,
+    /// Capacity given to a generation rolled early during a burst.
+    roll_capacity: u64,
+    /// Target false-positive rate of each generation.
+    fp_rate: f64,
+    /// When the current base generation was built (ms); a rebuild is due one window later.
+    built_ms: u64,
+}
+
+impl Filters {
+    /// An empty filter set whose generation holds `capacity` ids at `fp_rate`.
+    pub(crate) fn new(capacity: u64, fp_rate: f64, now_ms: u64) -> Filters {
+        Filters {
+            gens: vec![Generation::new(capacity, fp_rate)],
+            pending: None,
+            roll_capacity: capacity,
+            fp_rate,
+            built_ms: now_ms,
+        }
+    }
+
+    /// "Maybe" (`true`) or "certainly not" (`false`). Newest first: a recent duplicate is the
+    /// common positive.
+    pub(crate) fn contains(&self, digest: u128) -> bool {
+        self.gens.iter().rev().any(|g| g.bloom.check(&digest))
+    }
+
+    /// Records a digest. Returns `true` when this insert rolled a new generation, so the caller
+    /// can wake the compactor to consolidate.
+    pub(crate) fn insert(&mut self, digest: u128, expires_ms: u64) -> bool {
+        let mut rolled = false;
+        let last = self.gens.last().expect("never empty");
+        if last.inserted >= last.capacity {
+            self.gens
+                .push(Generation::new(self.roll_capacity, self.fp_rate));
+            rolled = true;
+        }
+        self.gens
+            .last_mut()
+            .expect("never empty")
+            .set(digest, expires_ms);
+        if let Some(pending) = &mut self.pending {
+            pending.push((digest, expires_ms));
+        }
+        rolled
+    }
+
+    /// Drops generations (never the newest) whose ids are all past their TTL.
+    pub(crate) fn drop_expired(&mut self, now_ms: u64) -> usize {
+        let before = self.gens.len();
+        let newest = self.gens.len() - 1;
+        let mut i = 0;
+        self.gens.retain(|g| {
+            let keep = i == newest || g.newest_expiry_ms > now_ms;
+            i += 1;
+            keep
+        });
+        before - self.gens.len()
+    }
+
+    /// Whether a rebuild would pay off: several generations to fold back into one, or a window
+    /// has passed since the base was built, so part of it is expired.
+    pub(crate) fn rebuild_due(&self, now_ms: u64, ttl_ms: u64) -> bool {
+        let inserted = self.gens.iter().map(|g| g.inserted).sum::<u64>();
+        self.gens.len() > 1 || (inserted > 0 && now_ms >= self.built_ms.saturating_add(ttl_ms))
+    }
+
+    /// When the next rebuild falls due if nothing rolls over (ms); never for an empty filter.
+    pub(crate) fn rebuild_at(&self, ttl_ms: u64) -> u64 {
+        if self.gens.iter().all(|g| g.inserted == 0) {
+            return u64::MAX;
+        }
+        self.built_ms.saturating_add(ttl_ms)
+    }
+
+    /// Starts recording inserts for a rebuild. The caller must make sure every insert made before
+    /// this call is already visible in sled, so the scan sees it.
+    pub(crate) fn begin_rebuild(&mut self) {
+        self.pending = Some(Vec::new());
+    }
+
+    /// Swaps in a rebuilt generation, topped up with the inserts made during the scan.
+    pub(crate) fn finish_rebuild(&mut self, mut fresh: Filters) {
+        for (d, expires_ms) in self.pending.take().unwrap_or_default() {
+            fresh.insert(d, expires_ms);
+        }
+        // A generation rolled during the scan only holds ids that are also in `pending`.
+        fresh.roll_capacity = self.roll_capacity;
+        *self = fresh;
+    }
+
+    /// Abandons a rebuild (scan failed): the current generations stay valid.
+    pub(crate) fn abort_rebuild(&mut self) {
+        self.pending = None;
+    }
+
+    /// Builds a one-generation set for a rebuild scan over about `live` ids.
+    pub(crate) fn for_rebuild(&self, live: u64, now_ms: u64) -> Filters {
+        // Room for what is live plus one more window at the expected rate, so the next rebuild
+        // comes before the filter runs over its target rate.
+        let capacity = live.saturating_add(self.roll_capacity);
+        Filters::new(capacity, self.fp_rate, now_ms)
+    }
+
+    /// Number of generations queried by a lookup.
+    pub(crate) fn generations(&self) -> usize {
+        self.gens.len()
+    }
+
+    /// Memory held by the bit arrays.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.gens.iter().map(|g| g.bloom.len() / 8).sum()
+    }
+
+    /// Serialisable form for the shutdown snapshot.
+    pub(crate) fn to_snapshot(&self) -> FiltersSnapshot {
+        FiltersSnapshot {
+            gens: self
+                .gens
+                .iter()
+                .map(|g| GenerationSnapshot {
+                    bloom: g.bloom.as_slice().to_vec(),
+                    capacity: g.capacity,
+                    inserted: g.inserted,
+                    newest_expiry_ms: g.newest_expiry_ms,
+                })
+                .collect(),
+            roll_capacity: self.roll_capacity,
+            fp_rate: self.fp_rate,
+            built_ms: self.built_ms,
+        }
+    }
+
+    /// Restores a snapshot; `None` when it does not decode into valid filters.
+    pub(crate) fn from_snapshot(snap: FiltersSnapshot) -> Option<Filters> {
+        if snap.gens.is_empty() {
+            return None;
+        }
+        let mut gens = Vec::with_capacity(snap.gens.len());
+        for g in snap.gens {
+            gens.push(Generation {
+                bloom: Bloom::from_bytes(g.bloom).ok()?,
+                capacity: g.capacity,
+                inserted: g.inserted,
+                newest_expiry_ms: g.newest_expiry_ms,
+            });
+        }
+        Some(Filters {
+            gens,
+            pending: None,
+            roll_capacity: snap.roll_capacity,
+            fp_rate: snap.fp_rate,
+            built_ms: snap.built_ms,
+        })
+    }
+}
+
+/// Serialised generations, written next to the sled files on a clean close.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct FiltersSnapshot {
+    gens: Vec<GenerationSnapshot>,
+    roll_capacity: u64,
+    fp_rate: f64,
+    built_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct GenerationSnapshot {
+    bloom: Vec<u8>,
+    capacity: u64,
+    inserted: u64,
+    newest_expiry_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_rolls_a_generation_and_keeps_every_id() {
+        let mut f = Filters::new(100, 0.01, 0);
+        let mut rolled = false;
+        for i in 0u32..250 {
+            rolled |= f.insert(digest(&i.to_le_bytes()), 1_000);
+        }
+        assert!(rolled);
+        assert_eq!(f.generations(), 3);
+        assert!((0u32..250).all(|i| f.contains(digest(&i.to_le_bytes()))));
+        assert!(f.rebuild_due(0, 10_000));
+    }
+
+    #[test]
+    fn expired_generations_are_dropped_but_never_the_newest() {
+        let mut f = Filters::new(10, 0.01, 0);
+        for i in 0u32..11 {
+            f.insert(digest(&i.to_le_bytes()), 50);
+        }
+        assert_eq!(f.generations(), 2);
+        assert_eq!(f.drop_expired(49), 0);
+        assert_eq!(f.drop_expired(50), 1);
+        assert_eq!(f.generations(), 1);
+        assert_eq!(f.drop_expired(1_000), 0);
+    }
+
+    #[test]
+    fn rebuild_keeps_inserts_made_during_the_scan() {
+        let mut f = Filters::new(10, 0.01, 0);
+        assert_eq!(f.rebuild_at(10), u64::MAX);
+        f.begin_rebuild();
+        let mut fresh = f.for_rebuild(0, 5);
+        fresh.insert(digest(b"scanned"), 100);
+        f.insert(digest(b"during"), 100);
+        f.finish_rebuild(fresh);
+        assert!(f.contains(digest(b"scanned")));
+        assert!(f.contains(digest(b"during")));
+        assert_eq!(f.rebuild_at(10), 15);
+    }
+
+    #[test]
+    fn snapshot_round_trips() {
+        let mut f = Filters::new(1000, 0.01, 7);
+        f.insert(digest(b"a"), 9);
+        let g = Filters::from_snapshot(f.to_snapshot()).unwrap();
+        assert!(g.contains(digest(b"a")));
+        assert_eq!(g.bytes(), f.bytes());
+    }
+}

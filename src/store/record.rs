@@ -1,0 +1,170 @@
+//! On-disk encodings: the per-id record and the expiry index entries.
+//!
+//! Every record starts with a format byte so that a future layout is recognised as such instead
+//! of being decoded as garbage. The payload after it is bincode (standard config, varints).
+
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+
+/// The only record layout this build writes and reads.
+pub(crate) const FORMAT_V1: u8 = 1;
+
+/// What the store knows about a seen id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    /// When the id was recorded, in milliseconds since the Unix epoch.
+    pub first_seen_ms: u64,
+    /// When the id leaves the dedup window, in milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+impl Seen {
+    /// Whether the id is still inside its window at `now_ms`.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        now_ms < self.expires_ms
+    }
+}
+
+/// Version 1 payload. The TTL is stored rather than the expiry because it fits a short varint
+/// (a 24 h window is 5 bytes, an absolute timestamp 9): disk per id is a goal.
+#[derive(Serialize, Deserialize)]
+struct RecordV1 {
+    first_seen_ms: u64,
+    ttl_ms: u64,
+}
+
+fn bincode_config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes a record: format byte, then the bincode payload.
+pub(crate) fn encode(seen: Seen) -> Vec<u8> {
+    let payload = RecordV1 {
+        first_seen_ms: seen.first_seen_ms,
+        ttl_ms: seen.expires_ms.saturating_sub(seen.first_seen_ms),
+    };
+    let mut out = Vec::with_capacity(16);
+    out.push(FORMAT_V1);
+    bincode::serde::encode_into_std_write(&payload, &mut out, bincode_config())
+        .expect("writing to a Vec cannot fail");
+    out
+}
+
+/// Decodes a record written by [`encode`].
+///
+/// # Errors
+///
+/// [`Error::UnknownFormat`] for a format byte this build does not know, [`Error::Corrupt`] for a
+/// payload that does not decode.
+pub(crate) fn decode(id: &[u8], bytes: &[u8]) -> Result<Seen, Error> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, payload)) => {
+            let (rec, _): (RecordV1, usize) =
+                bincode::serde::decode_from_slice(payload, bincode_config()).map_err(|e| {
+                    Error::Corrupt {
+                        id: String::from_utf8_lossy(id).into_owned(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            Ok(Seen {
+                first_seen_ms: rec.first_seen_ms,
+                expires_ms: rec.first_seen_ms.saturating_add(rec.ttl_ms),
+            })
+        }
+        Some((&version, _)) => Err(Error::UnknownFormat {
+            id: String::from_utf8_lossy(id).into_owned(),
+            version,
+        }),
+        None => Err(Error::Corrupt {
+            id: String::from_utf8_lossy(id).into_owned(),
+            reason: "empty record".into(),
+        }),
+    }
+}
+
+/// Key of an expiry index entry: big-endian expiry then a unique sequence number, so a range
+/// scan up to `now` returns exactly the entries that are due, oldest first.
+pub(crate) fn index_key(expires_ms: u64, seq: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&expires_ms.to_be_bytes());
+    key[8..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Upper bound (inclusive) of the index keys due at `now_ms`.
+pub(crate) fn index_key_due(now_ms: u64) -> [u8; 16] {
+    index_key(now_ms, u64::MAX)
+}
+
+/// Expiry encoded in an index key.
+pub(crate) fn index_key_expiry(key: &[u8]) -> u64 {
+    let mut be = [0u8; 8];
+    be.copy_from_slice(&key[..8]);
+    u64::from_be_bytes(be)
+}
+
+/// Appends one id to an index entry value: a little-endian u16 length, then the bytes.
+/// Ids are at most `u16::MAX` bytes (the configured limit is checked against that).
+pub(crate) fn push_index_id(value: &mut Vec<u8>, id: &[u8]) {
+    let len = u16::try_from(id.len()).expect("id length is bounded by MAX_ID_LIMIT");
+    value.extend_from_slice(&len.to_le_bytes());
+    value.extend_from_slice(id);
+}
+
+/// Iterates the ids of an index entry value. A truncated tail (never written by this build)
+/// ends the iteration rather than panicking.
+pub(crate) fn index_ids(mut value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if value.len() < 2 {
+            return None;
+        }
+        let len = u16::from_le_bytes([value[0], value[1]]) as usize;
+        let id = value.get(2..2 + len)?;
+        value = &value[2 + len..];
+        Some(id)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips() {
+        let seen = Seen {
+            first_seen_ms: 1_764_000_000_000,
+            expires_ms: 1_764_000_000_000 + 86_400_000,
+        };
+        let bytes = encode(seen);
+        assert_eq!(bytes[0], FORMAT_V1);
+        // Format byte + 9-byte varint timestamp + 5-byte varint TTL.
+        assert_eq!(bytes.len(), 15);
+        assert_eq!(decode(b"x", &bytes).unwrap(), seen);
+    }
+
+    #[test]
+    fn unknown_format_is_an_error_not_garbage() {
+        let mut bytes = encode(Seen {
+            first_seen_ms: 1,
+            expires_ms: 2,
+        });
+        bytes[0] = 9;
+        let err = decode(b"abc", &bytes).unwrap_err();
+        assert!(
+            matches!(err, Error::UnknownFormat { version: 9, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("format version 9"), "{err}");
+    }
+
+    #[test]
+    fn index_entries_round_trip_and_sort_by_expiry() {
+        let mut v = Vec::new();
+        push_index_id(&mut v, b"a");
+        push_index_id(&mut v, b"bcd");
+        assert_eq!(index_ids(&v).collect::<Vec<_>>(), vec![&b"a"[..], b"bcd"]);
+        assert!(index_key(5, u64::MAX) < index_key(6, 0));
+        assert_eq!(index_key_expiry(&index_key(77, 3)), 77);
+    }
+}
