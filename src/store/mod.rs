@@ -872,3 +872,6 @@ fn scan_live(
     }
     Ok((fresh, records))
 }
+
+#[cfg(test)]
+mod tests;

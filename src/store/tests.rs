@@ -1,0 +1,289 @@
+//! Verdict-by-verdict tests on a real sled dir, with the clock moved by hand.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+
+const T0: u64 = 1_764_000_000_000;
+const TTL: Duration = Duration::from_secs(60);
+
+fn config(dir: &Path) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.ttl = TTL;
+    c.expected_ids = 1_000;
+    c.cache_bytes = 8 << 20;
+    c.clock = Arc::new(ManualClock::new(T0));
+    c
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open(config(dir)).expect("open store")
+}
+
+/// Claims `id` and expects a new claim.
+fn claim_new(store: &Store, id: &[u8], now: u64) -> Claim {
+    match store.claim(id, now).expect("claim") {
+        Verdict::New(c) => c,
+        other => panic!("expected New for {id:?}, got {other:?}"),
+    }
+}
+
+fn commit_one(store: &Store, id: &[u8], now: u64) {
+    let c = claim_new(store, id, now);
+    store.commit(vec![c], now).expect("commit");
+}
+
+fn is_duplicate(store: &Store, id: &[u8], now: u64) -> bool {
+    matches!(store.claim(id, now).expect("claim"), Verdict::Duplicate(_))
+}
+
+#[test]
+fn first_claim_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    // Never seen: new, and the prefilter answered without sled.
+    let _c = claim_new(&store, b"a", T0);
+    assert_eq!(store.stats().absent_lookups, 1);
+}
+
+#[test]
+fn committed_id_is_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"a", T0);
+    // Recorded one second ago, window 60 s: duplicate, with the time it was recorded.
+    match store.claim(b"a", T0 + 1_000).unwrap() {
+        Verdict::Duplicate(seen) => {
+            assert_eq!(seen.first_seen_ms, T0);
+            assert_eq!(seen.expires_ms, T0 + 60_000);
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert_eq!(store.stats().live_ids, 1);
+}
+
+#[test]
+fn second_claimer_sees_in_flight_and_learns_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let first = claim_new(&store, b"a", T0);
+    // Same id while the first claim is held: in flight.
+    let Verdict::InFlight(waiter) = store.claim(b"a", T0).unwrap() else {
+        panic!("expected InFlight");
+    };
+    store.commit(vec![first], T0).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert_eq!(rt.block_on(waiter.settled()), Settled::Committed);
+    assert!(is_duplicate(&store, b"a", T0));
+}
+
+#[test]
+fn released_claim_is_new_again_and_waiters_are_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let first = claim_new(&store, b"a", T0);
+    let Verdict::InFlight(waiter) = store.claim(b"a", T0).unwrap() else {
+        panic!("expected InFlight");
+    };
+    first.release();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert_eq!(rt.block_on(waiter.settled()), Settled::Released);
+    // Released: the id is new again.
+    let _again = claim_new(&store, b"a", T0);
+}
+
+#[test]
+fn expired_id_is_new_and_sweep_deletes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"a", T0);
+    let expiry = T0 + TTL.as_millis() as u64;
+    // One millisecond before the end of the window: still a duplicate.
+    assert!(is_duplicate(&store, b"a", expiry - 1));
+    // At the end of the window: new, even before the sweep reached it.
+    drop(claim_new(&store, b"a", expiry));
+    assert_eq!(store.sweep(expiry - 1, 100).unwrap(), 0);
+    assert_eq!(store.sweep(expiry, 100).unwrap(), 1);
+    assert_eq!(store.stats().live_ids, 0);
+    assert!(store.check(b"a", expiry - 1).unwrap().is_none());
+}
+
+#[test]
+fn forgotten_id_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"a", T0);
+    assert!(store.forget(b"a").unwrap());
+    assert!(!store.forget(b"a").unwrap());
+    let _c = claim_new(&store, b"a", T0);
+}
+
+#[test]
+fn sweep_keeps_an_id_committed_again_after_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"a", T0);
+    let later = T0 + TTL.as_millis() as u64 + 5;
+    // Expired, then recorded again: the old index entry must not delete the new record.
+    commit_one(&store, b"a", later);
+    assert_eq!(store.sweep(later, 100).unwrap(), 0);
+    assert!(is_duplicate(&store, b"a", later + 1));
+}
+
+#[test]
+fn empty_and_oversized_ids_are_refused_not_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let err = store.claim(b"", T0).unwrap_err();
+    assert!(matches!(err, Error::EmptyId { max: 256 }), "{err}");
+    let long = vec![b'x'; 257];
+    let err = store.claim(&long, T0).unwrap_err();
+    assert!(
+        matches!(err, Error::IdTooLong { len: 257, max: 256 }),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "id is 257 bytes, over the limit of 256 bytes"
+    );
+    // Exactly at the limit is fine.
+    let _c = claim_new(&store, &long[..256], T0);
+}
+
+#[test]
+fn configured_id_limit_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    c.max_id_bytes = 4;
+    let store = Store::open(c).unwrap();
+    assert!(matches!(
+        store.check(b"abcde", T0),
+        Err(Error::IdTooLong { len: 5, max: 4 })
+    ));
+}
+
+#[test]
+fn second_opener_is_refused_naming_the_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let _store = open(dir.path());
+    let err = Store::open(config(dir.path())).unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&dir.path().display().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn close_then_open_loads_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"a", T0);
+    store.close().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.stats().bloom_loaded_from, BloomOrigin::Snapshot);
+    assert!(store.may_contain(b"a").unwrap());
+    assert!(is_duplicate(&store, b"a", T0 + 1));
+}
+
+#[test]
+fn snapshot_with_a_foreign_marker_is_ignored_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"a", T0);
+    store.close().unwrap();
+    // Replace the marker: the snapshot no longer belongs to this state.
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert(SNAPSHOT_TOKEN_KEY, &[0u8; 16])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(store.stats().bloom_loaded_from, BloomOrigin::Rebuilt);
+    assert!(store.may_contain(b"a").unwrap());
+    assert!(is_duplicate(&store, b"a", T0 + 1));
+}
+
+#[test]
+fn reopen_without_close_rebuilds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"a", T0);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.stats().bloom_loaded_from, BloomOrigin::Rebuilt);
+    assert!(is_duplicate(&store, b"a", T0 + 1));
+}
+
+#[test]
+fn commit_after_close_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let other = store.clone();
+    let c = claim_new(&other, b"a", T0);
+    store.close().unwrap();
+    assert!(matches!(other.commit(vec![c], T0), Err(Error::Closed)));
+}
+
+#[test]
+fn unknown_record_format_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"a", T0);
+    store.shared.ids.insert(b"a", &[7u8, 0, 0][..]).unwrap();
+    let err = store.check(b"a", T0).unwrap_err();
+    assert!(
+        matches!(err, Error::UnknownFormat { version: 7, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn background_compactor_sweeps_expired_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(T0));
+    let mut c = config(dir.path());
+    c.clock = clock.clone();
+    let store = Store::open(c).unwrap();
+    for i in 0u32..10 {
+        commit_one(&store, &i.to_be_bytes(), T0);
+    }
+    clock.advance(TTL);
+    store.wake_compactor();
+    // Poll the compactor's progress (bounded), not the passage of time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.stats().live_ids > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "compactor did not sweep"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(store.stats().swept_ids, 10);
+}
+
+#[test]
+fn rebuild_drops_expired_ids_from_the_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for i in 0u32..200 {
+        commit_one(&store, &i.to_be_bytes(), T0);
+    }
+    commit_one(&store, b"live", T0 + 30_000);
+    let later = T0 + TTL.as_millis() as u64;
+    store.rebuild_filter(later).unwrap();
+    // The live id is still a "maybe"; most expired ones are now a certain "no".
+    assert!(store.may_contain(b"live").unwrap());
+    let still = (0u32..200)
+        .filter(|i| store.may_contain(&i.to_be_bytes()).unwrap())
+        .count();
+    assert!(still < 20, "{still} expired ids still in the filter");
+}
