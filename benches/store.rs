@@ -1,1 +1,201 @@
-fn main() {}
+//! Criterion benchmarks of the dedup store, with the seed's Redis `SET NX EX` in the same run so
+//! the ratios come from one machine state.
+//!
+//! `cargo bench --bench store` (needs the local Redis on 127.0.0.1:6379; `REDIS_URL` overrides).
+//! Benchmark ids are fixed so results compare across changes:
+//! `lookup/bloom_negative`, `lookup/present`, `claim_commit/durable_batch_1024`,
+//! `redis_set_nx_ex/pipeline_1`, `redis_set_nx_ex/pipeline_32`.
+
+use std::hint::black_box;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use dedupd::store::system_now_ms;
+use dedupd::{Store, StoreConfig, Verdict};
+
+/// Live ids in the store the lookups run against.
+const LIVE_IDS: u64 = 1_000_000;
+/// Ids per durable commit in `claim_commit`.
+const COMMIT_BATCH: usize = 1024;
+/// Ids cycled through by the lookup loops (enough to defeat the CPU cache on the sled side).
+const PROBES: usize = 100_000;
+
+/// A UUID-shaped 36-byte id from a number, like the message ids producers use.
+fn uuid_id(n: u128) -> String {
+    let x = xxhash_rust::xxh3::xxh3_128(&n.to_le_bytes());
+    let h = format!("{x:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// Next index into the probe list; a compare instead of `%`, whose division would be a visible
+/// share of a 100 ns lookup.
+fn next_probe(i: usize) -> usize {
+    if i + 1 == PROBES {
+        0
+    } else {
+        i + 1
+    }
+}
+
+fn store_config(dir: &std::path::Path) -> StoreConfig {
+    let mut c = StoreConfig::new(dir);
+    c.expected_ids = LIVE_IDS;
+    c
+}
+
+/// A store holding `LIVE_IDS` live ids numbered `0..LIVE_IDS`, built once per bench process.
+fn filled_store() -> &'static Store {
+    static STORE: OnceLock<(tempfile::TempDir, Store)> = OnceLock::new();
+    &STORE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = Store::open(store_config(dir.path())).expect("open store");
+            let now = system_now_ms();
+            for chunk in 0..LIVE_IDS / COMMIT_BATCH as u64 + 1 {
+                let lo = chunk * COMMIT_BATCH as u64;
+                let hi = (lo + COMMIT_BATCH as u64).min(LIVE_IDS);
+                let claims = (lo..hi)
+                    .filter_map(|n| match store.claim(uuid_id(n.into()).as_bytes(), now) {
+                        Ok(Verdict::New(c)) => Some(c),
+                        _ => None,
+                    })
+                    .collect();
+                store.commit(claims, now).expect("fill commit");
+            }
+            (dir, store)
+        })
+        .1
+}
+
+fn lookup(c: &mut Criterion) {
+    let store = filled_store();
+    let now = system_now_ms();
+    let mut group = c.benchmark_group("lookup");
+    // One id per iteration; criterion batches iterations itself, so the loop overhead is amortised.
+    group.throughput(Throughput::Elements(1));
+    // Lookups take tens of nanoseconds: 3 s of samples give tight intervals without a long run.
+    group.measurement_time(Duration::from_secs(3));
+
+    // Absent ids, numbered above everything in the store.
+    let absent: Vec<String> = (0..PROBES as u128)
+        .map(|n| uuid_id(n + u128::from(LIVE_IDS) * 2))
+        .collect();
+    let mut i = 0;
+    group.bench_function("bloom_negative", |b| {
+        b.iter(|| {
+            i = next_probe(i);
+            black_box(store.check(absent[i].as_bytes(), now).unwrap())
+        })
+    });
+
+    let present: Vec<String> = (0..PROBES as u128)
+        .map(|n| uuid_id(n * (u128::from(LIVE_IDS) / PROBES as u128)))
+        .collect();
+    let mut i = 0;
+    group.bench_function("present", |b| {
+        b.iter(|| {
+            i = next_probe(i);
+            let seen = store.check(present[i].as_bytes(), now).unwrap();
+            assert!(seen.is_some());
+            black_box(seen)
+        })
+    });
+    group.finish();
+}
+
+fn claim_commit(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(store_config(dir.path())).expect("open store");
+    let mut group = c.benchmark_group("claim_commit");
+    group.throughput(Throughput::Elements(COMMIT_BATCH as u64));
+    // Each sample is dominated by an fsync: fewer, longer samples are enough.
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(5));
+    let mut next: u128 = 1 << 64;
+    group.bench_function("durable_batch_1024", |b| {
+        b.iter_batched(
+            // Fresh ids, built outside the timing.
+            || {
+                let ids: Vec<String> = (next..next + COMMIT_BATCH as u128).map(uuid_id).collect();
+                next += COMMIT_BATCH as u128;
+                ids
+            },
+            |ids| {
+                let now = system_now_ms();
+                let claims = ids
+                    .iter()
+                    .map(|id| match store.claim(id.as_bytes(), now).unwrap() {
+                        Verdict::New(c) => c,
+                        other => panic!("fresh id not new: {other:?}"),
+                    })
+                    .collect();
+                store.commit(claims, now).unwrap();
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+fn redis_set_nx_ex(c: &mut Criterion) {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let mut con = redis::Client::open(url.as_str())
+        .and_then(|client| client.get_connection())
+        .unwrap_or_else(|e| panic!("the Redis baseline needs a Redis at {url}: {e}"));
+    let mut group = c.benchmark_group("redis_set_nx_ex");
+    group.measurement_time(Duration::from_secs(3));
+    let mut n: u128 = 0;
+
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("pipeline_1", |b| {
+        b.iter(|| {
+            n += 1;
+            let key = format!("msg:{}", uuid_id(n));
+            let set: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("NX")
+                .arg("EX")
+                .arg(86_400)
+                .query(&mut con)
+                .unwrap();
+            black_box(set)
+        })
+    });
+
+    group.throughput(Throughput::Elements(32));
+    group.bench_function("pipeline_32", |b| {
+        b.iter(|| {
+            let mut pipe = redis::pipe();
+            for _ in 0..32 {
+                n += 1;
+                pipe.cmd("SET")
+                    .arg(format!("msg:{}", uuid_id(n)))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(86_400);
+            }
+            let replies: Vec<Option<String>> = pipe.query(&mut con).unwrap();
+            black_box(replies)
+        })
+    });
+    group.finish();
+    // The keys would expire on their own (EX 86400); delete exactly ours rather than leave a day
+    // of clutter in a Redis others may use.
+    let keys: Vec<String> = (1..=n).map(|k| format!("msg:{}", uuid_id(k))).collect();
+    for chunk in keys.chunks(1000) {
+        let _: i64 = redis::cmd("DEL").arg(chunk).query(&mut con).unwrap();
+    }
+}
+
+criterion_group!(benches, lookup, claim_commit, redis_set_nx_ex);
+criterion_main!(benches);

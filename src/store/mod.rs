@@ -326,8 +326,9 @@ pub enum BloomOrigin {
     Rebuilt,
 }
 
-/// Claims held right now, each with the channel its waiters listen on.
-type InFlightMap = HashMap<Box<[u8]>, watch::Sender<Option<Settled>>>;
+/// Claims held right now, each with the channel its waiters listen on. The channel is made by
+/// the first waiter: most claims never have one, and notifying an empty channel is not free.
+type InFlightMap = HashMap<Box<[u8]>, Option<watch::Sender<Option<Settled>>>>;
 
 /// State shared by store handles, claims and the compactor.
 #[derive(Debug)]
@@ -413,8 +414,8 @@ impl Shared {
 
     /// Ends the in-flight state of `id` and tells its waiters how.
     fn settle(&self, id: &[u8], how: Settled) {
-        let tx = self.in_flight.lock().expect("in-flight lock").remove(id);
-        if let Some(tx) = tx {
+        let slot = self.in_flight.lock().expect("in-flight lock").remove(id);
+        if let Some(Some(tx)) = slot {
             tx.send_replace(Some(how));
         }
     }
@@ -582,12 +583,13 @@ impl Store {
         shared.validate(id)?;
         {
             let mut map = shared.in_flight.lock().expect("in-flight lock");
-            if let Some(tx) = map.get(id) {
+            if let Some(slot) = map.get_mut(id) {
+                let tx = slot.get_or_insert_with(|| watch::channel(None).0);
                 return Ok(Verdict::InFlight(Waiter { rx: tx.subscribe() }));
             }
             // Hold the id before looking it up, so a concurrent claimer waits for our verdict
             // instead of racing us to the same answer.
-            map.insert(id.into(), watch::channel(None).0);
+            map.insert(id.into(), None);
         }
         let claim = Claim {
             shared: shared.clone(),

@@ -287,3 +287,27 @@ fn rebuild_drops_expired_ids_from_the_filter() {
         .count();
     assert!(still < 20, "{still} expired ids still in the filter");
 }
+
+#[test]
+fn sweep_in_bounded_batches_deletes_every_expired_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for batch in 0u32..5 {
+        let claims = (0u32..300)
+            .map(|i| claim_new(&store, format!("{batch}-{i}").as_bytes(), T0))
+            .collect();
+        store.commit(claims, T0).unwrap();
+    }
+    let later = T0 + TTL.as_millis() as u64;
+    // Bounded: each call stops after about 500 ids (whole index entries), until nothing is due.
+    let mut calls = Vec::new();
+    loop {
+        let deleted = store.sweep(later, 500).unwrap();
+        if deleted == 0 {
+            break;
+        }
+        calls.push(deleted);
+    }
+    assert_eq!(calls, vec![600, 600, 300]);
+    assert_eq!(store.stats().live_ids, 0);
+}
