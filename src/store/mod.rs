@@ -448,14 +448,7 @@ impl Store {
             path: config.dir.clone(),
             source,
         })?;
-        let db = sled::Config::new()
-            .path(&config.dir)
-            .cache_capacity(config.cache_bytes)
-            // We flush when a commit asks for durability; a timer flush would only add
-            // background I/O that competes with them.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| open_error(&config.dir, source))?;
+        let db = open_sled(&config)?;
         let err = |context| {
             let dir = config.dir.clone();
             move |source| Error::Sled {
@@ -780,6 +773,31 @@ impl Store {
         shared.db.flush().map_err(shared.sled_err("close flush"))?;
         tracing::info!(dir = %shared.dir.display(), "store closed, bloom snapshot written");
         Ok(())
+    }
+}
+
+/// How long `open` retries a held lock. sled finishes background I/O on its own threads, which
+/// keep the lock file open for a moment after the previous holder in this process dropped it.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// Opens sled in the data dir, retrying a held lock for [`LOCK_WAIT`].
+fn open_sled(config: &StoreConfig) -> Result<sled::Db, Error> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
+            .path(&config.dir)
+            .cache_capacity(config.cache_bytes)
+            // We flush when a commit asks for durability; a timer flush would only add
+            // background I/O that competes with them.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| open_error(&config.dir, source));
+        match opened {
+            Err(Error::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }
 
