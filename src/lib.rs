@@ -4,9 +4,21 @@
 //!
 //! - [`store`]: the dedup engine ([`Store`]): Bloom prefilter in memory, sled on disk as the
 //!   exact truth, a background compactor expiring ids past their window. No AMQP in it.
+//! - [`relay`]: the AMQP side (amqprs): connection and reconnects, topology, the per-message
+//!   protocol (claim, publish with confirms, commit, ack), dead-lettering; [`run`] is the entry.
+//! - [`config`]: the typed [`Config`] parsed once from `DEDUPD_*` variables, and their table.
+//! - [`http`]: `/healthz` and `/metrics` (Prometheus text) and the counters behind them.
+//! - [`shutdown`]: SIGINT/SIGTERM as the future [`run`] stops on.
 
 #![warn(missing_docs)]
 
 pub mod store;
 
 pub use store::{Claim, Error as StoreError, Seen, Settled, Stats, Store, StoreConfig, Verdict};
+pub mod config;
+pub mod http;
+pub mod relay;
+pub mod shutdown;
+
+pub use config::Config;
+pub use relay::run;

@@ -1,0 +1,1016 @@
+//! The relay's configuration: one typed [`Config`], parsed once at start-up from `DEDUPD_*`
+//! environment variables.
+//!
+//! Parsing is a pure function over `(name, value)` pairs ([`Config::from_vars`]) so tests never
+//! touch the process environment. Every variable is listed once, in [`VARS`]; `dedupd --help`
+//! prints that table and a test checks that README's configuration table is the same text, so the
+//! two cannot drift.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroU64, NonZeroUsize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::store::{StoreConfig, MAX_ID_LIMIT};
+
+/// Prefix every variable of ours carries; unknown names under it are refused.
+pub const PREFIX: &str = "DEDUPD_";
+
+/// Longest AMQP short string (queue, exchange and routing key names).
+const SHORT_STR_MAX: usize = 255;
+
+/// The default of a variable, as the help and the README show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultValue {
+    /// This value when the variable is unset.
+    Value(&'static str),
+    /// Unset means something other than a value; the text says what.
+    Unset(&'static str),
+}
+
+/// One configuration variable: its name, default and meaning.
+#[derive(Debug, Clone, Copy)]
+pub struct Var {
+    /// Full name, `DEDUPD_*`.
+    pub name: &'static str,
+    /// What applies when it is unset.
+    pub default: DefaultValue,
+    /// One line saying what it does.
+    pub doc: &'static str,
+}
+
+const fn var(name: &'static str, default: &'static str, doc: &'static str) -> Var {
+    Var {
+        name,
+        default: DefaultValue::Value(default),
+        doc,
+    }
+}
+
+const fn unset(name: &'static str, unset: &'static str, doc: &'static str) -> Var {
+    Var {
+        name,
+        default: DefaultValue::Unset(unset),
+        doc,
+    }
+}
+
+/// Every variable dedupd reads, in the order the help and the README list them.
+pub const VARS: &[Var] = &[
+    var(
+        AMQP_URL,
+        DEFAULT_AMQP_URL,
+        "broker URL (`amqp://user:password@host:port/vhost`); never logged with its password",
+    ),
+    unset(
+        AMQP_URL_FILE,
+        "use `DEDUPD_AMQP_URL`",
+        "file holding the broker URL instead (systemd credentials); not with `DEDUPD_AMQP_URL`",
+    ),
+    var(SOURCE_QUEUE, "dedupd.in", "queue consumed with manual acks"),
+    var(DEST_EXCHANGE, "dedupd.out", "where first-seen messages go"),
+    var(
+        DEST_EXCHANGE_TYPE,
+        "fanout",
+        "type used when declaring it: `direct`, `fanout`, `topic`, `headers` or a plugin's `x-…`",
+    ),
+    unset(
+        DEST_ROUTING_KEY,
+        "keep the original",
+        "routing key for forwarded messages (set but empty: the empty key)",
+    ),
+    var(
+        DECLARE,
+        "true",
+        "declare the topology; `false`: use what exists, fail naming any missing piece",
+    ),
+    var(DATA_DIR, "./data", "store directory (one dedupd per directory)"),
+    var(TTL, "24h", "dedup window (`90s`, `15m`, `24h`, `7d`)"),
+    var(
+        ID_SOURCE,
+        "message_id",
+        "where the id comes from: `message_id`, `header:<name>` or `body-sha256`",
+    ),
+    var(
+        MISSING_ID,
+        "dead-letter",
+        "message without an id (or with an empty one): `dead-letter`, `forward` (undeduplicated) or `body-sha256`",
+    ),
+    var(MAX_ID_BYTES, "256", "longer ids are dead-lettered (at most 65535)"),
+    var(
+        PREFETCH,
+        "1000",
+        "consumer prefetch = most messages in flight (1 to 65535)",
+    ),
+    unset(
+        DUPLICATES_EXCHANGE,
+        "off",
+        "if set, a copy of each duplicate is published there, for audit (declared as a durable fanout)",
+    ),
+    var(
+        CONFIRM_TIMEOUT,
+        "30s",
+        "a publish not confirmed by then counts as failed (dead-lettered)",
+    ),
+    var(
+        SHUTDOWN_GRACE,
+        "10s",
+        "time to finish in-flight work on SIGTERM/SIGINT",
+    ),
+    var(
+        METRICS_ADDR,
+        "127.0.0.1:9476",
+        "HTTP address for `/healthz` and `/metrics`; `off` disables",
+    ),
+    var(
+        LOG,
+        "info",
+        "tracing filter (`debug`, `dedupd=debug,amqprs=warn`, ...)",
+    ),
+    var(
+        EXPECTED_IDS,
+        "1000000",
+        "ids expected per window; sizes the Bloom filter",
+    ),
+    var(
+        BLOOM_FP_RATE,
+        "0.01",
+        "target false-positive rate of the Bloom filter, in (0, 1)",
+    ),
+    var(
+        CACHE_SIZE,
+        "64M",
+        "sled page cache (`512K`, `64M`, `1G` or bytes)",
+    ),
+];
+
+const AMQP_URL: &str = "DEDUPD_AMQP_URL";
+const AMQP_URL_FILE: &str = "DEDUPD_AMQP_URL_FILE";
+const SOURCE_QUEUE: &str = "DEDUPD_SOURCE_QUEUE";
+const DEST_EXCHANGE: &str = "DEDUPD_DEST_EXCHANGE";
+const DEST_EXCHANGE_TYPE: &str = "DEDUPD_DEST_EXCHANGE_TYPE";
+const DEST_ROUTING_KEY: &str = "DEDUPD_DEST_ROUTING_KEY";
+const DECLARE: &str = "DEDUPD_DECLARE";
+const DATA_DIR: &str = "DEDUPD_DATA_DIR";
+const TTL: &str = "DEDUPD_TTL";
+const ID_SOURCE: &str = "DEDUPD_ID_SOURCE";
+const MISSING_ID: &str = "DEDUPD_MISSING_ID";
+const MAX_ID_BYTES: &str = "DEDUPD_MAX_ID_BYTES";
+const PREFETCH: &str = "DEDUPD_PREFETCH";
+const DUPLICATES_EXCHANGE: &str = "DEDUPD_DUPLICATES_EXCHANGE";
+const CONFIRM_TIMEOUT: &str = "DEDUPD_CONFIRM_TIMEOUT";
+const SHUTDOWN_GRACE: &str = "DEDUPD_SHUTDOWN_GRACE";
+const METRICS_ADDR: &str = "DEDUPD_METRICS_ADDR";
+const LOG: &str = "DEDUPD_LOG";
+const EXPECTED_IDS: &str = "DEDUPD_EXPECTED_IDS";
+const BLOOM_FP_RATE: &str = "DEDUPD_BLOOM_FP_RATE";
+const CACHE_SIZE: &str = "DEDUPD_CACHE_SIZE";
+
+const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Where a message's id comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdSource {
+    /// The AMQP `message_id` property.
+    MessageId,
+    /// A header of this name (string, byte array or integer value).
+    Header(String),
+    /// The SHA-256 of the body (32 raw bytes): every message has one.
+    BodySha256,
+}
+
+/// What to do with a message that has no id (or an empty one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingId {
+    /// Reject it without requeue, so the source's dead-letter exchange keeps it.
+    DeadLetter,
+    /// Forward it without deduplication.
+    Forward,
+    /// Use the SHA-256 of its body as its id.
+    BodySha256,
+}
+
+/// The relay's configuration. Built by [`Config::from_env`] or [`Config::from_vars`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `DEDUPD_AMQP_URL` (or the file of `DEDUPD_AMQP_URL_FILE`): the broker.
+    pub amqp_url: AmqpUrl,
+    /// `DEDUPD_SOURCE_QUEUE`, default `dedupd.in`: the queue consumed.
+    pub source_queue: String,
+    /// `DEDUPD_DEST_EXCHANGE`, default `dedupd.out`: where first-seen messages go.
+    pub dest_exchange: String,
+    /// `DEDUPD_DEST_EXCHANGE_TYPE`, default `fanout`: type used when declaring it.
+    pub dest_exchange_type: String,
+    /// `DEDUPD_DEST_ROUTING_KEY`, default unset: routing key override (`None` keeps the original).
+    pub dest_routing_key: Option<String>,
+    /// `DEDUPD_DECLARE`, default `true`: declare the topology, or only check it exists.
+    pub declare: bool,
+    /// `DEDUPD_DATA_DIR`, default `./data`: the store directory.
+    pub data_dir: PathBuf,
+    /// `DEDUPD_TTL`, default 24 h: the dedup window.
+    pub ttl: Duration,
+    /// `DEDUPD_ID_SOURCE`, default `message_id`: where the id comes from.
+    pub id_source: IdSource,
+    /// `DEDUPD_MISSING_ID`, default `dead-letter`: what to do without an id.
+    pub missing_id: MissingId,
+    /// `DEDUPD_MAX_ID_BYTES`, default 256: longer ids are dead-lettered.
+    pub max_id_bytes: NonZeroUsize,
+    /// `DEDUPD_PREFETCH`, default 1000: most deliveries in flight.
+    pub prefetch: NonZeroU16,
+    /// `DEDUPD_DUPLICATES_EXCHANGE`, default unset: where copies of duplicates go, if anywhere.
+    pub duplicates_exchange: Option<String>,
+    /// `DEDUPD_CONFIRM_TIMEOUT`, default 30 s: an unconfirmed publish fails after this.
+    pub confirm_timeout: Duration,
+    /// `DEDUPD_SHUTDOWN_GRACE`, default 10 s: time to finish in-flight work on shutdown.
+    pub shutdown_grace: Duration,
+    /// `DEDUPD_METRICS_ADDR`, default `127.0.0.1:9476`: HTTP address, `None` when `off`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `DEDUPD_LOG`, default `info`: tracing filter.
+    pub log: String,
+    /// `DEDUPD_EXPECTED_IDS`, default 1 000 000: ids per window, sizes the Bloom filter.
+    pub expected_ids: NonZeroU64,
+    /// `DEDUPD_BLOOM_FP_RATE`, default 0.01: target Bloom false-positive rate.
+    pub bloom_fp_rate: f64,
+    /// `DEDUPD_CACHE_SIZE`, default 64 MiB: sled page cache in bytes.
+    pub cache_bytes: u64,
+}
+
+/// A configuration variable that stops start-up. Displays as one line naming the variable, the
+/// value and the expected form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A value that does not parse or is out of range.
+    #[error("invalid {var}={value:?}: expected {expected}")]
+    Invalid {
+        /// The variable.
+        var: String,
+        /// Its value (a broker URL with its password masked).
+        value: String,
+        /// What would have been accepted.
+        expected: String,
+    },
+    /// A `DEDUPD_*` name dedupd does not know (a typo, most likely).
+    #[error(
+        "unknown variable {var}={value:?}: expected one of the variables `dedupd --help` lists"
+    )]
+    Unknown {
+        /// The variable.
+        var: String,
+        /// Its value.
+        value: String,
+    },
+    /// Two variables that exclude each other are both set.
+    #[error("{var} is set together with {other}: expected only one of them")]
+    Conflict {
+        /// The variable.
+        var: String,
+        /// The one it conflicts with.
+        other: String,
+    },
+}
+
+impl Config {
+    /// The configuration from the process environment.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::from_vars`]; a `DEDUPD_*` value that is not UTF-8 is invalid too.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let mut vars = Vec::new();
+        for (key, value) in std::env::vars_os() {
+            let Some(key) = key.to_str().filter(|k| k.starts_with(PREFIX)) else {
+                continue;
+            };
+            let value = value.into_string().map_err(|v| ConfigError::Invalid {
+                var: key.to_string(),
+                value: v.to_string_lossy().into_owned(),
+                expected: "UTF-8 text".into(),
+            })?;
+            vars.push((key.to_string(), value));
+        }
+        Config::from_vars(vars)
+    }
+
+    /// The configuration from `(name, value)` pairs; names without the `DEDUPD_` prefix are
+    /// ignored, unset variables take their defaults.
+    ///
+    /// # Errors
+    ///
+    /// The first bad variable (in [`VARS`] order): an unknown `DEDUPD_*` name, a value that does
+    /// not parse, or both `DEDUPD_AMQP_URL` and `DEDUPD_AMQP_URL_FILE`.
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let mut set = BTreeMap::new();
+        for (key, value) in vars {
+            let key = key.into();
+            if !key.starts_with(PREFIX) {
+                continue;
+            }
+            let value = value.into();
+            if !VARS.iter().any(|v| v.name == key) {
+                return Err(ConfigError::Unknown { var: key, value });
+            }
+            set.insert(key, value);
+        }
+        let vars = Vars(set);
+
+        let amqp_url = match (vars.get(AMQP_URL), vars.get(AMQP_URL_FILE)) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Conflict {
+                    var: AMQP_URL_FILE.into(),
+                    other: AMQP_URL.into(),
+                })
+            }
+            (_, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                    var: AMQP_URL_FILE.into(),
+                    value: path.into(),
+                    expected: format!("a readable file holding the broker URL ({e})"),
+                })?;
+                AmqpUrl::parse(text.trim()).map_err(|expected| ConfigError::Invalid {
+                    var: AMQP_URL_FILE.into(),
+                    value: path.into(),
+                    expected: format!("a file holding an amqp:// URL ({expected})"),
+                })?
+            }
+            (url, None) => {
+                let url = url.unwrap_or(DEFAULT_AMQP_URL);
+                AmqpUrl::parse(url).map_err(|expected| ConfigError::Invalid {
+                    var: AMQP_URL.into(),
+                    value: redact_url(url),
+                    expected,
+                })?
+            }
+        };
+
+        let source_queue = vars.parse(SOURCE_QUEUE, "dedupd.in", |v| {
+            // The dead-letter queue's name adds `.dead`, and must fit a short string too.
+            name(v, ".dead".len())
+        })?;
+        let dest_exchange = vars.parse(DEST_EXCHANGE, "dedupd.out", |v| name(v, 0))?;
+        let dest_exchange_type = vars.parse(DEST_EXCHANGE_TYPE, "fanout", exchange_type)?;
+        let dest_routing_key = vars.parse_opt(DEST_ROUTING_KEY, short_str)?;
+        let declare = vars.parse(DECLARE, "true", boolean)?;
+        let data_dir = vars.parse(DATA_DIR, "./data", |v| {
+            if v.is_empty() {
+                Err("a directory path".into())
+            } else {
+                Ok(PathBuf::from(v))
+            }
+        })?;
+        let ttl = vars.parse(TTL, "24h", |v| duration(v, false))?;
+        let id_source = vars.parse(ID_SOURCE, "message_id", id_source)?;
+        let missing_id = vars.parse(MISSING_ID, "dead-letter", missing_id)?;
+        let max_id_bytes = vars.parse(MAX_ID_BYTES, "256", |v| {
+            v.parse::<NonZeroUsize>()
+                .ok()
+                .filter(|n| n.get() <= MAX_ID_LIMIT)
+                .ok_or_else(|| format!("a byte count from 1 to {MAX_ID_LIMIT}"))
+        })?;
+        let prefetch = vars.parse(PREFETCH, "1000", |v| {
+            v.parse::<NonZeroU16>()
+                .map_err(|_| "a message count from 1 to 65535".into())
+        })?;
+        let duplicates_exchange = vars
+            .parse_opt(DUPLICATES_EXCHANGE, |v| {
+                if v.is_empty() {
+                    Ok(None)
+                } else {
+                    name(v, 0).map(Some)
+                }
+            })?
+            .flatten();
+        let confirm_timeout = vars.parse(CONFIRM_TIMEOUT, "30s", |v| duration(v, false))?;
+        let shutdown_grace = vars.parse(SHUTDOWN_GRACE, "10s", |v| duration(v, true))?;
+        let metrics_addr = vars.parse(METRICS_ADDR, "127.0.0.1:9476", |v| {
+            if v == "off" {
+                Ok(None)
+            } else {
+                v.parse::<SocketAddr>()
+                    .map(Some)
+                    .map_err(|_| "an address like 127.0.0.1:9476, or off".into())
+            }
+        })?;
+        let log = vars.parse(LOG, "info", |v| {
+            tracing_subscriber::EnvFilter::try_new(v)
+                .map(|_| v.to_string())
+                .map_err(|e| format!("a tracing filter like info or dedupd=debug,warn ({e})"))
+        })?;
+        let expected_ids = vars.parse(EXPECTED_IDS, "1000000", |v| {
+            v.replace('_', "")
+                .parse::<NonZeroU64>()
+                .map_err(|_| "a positive whole number like 1000000".into())
+        })?;
+        let bloom_fp_rate = vars.parse(BLOOM_FP_RATE, "0.01", |v| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|r| *r > 0.0 && *r < 1.0)
+                .ok_or_else(|| "a fraction between 0 and 1, like 0.01".into())
+        })?;
+        let cache_bytes = vars.parse(CACHE_SIZE, "64M", size)?;
+
+        Ok(Config {
+            amqp_url,
+            source_queue,
+            dest_exchange,
+            dest_exchange_type,
+            dest_routing_key,
+            declare,
+            data_dir,
+            ttl,
+            id_source,
+            missing_id,
+            max_id_bytes,
+            prefetch,
+            duplicates_exchange,
+            confirm_timeout,
+            shutdown_grace,
+            metrics_addr,
+            log,
+            expected_ids,
+            bloom_fp_rate,
+            cache_bytes,
+        })
+    }
+
+    /// The dead-letter exchange of the source queue: `<source>.dlx`.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.source_queue)
+    }
+
+    /// The queue bound to the dead-letter exchange: `<source>.dead`.
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.source_queue)
+    }
+
+    /// The store settings this configuration asks for.
+    pub fn store_config(&self) -> StoreConfig {
+        let mut store = StoreConfig::new(&self.data_dir);
+        store.ttl = self.ttl;
+        store.expected_ids = self.expected_ids.get();
+        store.fp_rate = self.bloom_fp_rate;
+        store.cache_bytes = self.cache_bytes;
+        store.max_id_bytes = self.max_id_bytes.get();
+        store
+    }
+}
+
+/// The set `DEDUPD_*` variables, with parsing that names the variable on failure.
+struct Vars(BTreeMap<String, String>);
+
+impl Vars {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    /// Parses `name`'s value, or `default` when unset; `parse` says the expected form on error.
+    fn parse<T>(
+        &self,
+        name: &str,
+        default: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let value = self.get(name).unwrap_or(default);
+        parse(value).map_err(|expected| ConfigError::Invalid {
+            var: name.into(),
+            value: value.into(),
+            expected,
+        })
+    }
+
+    /// Parses `name`'s value if set.
+    fn parse_opt<T>(
+        &self,
+        name: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(value) => parse(value)
+                .map(Some)
+                .map_err(|expected| ConfigError::Invalid {
+                    var: name.into(),
+                    value: value.into(),
+                    expected,
+                }),
+        }
+    }
+}
+
+fn short_str(v: &str) -> Result<String, String> {
+    if v.len() > SHORT_STR_MAX {
+        Err(format!("at most {SHORT_STR_MAX} bytes"))
+    } else {
+        Ok(v.to_string())
+    }
+}
+
+/// A queue or exchange name: non-empty, and short enough that `reserve` more bytes still fit.
+fn name(v: &str, reserve: usize) -> Result<String, String> {
+    let max = SHORT_STR_MAX - reserve;
+    if v.is_empty() || v.len() > max {
+        Err(format!("a name of 1 to {max} bytes"))
+    } else {
+        Ok(v.to_string())
+    }
+}
+
+fn exchange_type(v: &str) -> Result<String, String> {
+    match v {
+        "direct" | "fanout" | "topic" | "headers" => Ok(v.to_string()),
+        _ if v.starts_with("x-") && v.len() > 2 && v.len() <= SHORT_STR_MAX => Ok(v.to_string()),
+        _ => Err("direct, fanout, topic, headers or a plugin type x-…".into()),
+    }
+}
+
+fn boolean(v: &str) -> Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("true or false".into()),
+    }
+}
+
+fn duration(v: &str, zero_ok: bool) -> Result<Duration, String> {
+    let expected = || {
+        format!(
+            "a {}duration like 90s, 15m, 24h or 7d",
+            if zero_ok { "" } else { "non-zero " }
+        )
+    };
+    match humantime::parse_duration(v) {
+        Ok(d) if zero_ok || d.as_millis() > 0 => Ok(d),
+        _ => Err(expected()),
+    }
+}
+
+fn id_source(v: &str) -> Result<IdSource, String> {
+    match v {
+        "message_id" => Ok(IdSource::MessageId),
+        "body-sha256" => Ok(IdSource::BodySha256),
+        _ => match v.strip_prefix("header:") {
+            Some(h) if !h.is_empty() && h.len() <= SHORT_STR_MAX => {
+                Ok(IdSource::Header(h.to_string()))
+            }
+            _ => Err("message_id, header:<name> or body-sha256".into()),
+        },
+    }
+}
+
+fn missing_id(v: &str) -> Result<MissingId, String> {
+    match v {
+        "dead-letter" => Ok(MissingId::DeadLetter),
+        "forward" => Ok(MissingId::Forward),
+        "body-sha256" => Ok(MissingId::BodySha256),
+        _ => Err("dead-letter, forward or body-sha256".into()),
+    }
+}
+
+/// A size: bytes, or a number with a binary suffix `K`, `M`, `G`, `T` (`KiB`, `MB`... accepted).
+fn size(v: &str) -> Result<u64, String> {
+    let expected = || "a size like 512K, 64M, 1G or a byte count".to_string();
+    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (number, unit) = v.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| expected())?;
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(expected()),
+    };
+    number
+        .checked_mul(1 << shift)
+        .filter(|n| *n > 0)
+        .ok_or_else(expected)
+}
+
+/// The broker's address and credentials. Its `Debug` and `Display` mask the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrl {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// User name.
+    pub user: String,
+    password: String,
+    /// Virtual host.
+    pub vhost: String,
+    /// Heartbeat in seconds from `?heartbeat=`, if given.
+    pub heartbeat: Option<u16>,
+    /// Connection timeout from `?connection_timeout=` (milliseconds, as the URI spec says).
+    pub connection_timeout: Option<Duration>,
+}
+
+impl AmqpUrl {
+    /// Parses `amqp://user:password@host:port/vhost?heartbeat=N&connection_timeout=MS`, with
+    /// percent-decoding of user, password and vhost (`%2f` is the default vhost `/`). A missing
+    /// user or password is `guest`, a missing port 5672, a missing vhost `/`.
+    ///
+    /// # Errors
+    ///
+    /// The expected form, for the config error.
+    pub fn parse(url: &str) -> Result<AmqpUrl, String> {
+        const FORM: &str = "amqp://user:password@host:port/vhost";
+        let bad = |why: &str| format!("a URL like {FORM} ({why})");
+        let rest = match url.split_once("://") {
+            Some(("amqp", rest)) => rest,
+            Some(("amqps", _)) => return Err(bad("amqps is not supported by this build")),
+            _ => return Err(bad("scheme must be amqp")),
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo {
+            None => ("guest".to_string(), "guest".to_string()),
+            Some(u) => {
+                let (user, pass) = u.split_once(':').unwrap_or((u, "guest"));
+                (
+                    percent_decode(user).ok_or_else(|| bad("bad percent-encoding in user"))?,
+                    percent_decode(pass).ok_or_else(|| bad("bad percent-encoding in password"))?,
+                )
+            }
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or_else(|| bad("unclosed ["))?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let port = match port {
+            None | Some("") => 5672,
+            Some(p) => p.parse().map_err(|_| bad("port is not a number"))?,
+        };
+        let vhost = match path {
+            None | Some("") => "/".to_string(),
+            Some(p) => percent_decode(p).ok_or_else(|| bad("bad percent-encoding in vhost"))?,
+        };
+        let mut heartbeat = None;
+        let mut connection_timeout = None;
+        for pair in query.into_iter().flat_map(|q| q.split('&')) {
+            if pair.is_empty() {
+                continue;
+            }
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| bad("query parameters must be key=value"))?;
+            match k {
+                "heartbeat" => {
+                    heartbeat = Some(v.parse().map_err(|_| bad("heartbeat is not a number"))?)
+                }
+                "connection_timeout" => {
+                    let ms: u64 = v
+                        .parse()
+                        .map_err(|_| bad("connection_timeout is not a number"))?;
+                    connection_timeout = Some(Duration::from_millis(ms));
+                }
+                // Other URI-spec parameters (channel_max, auth_mechanism...) keep their defaults.
+                _ => {}
+            }
+        }
+        Ok(AmqpUrl {
+            host: host.to_string(),
+            port,
+            user,
+            password,
+            vhost,
+            heartbeat,
+            connection_timeout,
+        })
+    }
+
+    /// The password, for opening the connection (and nothing else).
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+}
+
+impl fmt::Display for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        write!(
+            f,
+            "amqp://{}:***@{}:{}/{}",
+            self.user,
+            host,
+            self.port,
+            self.vhost.replace('%', "%25").replace('/', "%2f")
+        )
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AmqpUrl({self})")
+    }
+}
+
+/// `s` with `%XX` escapes decoded; `None` for a bad escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A URL as given, with the password (if any) masked, for error messages.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// The variables as a Markdown table: the text of README's configuration table, and of `--help`.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| variable | default | meaning |\n|---|---|---|\n");
+    for v in VARS {
+        let default = match v.default {
+            DefaultValue::Value(d) => format!("`{d}`"),
+            DefaultValue::Unset(meaning) => format!("(unset: {meaning})"),
+        };
+        out.push_str(&format!("| `{}` | {} | {} |\n", v.name, default, v.doc));
+    }
+    out
+}
+
+/// The text `dedupd --help` prints.
+pub fn help() -> String {
+    format!(
+        "dedupd {}: message-deduplication relay for RabbitMQ\n\n\
+         Usage: dedupd [--help | --version]\n\n\
+         Configured by environment variables only:\n\n{}",
+        env!("CARGO_PKG_VERSION"),
+        markdown_table()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(vars.iter().copied())
+    }
+
+    /// The error for one bad variable; its one-line message names variable, value and form.
+    fn refused(name: &str, value: &str) -> String {
+        let err = parse(&[(name, value)]).expect_err("should be refused");
+        let line = err.to_string();
+        assert!(!line.contains('\n'), "one line: {line}");
+        assert!(line.contains(name), "names the variable: {line}");
+        assert!(line.contains("expected"), "says the expected form: {line}");
+        line
+    }
+
+    #[test]
+    fn defaults_run_against_the_local_broker() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.amqp_url.host, "127.0.0.1");
+        assert_eq!(c.amqp_url.port, 5672);
+        assert_eq!(c.amqp_url.user, "guest");
+        assert_eq!(c.amqp_url.password(), "guest");
+        assert_eq!(c.amqp_url.vhost, "/");
+        assert_eq!(c.source_queue, "dedupd.in");
+        assert_eq!(c.dest_exchange, "dedupd.out");
+        assert_eq!(c.dest_exchange_type, "fanout");
+        assert_eq!(c.dest_routing_key, None);
+        assert!(c.declare);
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.ttl, Duration::from_secs(86400));
+        assert_eq!(c.id_source, IdSource::MessageId);
+        assert_eq!(c.missing_id, MissingId::DeadLetter);
+        assert_eq!(c.max_id_bytes.get(), 256);
+        assert_eq!(c.prefetch.get(), 1000);
+        assert_eq!(c.duplicates_exchange, None);
+        assert_eq!(c.confirm_timeout, Duration::from_secs(30));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9476".parse().unwrap()));
+        assert_eq!(c.log, "info");
+        assert_eq!(c.expected_ids.get(), 1_000_000);
+        assert_eq!(c.bloom_fp_rate, 0.01);
+        assert_eq!(c.cache_bytes, 64 << 20);
+        assert_eq!(c.dead_letter_exchange(), "dedupd.in.dlx");
+        assert_eq!(c.dead_letter_queue(), "dedupd.in.dead");
+    }
+
+    #[test]
+    fn every_default_in_the_table_parses_to_the_default_config() {
+        // Setting each variable to its documented default changes nothing.
+        let explicit: Vec<(&str, &str)> = VARS
+            .iter()
+            .filter_map(|v| match v.default {
+                DefaultValue::Value(d) => Some((v.name, d)),
+                DefaultValue::Unset(_) => None,
+            })
+            .collect();
+        let a = parse(&explicit).unwrap();
+        let b = parse(&[]).unwrap();
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
+
+    #[test]
+    fn values_are_parsed_into_types() {
+        let c = parse(&[
+            (
+                "DEDUPD_AMQP_URL",
+                "amqp://u%40x:p%3Ass@rabbit:5673/prod?heartbeat=10",
+            ),
+            ("DEDUPD_DEST_ROUTING_KEY", ""),
+            ("DEDUPD_DECLARE", "false"),
+            ("DEDUPD_TTL", "7d"),
+            ("DEDUPD_ID_SOURCE", "header:x-id"),
+            ("DEDUPD_MISSING_ID", "body-sha256"),
+            ("DEDUPD_DUPLICATES_EXCHANGE", "audit"),
+            ("DEDUPD_METRICS_ADDR", "off"),
+            ("DEDUPD_CACHE_SIZE", "1G"),
+            ("DEDUPD_SHUTDOWN_GRACE", "0s"),
+            ("PATH", "/bin"),
+        ])
+        .unwrap();
+        assert_eq!(c.amqp_url.user, "u@x");
+        assert_eq!(c.amqp_url.password(), "p:ss");
+        assert_eq!(c.amqp_url.host, "rabbit");
+        assert_eq!(c.amqp_url.port, 5673);
+        assert_eq!(c.amqp_url.vhost, "prod");
+        assert_eq!(c.amqp_url.heartbeat, Some(10));
+        assert_eq!(c.dest_routing_key.as_deref(), Some(""));
+        assert!(!c.declare);
+        assert_eq!(c.ttl, Duration::from_secs(7 * 86400));
+        assert_eq!(c.id_source, IdSource::Header("x-id".into()));
+        assert_eq!(c.missing_id, MissingId::BodySha256);
+        assert_eq!(c.duplicates_exchange.as_deref(), Some("audit"));
+        assert_eq!(c.metrics_addr, None);
+        assert_eq!(c.cache_bytes, 1 << 30);
+        assert_eq!(c.shutdown_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn bad_duration_is_refused() {
+        let line = refused("DEDUPD_TTL", "banana");
+        assert!(line.contains("banana") && line.contains("90s"), "{line}");
+    }
+
+    #[test]
+    fn zero_ttl_is_refused() {
+        refused("DEDUPD_TTL", "0s");
+    }
+
+    #[test]
+    fn bad_numbers_are_refused() {
+        refused("DEDUPD_PREFETCH", "0");
+        refused("DEDUPD_PREFETCH", "70000");
+        refused("DEDUPD_MAX_ID_BYTES", "0");
+        refused("DEDUPD_MAX_ID_BYTES", "65536");
+        refused("DEDUPD_EXPECTED_IDS", "lots");
+        refused("DEDUPD_BLOOM_FP_RATE", "1.5");
+        refused("DEDUPD_CACHE_SIZE", "64Q");
+    }
+
+    #[test]
+    fn bad_enums_are_refused() {
+        refused("DEDUPD_ID_SOURCE", "header:");
+        refused("DEDUPD_ID_SOURCE", "uuid");
+        refused("DEDUPD_MISSING_ID", "drop");
+        refused("DEDUPD_DEST_EXCHANGE_TYPE", "fan");
+        refused("DEDUPD_DECLARE", "maybe");
+        refused("DEDUPD_METRICS_ADDR", "localhost");
+        refused("DEDUPD_LOG", "dedupd=loud");
+    }
+
+    #[test]
+    fn names_must_fit_amqp_short_strings() {
+        refused("DEDUPD_SOURCE_QUEUE", "");
+        refused("DEDUPD_SOURCE_QUEUE", &"q".repeat(251));
+        refused("DEDUPD_DEST_EXCHANGE", &"x".repeat(256));
+    }
+
+    #[test]
+    fn unknown_variable_is_refused() {
+        let err = parse(&[("DEDUPD_TLL", "24h")]).unwrap_err();
+        assert!(matches!(err, ConfigError::Unknown { .. }));
+        assert!(err.to_string().contains("DEDUPD_TLL"));
+    }
+
+    #[test]
+    fn bad_url_error_masks_the_password() {
+        let line = refused("DEDUPD_AMQP_URL", "http://me:s3cret@host/");
+        assert!(!line.contains("s3cret"), "{line}");
+        assert!(line.contains("me:***@host"), "{line}");
+    }
+
+    #[test]
+    fn url_display_masks_the_password() {
+        let url = AmqpUrl::parse("amqp://me:s3cret@[::1]:5672/%2f").unwrap();
+        assert_eq!(url.host, "::1");
+        assert_eq!(url.to_string(), "amqp://me:***@[::1]:5672/%2f");
+        assert!(!format!("{url:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn url_query_without_value_is_refused_not_a_panic() {
+        refused("DEDUPD_AMQP_URL", "amqp://h/?heartbeat");
+    }
+
+    #[test]
+    fn url_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("url");
+        std::fs::write(&path, "amqp://a:b@h:1/v\n").unwrap();
+        let c = parse(&[("DEDUPD_AMQP_URL_FILE", path.to_str().unwrap())]).unwrap();
+        assert_eq!((c.amqp_url.host.as_str(), c.amqp_url.port), ("h", 1));
+        assert_eq!(c.amqp_url.password(), "b");
+    }
+
+    #[test]
+    fn url_file_missing_is_refused() {
+        refused("DEDUPD_AMQP_URL_FILE", "/nonexistent/dedupd-url");
+    }
+
+    #[test]
+    fn url_and_url_file_conflict() {
+        let err = parse(&[
+            ("DEDUPD_AMQP_URL", DEFAULT_AMQP_URL),
+            ("DEDUPD_AMQP_URL_FILE", "/x"),
+        ])
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Conflict { .. }), "{err}");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(size("512K"), Ok(512 << 10));
+        assert_eq!(size("64MiB"), Ok(64 << 20));
+        assert_eq!(size("4096"), Ok(4096));
+        assert!(size("").is_err());
+        assert!(size("0").is_err());
+        assert!(size("M").is_err());
+    }
+
+    #[test]
+    fn table_lists_every_variable_once() {
+        let table = markdown_table();
+        for v in VARS {
+            let row = format!("| `{}` |", v.name);
+            let rows = table.lines().filter(|l| l.starts_with(&row)).count();
+            assert_eq!(rows, 1, "{}", v.name);
+        }
+        assert!(!VARS.iter().any(|v| v.doc.contains('|')));
+    }
+
+    #[test]
+    fn readme_configuration_table_is_the_one_in_code() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+            .expect("README.md");
+        assert!(
+            readme.contains(&markdown_table()),
+            "README.md's configuration table differs from config::VARS; paste this:\n{}",
+            markdown_table()
+        );
+    }
+}

@@ -1,0 +1,319 @@
+//! The relay: consume the source queue, claim each id, forward first-seen messages with
+//! publisher confirms, record them durably, then ack the source.
+//!
+//! [`run`] owns the process-long parts (the store, its threads, the HTTP endpoint) and a
+//! reconnect loop; each broker connection runs one [`session`] with the per-message protocol.
+
+mod acks;
+mod confirms;
+mod id;
+mod session;
+mod topology;
+mod worker;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::http::{self, Metrics};
+use crate::shutdown::{Shutdown, Trigger};
+use crate::store::{Error as StoreError, Store};
+use session::{ConnectionEvents, Context, End, Failure, Session};
+use topology::TopologyError;
+use worker::Workers;
+
+/// First wait before reconnecting; doubled after each failure.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between reconnection attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff: the broker was fine for a while.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
+/// Connection timeout when the URL gives none.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing a connection may take before we give up on it.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the relay stopped. Each says what failed, then why.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store did not open (another process holds the data dir, say).
+    #[error("cannot open the store: {0}")]
+    StoreOpen(#[source] StoreError),
+    /// Claiming an id failed in the store.
+    #[error("store claim failed: {0}")]
+    Claim(#[source] StoreError),
+    /// Recording confirmed ids failed: their messages are left unacked.
+    #[error("store commit failed, forwarded messages left unacked: {0}")]
+    Commit(#[source] Arc<StoreError>),
+    /// Closing the store failed (the next start rebuilds the filter; nothing is lost).
+    #[error("closing the store failed: {0}")]
+    StoreClose(#[source] StoreError),
+    /// The store threads could not start.
+    #[error("cannot start the store threads: {0}")]
+    Threads(#[source] std::io::Error),
+    /// The store threads stopped while the relay still needed them.
+    #[error("the store threads stopped unexpectedly")]
+    WorkersGone,
+    /// The HTTP endpoint could not listen.
+    #[error("cannot listen for /healthz and /metrics on {addr}: {source}")]
+    Metrics {
+        /// `DEDUPD_METRICS_ADDR`.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The broker refused the topology (missing with declaring off, or conflicting settings).
+    #[error("topology: {0}")]
+    Topology(String),
+}
+
+/// Runs the relay with `config` until `shutdown` resolves, then drains and closes.
+///
+/// Opens the store, serves `/healthz` and `/metrics` if configured, and relays, reconnecting to
+/// the broker with capped exponential backoff whenever the connection drops. When `shutdown`
+/// resolves it stops consuming, finishes what is in flight within `DEDUPD_SHUTDOWN_GRACE`, closes
+/// the connection and closes the store (which persists the Bloom filter).
+///
+/// # Errors
+///
+/// The store does not open ([`Error::StoreOpen`] names the data dir), the metrics address is
+/// taken, the broker refuses the topology on the first connection, or the store fails.
+pub async fn run<F>(config: Config, shutdown: F) -> Result<(), Error>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let store_config = config.store_config();
+    let store = tokio::task::spawn_blocking(move || Store::open(store_config))
+        .await
+        .expect("store open does not panic")
+        .map_err(Error::StoreOpen)?;
+    let metrics = Arc::new(Metrics::default());
+    let (trigger, stop) = Trigger::new();
+    let trigger = Arc::new(trigger);
+
+    let http = match config.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Metrics { addr, source })?;
+            tracing::info!(%addr, "serving /healthz and /metrics");
+            Some(tokio::spawn(http::serve(
+                listener,
+                metrics.clone(),
+                store.clone(),
+                stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    let watcher = {
+        let trigger = trigger.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.fire();
+        })
+    };
+    let workers = Workers::start(&store).map_err(Error::Threads)?;
+
+    let result = relay(&config, &metrics, &workers, stop).await;
+
+    // Whatever ended the relay, stop the rest in order: endpoint, threads, then the store.
+    trigger.fire();
+    watcher.abort();
+    metrics.set_healthy(false);
+    if let Some(http) = http {
+        let _ = http.await;
+    }
+    let closed = tokio::task::spawn_blocking(move || {
+        workers.stop();
+        store.close()
+    })
+    .await
+    .expect("store close does not panic");
+    result?;
+    closed.map_err(Error::StoreClose)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The reconnect loop: one session per connection until shutdown or a fatal error.
+async fn relay(
+    config: &Config,
+    metrics: &Metrics,
+    workers: &Workers,
+    mut stop: Shutdown,
+) -> Result<(), Error> {
+    let ids = id::IdExtractor::new(&config.id_source, config.missing_id);
+    let mut backoff = Backoff::default();
+    let mut sessions = 0u64;
+    tracing::info!(
+        broker = %config.amqp_url,
+        source = %config.source_queue,
+        destination = %config.dest_exchange,
+        data_dir = %config.data_dir.display(),
+        ttl = ?config.ttl,
+        "relay starting"
+    );
+    loop {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let conn = tokio::select! {
+            _ = stop.fired() => return Ok(()),
+            conn = connect(config, events_tx.clone()) => conn,
+        };
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(cause) => {
+                let wait = backoff.next();
+                tracing::warn!(broker = %config.amqp_url, %cause, ?wait, "cannot connect to the broker");
+                if !pause(wait, &mut stop).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        match topology::ensure(&conn, config).await {
+            Ok(()) => {}
+            // The first time round, a refusal is a configuration problem: say so and stop.
+            Err(TopologyError::Refused(why)) if sessions == 0 => {
+                close(conn).await;
+                return Err(Error::Topology(why));
+            }
+            Err(cause) => {
+                close(conn).await;
+                let wait = backoff.next();
+                tracing::warn!(%cause, ?wait, "cannot set up the topology");
+                if !pause(wait, &mut stop).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        }
+        if sessions > 0 {
+            metrics.reconnected();
+        }
+        sessions += 1;
+        let started = Instant::now();
+        let cx = Context {
+            config,
+            metrics,
+            workers,
+            ids: &ids,
+        };
+        let result = match Session::open(&conn, cx, events_tx, events_rx).await {
+            Ok((session, deliveries)) => session.run(&conn, deliveries, stop.clone()).await,
+            Err(failure) => Err(failure),
+        };
+        metrics.set_healthy(false);
+        match result {
+            Ok(end) => {
+                close(conn).await;
+                if end == End::GraceExpired {
+                    tracing::warn!("stopped before everything in flight settled");
+                }
+                return Ok(());
+            }
+            Err(Failure::Fatal(e)) => {
+                close(conn).await;
+                return Err(e);
+            }
+            Err(Failure::Lost(cause)) => {
+                close(conn).await;
+                if started.elapsed() >= BACKOFF_RESET_AFTER {
+                    backoff = Backoff::default();
+                }
+                let wait = backoff.next();
+                tracing::warn!(%cause, ?wait, "broker connection lost, reconnecting");
+                if !pause(wait, &mut stop).await {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Opens a connection and registers its callbacks, within the connection timeout.
+async fn connect(
+    config: &Config,
+    events: mpsc::UnboundedSender<session::Event>,
+) -> Result<Connection, String> {
+    let url = &config.amqp_url;
+    let mut args = OpenConnectionArguments::new(&url.host, url.port, &url.user, url.password());
+    args.virtual_host(&url.vhost).connection_name(&format!(
+        "dedupd {} -> {}",
+        config.source_queue, config.dest_exchange
+    ));
+    if let Some(heartbeat) = url.heartbeat {
+        args.heartbeat(heartbeat);
+    }
+    let timeout = url.connection_timeout.unwrap_or(CONNECT_TIMEOUT);
+    // amqprs has no timeout of its own: a broker that accepts TCP and then says nothing would
+    // hold us here forever.
+    let conn = match tokio::time::timeout(timeout, Connection::open(&args)).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("no answer within {timeout:?}")),
+    };
+    conn.register_callback(ConnectionEvents { tx: events })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// Closes a connection, giving up after a while (a dead one may never answer).
+async fn close(conn: Connection) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close()).await;
+}
+
+/// Waits `wait`, or until shutdown; returns `false` on shutdown.
+async fn pause(wait: Duration, stop: &mut Shutdown) -> bool {
+    tokio::select! {
+        _ = stop.fired() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+/// Capped exponential backoff with jitter, so a fleet does not reconnect in lockstep.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        // Up to a quarter more, at random.
+        let jitter = rand::random::<f64>() * 0.25;
+        base.mul_f64(1.0 + jitter).min(BACKOFF_MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut b = Backoff::default();
+        let first = b.next();
+        assert!(first >= BACKOFF_MIN && first <= BACKOFF_MIN.mul_f64(1.25));
+        let second = b.next();
+        assert!(second >= BACKOFF_MIN * 2);
+        for _ in 0..20 {
+            assert!(b.next() <= BACKOFF_MAX);
+        }
+        assert!(b.next() >= BACKOFF_MAX.mul_f64(0.99));
+    }
+}

@@ -1,0 +1,173 @@
+//! The broker objects dedupd uses: declared idempotently, or only checked with passive declares.
+//!
+//! - source queue: durable, `x-dead-letter-exchange = <source>.dlx`, no other arguments;
+//! - `<source>.dlx`: durable fanout exchange, with durable queue `<source>.dead` bound to it, so
+//!   every rejected message is kept;
+//! - destination exchange: durable, of the configured type;
+//! - duplicates exchange (if configured): durable fanout.
+
+use amqprs::channel::{
+    Channel, ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
+};
+use amqprs::connection::Connection;
+use amqprs::{FieldTable, FieldValue};
+use tokio::sync::mpsc;
+
+use super::session::{ChannelEvents, Event};
+use crate::config::Config;
+
+/// Why the topology is not in place.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TopologyError {
+    /// The broker said no: a missing object (passive mode) or one declared with other settings.
+    #[error("{0}")]
+    Refused(String),
+    /// The connection failed on the way; worth retrying.
+    #[error("declaring {what} failed: {source}")]
+    Amqp {
+        what: String,
+        source: amqprs::error::Error,
+    },
+}
+
+/// Declares (or, with `DEDUPD_DECLARE=false`, checks) everything dedupd uses.
+///
+/// # Errors
+///
+/// [`TopologyError::Refused`] naming the piece the broker refused and why.
+pub(crate) async fn ensure(conn: &Connection, config: &Config) -> Result<(), TopologyError> {
+    let (tx, mut closed) = mpsc::unbounded_channel();
+    let channel = conn
+        .open_channel(None)
+        .await
+        .map_err(|source| TopologyError::Amqp {
+            what: "a channel".into(),
+            source,
+        })?;
+    channel
+        .register_callback(ChannelEvents::new("topology", tx))
+        .await
+        .map_err(|source| TopologyError::Amqp {
+            what: "a channel".into(),
+            source,
+        })?;
+    let mut t = Topology {
+        channel: &channel,
+        passive: !config.declare,
+        closed: &mut closed,
+    };
+
+    let dlx = config.dead_letter_exchange();
+    let dead = config.dead_letter_queue();
+    t.exchange(&format!("dead-letter exchange '{dlx}'"), &dlx, "fanout")
+        .await?;
+    t.queue(
+        &format!("dead-letter queue '{dead}'"),
+        &dead,
+        FieldTable::new(),
+    )
+    .await?;
+    if config.declare {
+        t.bind(&dead, &dlx).await?;
+    }
+    let mut args = FieldTable::new();
+    args.insert(
+        "x-dead-letter-exchange".try_into().expect("short"),
+        FieldValue::from(dlx.as_str()),
+    );
+    t.queue(
+        &format!("source queue '{}'", config.source_queue),
+        &config.source_queue,
+        args,
+    )
+    .await?;
+    t.exchange(
+        &format!("destination exchange '{}'", config.dest_exchange),
+        &config.dest_exchange,
+        &config.dest_exchange_type,
+    )
+    .await?;
+    if let Some(dup) = &config.duplicates_exchange {
+        t.exchange(&format!("duplicates exchange '{dup}'"), dup, "fanout")
+            .await?;
+    }
+    // Best effort: the channel has done its job, and a failure to close it is no failure of ours.
+    let _ = channel.close().await;
+    Ok(())
+}
+
+struct Topology<'a> {
+    channel: &'a Channel,
+    passive: bool,
+    /// Where the channel's callback reports the broker closing it, with the reason.
+    closed: &'a mut mpsc::UnboundedReceiver<Event>,
+}
+
+impl Topology<'_> {
+    async fn exchange(&mut self, what: &str, name: &str, kind: &str) -> Result<(), TopologyError> {
+        let args = ExchangeDeclareArguments::new(name, kind)
+            .durable(true)
+            .passive(self.passive)
+            .finish();
+        let result = self.channel.exchange_declare(args).await;
+        self.check(what, result)
+    }
+
+    async fn queue(
+        &mut self,
+        what: &str,
+        name: &str,
+        args: FieldTable,
+    ) -> Result<(), TopologyError> {
+        let args = QueueDeclareArguments::new(name)
+            .durable(true)
+            .passive(self.passive)
+            .arguments(args)
+            .finish();
+        let result = self.channel.queue_declare(args).await.map(|_| ());
+        self.check(what, result)
+    }
+
+    async fn bind(&mut self, queue: &str, exchange: &str) -> Result<(), TopologyError> {
+        let result = self
+            .channel
+            .queue_bind(QueueBindArguments::new(queue, exchange, ""))
+            .await;
+        self.check(&format!("binding of '{queue}' to '{exchange}'"), result)
+    }
+
+    /// Turns a failed declare into an error naming `what`: the broker's reason when it closed the
+    /// channel over it, the transport error otherwise.
+    fn check(
+        &mut self,
+        what: &str,
+        result: Result<(), amqprs::error::Error>,
+    ) -> Result<(), TopologyError> {
+        let Err(source) = result else {
+            return Ok(());
+        };
+        // The channel's close callback runs before the pending request fails, so the reason is
+        // already queued when the broker is the one that refused.
+        while let Ok(event) = self.closed.try_recv() {
+            if let Event::ChannelClosed { code, text, .. } = event {
+                let why = match (code, self.passive) {
+                    (404, true) => format!(
+                        "{what} does not exist (DEDUPD_DECLARE=false uses existing topology \
+                         only; create it or let dedupd declare it): {text}"
+                    ),
+                    (406, _) => format!(
+                        "{what} exists with other settings than dedupd declares \
+                         (delete it, or create it as dedupd expects and set \
+                         DEDUPD_DECLARE=false): {text}"
+                    ),
+                    _ => format!("{what}: the broker refused it: {code} {text}"),
+                };
+                return Err(TopologyError::Refused(why));
+            }
+        }
+        Err(TopologyError::Amqp {
+            what: what.to_string(),
+            source,
+        })
+    }
+}
