@@ -104,6 +104,7 @@ fn main() {
             .is_none());
     }
     let absent = started.elapsed();
+    let fp = store.stats();
 
     println!("ids                         {n}");
     println!("fill (claim + durable commit per 1024)  {}", rate(n, fill));
@@ -114,6 +115,13 @@ fn main() {
     println!(
         "absent lookups  (incl. id formatting)   {}",
         rate(probes, absent)
+    );
+    println!(
+        "bloom false positives       {:.3} % over {} absent lookups ({} generation(s), {:.1} MiB)",
+        fp.false_positive_rate * 100.0,
+        fp.absent_lookups,
+        fp.bloom_generations,
+        fp.bloom_bytes as f64 / (1 << 20) as f64
     );
     println!(
         "disk bytes per id           {:.1}",
