@@ -65,7 +65,7 @@ fn try_main() -> Result<(), MainError> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log))
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("dedupd-rt")
         .build()

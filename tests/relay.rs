@@ -92,6 +92,16 @@ impl Broker {
             .unwrap();
     }
 
+    /// Declares the source queue exactly as the relay does, so it can be filled before a start.
+    async fn declare_source(&self) {
+        let mut args = FieldTable::new();
+        args.insert(
+            "x-dead-letter-exchange".try_into().unwrap(),
+            FieldValue::from(format!("{}.dlx", self.source)),
+        );
+        self.declare_queue(&self.source, args).await;
+    }
+
     /// Publishes to the source queue through the default exchange.
     async fn publish(&self, props: BasicProperties, body: &[u8]) {
         self.ch
@@ -159,6 +169,9 @@ impl Broker {
                 .exchange_delete(ExchangeDeleteArguments::new(&x))
                 .await;
         }
+        // Closed explicitly: a channel left to its drop guard is closed from a spawned task that
+        // the test's runtime may cancel half-way, which makes amqprs panic in its dispatcher.
+        let _ = self.ch.clone().close().await;
         let _ = self.conn.close().await;
     }
 }
@@ -595,16 +608,20 @@ async fn unroutable_destination_dead_letters_and_the_id_stays_new() {
     let mut relay = Relay::start(&broker, data.path(), &[]);
     relay.wait_healthy();
 
-    broker
-        .publish(full_props("lost?", 1), b"nowhere to go")
-        .await;
-    assert_eq!(relay.wait_settled(1), (0, 0, 1));
-    broker.wait_count(&broker.dead(), 1).await;
+    // Three copies back to back: the second and third wait for the first, which fails and
+    // releases the id, so each of them is tried in turn, and each is returned.
+    for _ in 0..3 {
+        broker
+            .publish(full_props("lost?", 1), b"nowhere to go")
+            .await;
+    }
+    assert_eq!(relay.wait_settled(3), (0, 0, 3));
+    broker.wait_count(&broker.dead(), 3).await;
     let dead = broker.drain(&broker.dead()).await;
-    assert_eq!(bodies_of(&dead), [b"nowhere to go".to_vec()]);
+    assert_eq!(bodies_of(&dead), vec![b"nowhere to go".to_vec(); 3]);
     assert_eq!(
         relay.metrics()["dedupd_dead_lettered_total{reason=\"returned\"}"],
-        1.0
+        3.0
     );
 
     // The claim was released, not recorded: once routable, the same id goes through.
@@ -612,7 +629,7 @@ async fn unroutable_destination_dead_letters_and_the_id_stays_new() {
     broker
         .publish(full_props("lost?", 1), b"now routable")
         .await;
-    assert_eq!(relay.wait_settled(2), (1, 0, 1));
+    assert_eq!(relay.wait_settled(4), (1, 0, 3));
     assert_eq!(
         bodies_of(&broker.drain(&broker.out).await),
         [b"now routable".to_vec()]
@@ -777,13 +794,8 @@ async fn duplicates_exchange_gets_a_copy_and_missing_ids_can_be_forwarded() {
 async fn sigterm_exits_zero_and_loses_nothing() {
     let broker = Broker::connect().await;
     broker.bind_out().await;
-    // Declare the source as the relay does, and fill it before the relay starts.
-    let mut args = FieldTable::new();
-    args.insert(
-        "x-dead-letter-exchange".try_into().unwrap(),
-        FieldValue::from(format!("{}.dlx", broker.source)),
-    );
-    broker.declare_queue(&broker.source, args).await;
+    // Fill the source before the relay starts.
+    broker.declare_source().await;
     let n = 5000u64;
     for i in 0..n {
         broker
@@ -809,6 +821,10 @@ async fn sigterm_exits_zero_and_loses_nothing() {
     let first = broker.drain(&broker.out).await;
     let left = broker.count(&broker.source).await as u64;
     assert_eq!(first.len() as u64 + left, n, "forwarded + left in source");
+    eprintln!(
+        "sigterm: {} forwarded, {left} left in the source",
+        first.len()
+    );
 
     // A second run forwards the rest, and nothing of the first run again.
     let mut relay = Relay::start(&broker, data.path(), &[]);
@@ -950,5 +966,125 @@ async fn reconnects_after_losing_its_consumer_and_resumes() {
     );
     let (status, log) = relay.terminate();
     assert!(status.success(), "{log}");
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_the_broker_drops_the_connection_and_loses_nothing() {
+    let broker = Broker::connect().await;
+    broker.bind_out().await;
+    broker.declare_source().await;
+    let n = 3000u64;
+    for i in 0..n {
+        broker
+            .publish(id_props(&format!("c-{i}")), format!("body {i}").as_bytes())
+            .await;
+    }
+    broker.wait_count(&broker.source, n as u32).await;
+    let data = tempfile::tempdir().unwrap();
+    // A small prefetch slows the relay down, so the connection drops mid-stream.
+    let mut relay = Relay::start(&broker, data.path(), &[("DEDUPD_PREFETCH", "4")]);
+    relay.wait_healthy();
+
+    // Find the relay's connection on the broker, then close it once the stream is under way.
+    let marker = format!("dedupd {} ->", broker.source);
+    let listed = Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "client_properties", "-q"])
+        .output()
+        .expect("rabbitmqctl must be on PATH for this test");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let pid = listed
+        .lines()
+        .find(|l| l.contains(&marker))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no connection named {marker:?} in:\n{listed}"));
+    let deadline = Instant::now() + WAIT;
+    while relay.wait_settled(1).0 < 300 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let closed = Command::new("rabbitmqctl")
+        .args(["close_connection", pid, "dedupd test: connection loss"])
+        .output()
+        .unwrap();
+    assert!(closed.status.success(), "{closed:?}");
+    let at_close = relay.wait_settled(1).0;
+
+    // It reconnects, and every message reaches the destination. A message whose publish was
+    // under way when the connection dropped may pass twice (the documented window); none is lost.
+    let deadline = Instant::now() + WAIT;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    while seen.len() < n as usize {
+        for id in ids_of(&broker.drain(&broker.out).await) {
+            *seen.entry(id).or_default() += 1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} ids arrived:\n{}",
+            seen.len(),
+            relay.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let m = relay.metrics();
+    assert!(m["dedupd_reconnects_total"] >= 1.0, "{}", relay.log());
+    let repeats: u32 = seen.values().map(|c| c - 1).sum();
+    assert!(
+        repeats <= 1000,
+        "at most a prefetch's worth can repeat, got {repeats}"
+    );
+    eprintln!("connection loss after {at_close} of {n} forwarded: {repeats} passed twice");
+    assert_eq!(broker.count(&broker.dead()).await, 0);
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn library_run_relays_until_its_shutdown_future_resolves() {
+    let broker = Broker::connect().await;
+    broker.bind_out().await;
+    broker.declare_source().await;
+    let data = tempfile::tempdir().unwrap();
+    let config = dedupd::Config::from_vars([
+        ("DEDUPD_SOURCE_QUEUE", broker.source.as_str()),
+        ("DEDUPD_DEST_EXCHANGE", broker.dest.as_str()),
+        ("DEDUPD_DATA_DIR", data.path().to_str().unwrap()),
+        ("DEDUPD_METRICS_ADDR", "off"),
+        ("DEDUPD_EXPECTED_IDS", "10000"),
+    ])
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let relay = tokio::spawn(dedupd::run(config, async move {
+        let _ = stopped.await;
+    }));
+
+    broker.publish(id_props("lib-a"), b"a").await;
+    broker.publish(id_props("lib-a"), b"a again").await;
+    broker.publish(id_props("lib-b"), b"b").await;
+    broker.wait_count(&broker.out, 2).await;
+    broker.wait_count(&broker.source, 0).await;
+    stop.send(()).unwrap();
+    tokio::time::timeout(WAIT, relay)
+        .await
+        .expect("run returns after its shutdown future")
+        .unwrap()
+        .expect("run ends Ok");
+    assert_eq!(
+        bodies_of(&broker.drain(&broker.out).await),
+        [b"a".to_vec(), b"b".to_vec()]
+    );
+
+    // The store was closed: the data dir opens again and knows both ids.
+    let dir = data.path().to_path_buf();
+    let live = tokio::task::spawn_blocking(move || {
+        let store = dedupd::Store::open(dedupd::StoreConfig::new(dir)).unwrap();
+        let live = store.stats().live_ids;
+        store.close().unwrap();
+        live
+    })
+    .await
+    .unwrap();
+    assert_eq!(live, 2);
     broker.cleanup().await;
 }

@@ -33,6 +33,8 @@ use crate::store::{Claim, Error as StoreError, Settled, Verdict};
 const CLAIM_BATCH: usize = 256;
 /// How often publishes are checked against the confirm timeout.
 const TIMEOUT_TICK: Duration = Duration::from_millis(100);
+/// How long closing a channel may take before we stop waiting (a dead connection never answers).
+const CHANNEL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A delivery from the source queue, carried through the protocol.
 #[derive(Debug)]
@@ -206,6 +208,21 @@ impl<'a> Session<'a> {
     /// Relays until shutdown (then drains within the grace period) or until the connection fails.
     pub(crate) async fn run(
         mut self,
+        conn: &Connection,
+        deliveries: mpsc::UnboundedReceiver<ConsumerMessage>,
+        shutdown: Shutdown,
+    ) -> Result<End, Failure> {
+        let result = self.relay(conn, deliveries, shutdown).await;
+        // Close the channels ourselves: left to their drop guards, amqprs closes them from
+        // spawned tasks that may still be running when the runtime stops.
+        for channel in [self.consume.clone(), self.publish.clone()] {
+            let _ = tokio::time::timeout(CHANNEL_CLOSE_TIMEOUT, channel.close()).await;
+        }
+        result
+    }
+
+    async fn relay(
+        &mut self,
         conn: &Connection,
         mut deliveries: mpsc::UnboundedReceiver<ConsumerMessage>,
         mut shutdown: Shutdown,
