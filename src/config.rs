@@ -130,6 +130,11 @@ pub const VARS: &[Var] = &[
         "tracing filter (`debug`, `dedupd=debug,amqprs=warn`, ...)",
     ),
     var(
+        LOG_FORMAT,
+        "text",
+        "log line format on stderr: `text`, or `json` for machines",
+    ),
+    var(
         EXPECTED_IDS,
         "1000000",
         "ids expected per window; sizes the Bloom filter",
@@ -164,6 +169,7 @@ const CONFIRM_TIMEOUT: &str = "DEDUPD_CONFIRM_TIMEOUT";
 const SHUTDOWN_GRACE: &str = "DEDUPD_SHUTDOWN_GRACE";
 const METRICS_ADDR: &str = "DEDUPD_METRICS_ADDR";
 const LOG: &str = "DEDUPD_LOG";
+const LOG_FORMAT: &str = "DEDUPD_LOG_FORMAT";
 const EXPECTED_IDS: &str = "DEDUPD_EXPECTED_IDS";
 const BLOOM_FP_RATE: &str = "DEDUPD_BLOOM_FP_RATE";
 const CACHE_SIZE: &str = "DEDUPD_CACHE_SIZE";
@@ -229,12 +235,23 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// `DEDUPD_LOG`, default `info`: tracing filter.
     pub log: String,
+    /// `DEDUPD_LOG_FORMAT`, default `text`: log lines for people or (`json`) for machines.
+    pub log_format: LogFormat,
     /// `DEDUPD_EXPECTED_IDS`, default 1 000 000: ids per window, sizes the Bloom filter.
     pub expected_ids: NonZeroU64,
     /// `DEDUPD_BLOOM_FP_RATE`, default 0.01: target Bloom false-positive rate.
     pub bloom_fp_rate: f64,
     /// `DEDUPD_CACHE_SIZE`, default 64 MiB: sled page cache in bytes.
     pub cache_bytes: u64,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// A configuration variable that stops start-up. Displays as one line naming the variable, the
@@ -402,6 +419,11 @@ impl Config {
                 .map(|_| v.to_string())
                 .map_err(|e| format!("a tracing filter like info or dedupd=debug,warn ({e})"))
         })?;
+        let log_format = vars.parse(LOG_FORMAT, "text", |v| match v {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("text or json".into()),
+        })?;
         let expected_ids = vars.parse(EXPECTED_IDS, "1000000", |v| {
             v.replace('_', "")
                 .parse::<NonZeroU64>()
@@ -433,6 +455,7 @@ impl Config {
             shutdown_grace,
             metrics_addr,
             log,
+            log_format,
             expected_ids,
             bloom_fp_rate,
             cache_bytes,
@@ -447,6 +470,60 @@ impl Config {
     /// The queue bound to the dead-letter exchange: `<source>.dead`.
     pub fn dead_letter_queue(&self) -> String {
         format!("{}.dead", self.source_queue)
+    }
+
+    /// The effective value of every variable, secrets masked, for `dedupd config`.
+    pub fn effective(&self) -> Vec<(&'static str, String)> {
+        let dur = |d: Duration| humantime::format_duration(d).to_string();
+        let or_unset = |v: &Option<String>| v.clone().unwrap_or_else(|| "(unset)".into());
+        vec![
+            (AMQP_URL, self.amqp_url.to_string()),
+            (SOURCE_QUEUE, self.source_queue.clone()),
+            (DEST_EXCHANGE, self.dest_exchange.clone()),
+            (DEST_EXCHANGE_TYPE, self.dest_exchange_type.clone()),
+            (DEST_ROUTING_KEY, or_unset(&self.dest_routing_key)),
+            (DECLARE, self.declare.to_string()),
+            (DATA_DIR, self.data_dir.display().to_string()),
+            (TTL, dur(self.ttl)),
+            (
+                ID_SOURCE,
+                match &self.id_source {
+                    IdSource::MessageId => "message_id".into(),
+                    IdSource::Header(h) => format!("header:{h}"),
+                    IdSource::BodySha256 => "body-sha256".into(),
+                },
+            ),
+            (
+                MISSING_ID,
+                match self.missing_id {
+                    MissingId::DeadLetter => "dead-letter",
+                    MissingId::Forward => "forward",
+                    MissingId::BodySha256 => "body-sha256",
+                }
+                .into(),
+            ),
+            (MAX_ID_BYTES, self.max_id_bytes.to_string()),
+            (PREFETCH, self.prefetch.to_string()),
+            (DUPLICATES_EXCHANGE, or_unset(&self.duplicates_exchange)),
+            (CONFIRM_TIMEOUT, dur(self.confirm_timeout)),
+            (SHUTDOWN_GRACE, dur(self.shutdown_grace)),
+            (
+                METRICS_ADDR,
+                self.metrics_addr.map_or("off".into(), |a| a.to_string()),
+            ),
+            (LOG, self.log.clone()),
+            (
+                LOG_FORMAT,
+                match self.log_format {
+                    LogFormat::Text => "text",
+                    LogFormat::Json => "json",
+                }
+                .into(),
+            ),
+            (EXPECTED_IDS, self.expected_ids.to_string()),
+            (BLOOM_FP_RATE, self.bloom_fp_rate.to_string()),
+            (CACHE_SIZE, self.cache_bytes.to_string()),
+        ]
     }
 
     /// The store settings this configuration asks for.

@@ -7,7 +7,10 @@
 //! - [`relay`]: the AMQP side (amqprs): connection and reconnects, topology, the per-message
 //!   protocol (claim, publish with confirms, commit, ack), dead-lettering; [`run`] is the entry.
 //! - [`config`]: the typed [`Config`] parsed once from `DEDUPD_*` variables, and their table.
-//! - [`http`]: `/healthz` and `/metrics` (Prometheus text) and the counters behind them.
+//! - [`http`]: the operator's endpoint: `/healthz`, `/metrics`, `/stats`, `/ids/{id}`.
+//! - [`metrics`]: what dedupd counts, rendered as Prometheus text.
+//! - [`cli`]: the admin subcommands (`check`, `forget`, `stats`), over HTTP or the data dir.
+//! - [`admin`]: check / forget / stats answers, served over HTTP or from the data dir directly.
 //! - [`shutdown`]: SIGINT/SIGTERM as the future [`run`] stops on.
 
 #![warn(missing_docs)]
@@ -15,8 +18,11 @@
 pub mod store;
 
 pub use store::{Claim, Error as StoreError, Seen, Settled, Stats, Store, StoreConfig, Verdict};
+pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod relay;
 pub mod shutdown;
 

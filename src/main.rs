@@ -3,7 +3,8 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use dedupd::config::{self, Config, ConfigError};
+use dedupd::cli::{self, Request};
+use dedupd::config::{self, Config, ConfigError, LogFormat};
 
 /// Why the binary stopped; each maps to an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,8 @@ enum MainError {
     Signal(#[from] ctrlc::Error),
     #[error("{0}")]
     Relay(#[from] dedupd::relay::Error),
+    #[error("{0}")]
+    Admin(#[from] cli::Error),
 }
 
 impl MainError {
@@ -30,9 +33,21 @@ impl MainError {
     }
 }
 
+const USAGE: &str = "\
+usage: dedupd                 run the relay (configured by DEDUPD_* variables, below)
+       dedupd check <id>      is <id> inside the dedup window? (exit 0 yes, 1 no)
+       dedupd forget <id>     forget <id>, so its next copy passes
+       dedupd stats           the store's figures as JSON
+       dedupd config          the effective configuration, secrets masked
+       dedupd --version
+
+check, forget and stats ask the running service at DEDUPD_METRICS_ADDR, or open
+DEDUPD_DATA_DIR directly when no service answers there.
+";
+
 fn main() -> ExitCode {
     match try_main() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line, whatever the error: operators grep for it.
             let line = e.to_string().replace('\n', " ");
@@ -42,29 +57,49 @@ fn main() -> ExitCode {
     }
 }
 
-fn try_main() -> Result<(), MainError> {
-    let mut args = std::env::args().skip(1);
-    if let Some(arg) = args.next() {
-        return match arg.as_str() {
-            "-h" | "--help" => {
-                print!("{}", config::help());
-                Ok(())
+fn try_main() -> Result<ExitCode, MainError> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let request = match args.as_slice() {
+        [] => None,
+        ["-h" | "--help" | "help"] => {
+            print!("{USAGE}\n{}", config::help());
+            return Ok(ExitCode::SUCCESS);
+        }
+        ["-V" | "--version"] => {
+            println!("dedupd {}", env!("CARGO_PKG_VERSION"));
+            return Ok(ExitCode::SUCCESS);
+        }
+        ["config"] => {
+            for (name, value) in Config::from_env()?.effective() {
+                println!("{name}={value}");
             }
-            "-V" | "--version" => {
-                println!("dedupd {}", env!("CARGO_PKG_VERSION"));
-                Ok(())
-            }
-            other => Err(MainError::Usage(format!(
-                "unknown argument {other:?}: dedupd is configured by DEDUPD_* variables, see dedupd --help"
-            ))),
-        };
-    }
+            return Ok(ExitCode::SUCCESS);
+        }
+        ["check", id] => Some(Request::Check((*id).into())),
+        ["forget", id] => Some(Request::Forget((*id).into())),
+        ["stats"] => Some(Request::Stats),
+        _ => {
+            return Err(MainError::Usage(format!(
+                "unexpected arguments {args:?}; see dedupd --help"
+            )))
+        }
+    };
     let config = Config::from_env()?;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log))
-        .init();
+    init_logging(&config);
+    if let Some(request) = request {
+        let answer = cli::run(&config, &request)?;
+        let pretty = serde_json::to_string_pretty(&answer.body).unwrap_or_default();
+        println!("{pretty}");
+        // Scripts can branch on it: check exits 1 for an unseen id; forgetting one is no error.
+        let ok =
+            answer.status == 200 || (answer.status == 404 && matches!(request, Request::Forget(_)));
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("dedupd-rt")
@@ -72,5 +107,16 @@ fn try_main() -> Result<(), MainError> {
         .map_err(MainError::Runtime)?;
     let shutdown = dedupd::shutdown::signal()?;
     runtime.block_on(dedupd::run(config, shutdown))?;
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log);
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }

@@ -5,18 +5,22 @@
 //! may only be used when all of those are meant to be acked: the tags still waiting for a confirm
 //! or a commit must not be swept up with them.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use crate::metrics::Metrics;
 
 /// The source deliveries of one channel that are neither acked nor rejected yet.
 #[derive(Debug, Default)]
 pub(crate) struct Unsettled {
-    tags: BTreeSet<u64>,
+    /// Unsettled tags, each with when it was received (for the relay latency histogram).
+    tags: BTreeMap<u64, Instant>,
 }
 
 impl Unsettled {
     /// Records a delivery received.
     pub(crate) fn received(&mut self, tag: u64) {
-        self.tags.insert(tag);
+        self.tags.insert(tag, Instant::now());
     }
 
     /// Number of deliveries not settled yet.
@@ -26,7 +30,7 @@ impl Unsettled {
 
     /// Settles `tag` by a reject; returns whether it was unsettled.
     pub(crate) fn rejected(&mut self, tag: u64) -> bool {
-        self.tags.remove(&tag)
+        self.tags.remove(&tag).is_some()
     }
 
     /// Settles `tags` by acks and returns the acks to send, as `(tag, multiple)`: one `multiple`
@@ -38,7 +42,7 @@ impl Unsettled {
         let mut out = Vec::new();
         // Walk the oldest unsettled tags while each is one we are acking.
         let mut covered = 0;
-        for (unsettled, wanted) in self.tags.iter().zip(tags.iter()) {
+        for (unsettled, wanted) in self.tags.keys().zip(tags.iter()) {
             if unsettled != wanted {
                 break;
             }
@@ -48,12 +52,14 @@ impl Unsettled {
             out.push((tags[covered - 1], covered > 1));
         }
         for tag in &tags[covered..] {
-            if self.tags.contains(tag) {
+            if self.tags.contains_key(tag) {
                 out.push((*tag, false));
             }
         }
         for tag in tags.iter() {
-            self.tags.remove(tag);
+            if let Some(received) = self.tags.remove(tag) {
+                Metrics::acked_after(received.elapsed());
+            }
         }
         tags.clear();
         out

@@ -8,7 +8,7 @@ mod acks;
 mod confirms;
 mod id;
 mod session;
-mod topology;
+pub(crate) mod topology;
 mod worker;
 
 use std::future::Future;
@@ -36,6 +36,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
 /// Connection timeout when the URL gives none.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Period of the summary log line while messages flow.
+const SUMMARY_EVERY: Duration = Duration::from_secs(30);
 /// How long closing a connection may take before we give up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -88,12 +90,13 @@ pub async fn run<F>(config: Config, shutdown: F) -> Result<(), Error>
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "dedupd starting");
     let store_config = config.store_config();
     let store = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await
         .expect("store open does not panic")
         .map_err(Error::StoreOpen)?;
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new());
     let (trigger, stop) = Trigger::new();
     let trigger = Arc::new(trigger);
 
@@ -103,12 +106,12 @@ where
                 .await
                 .map_err(|source| Error::Metrics { addr, source })?;
             tracing::info!(%addr, "serving /healthz and /metrics");
-            Some(tokio::spawn(http::serve(
-                listener,
-                metrics.clone(),
-                store.clone(),
-                stop.clone(),
-            )))
+            let state = http::State {
+                metrics: metrics.clone(),
+                store: store.clone(),
+                started: Instant::now(),
+            };
+            Some(tokio::spawn(http::serve(listener, state, stop.clone())))
         }
         None => None,
     };
@@ -116,9 +119,12 @@ where
         let trigger = trigger.clone();
         tokio::spawn(async move {
             shutdown.await;
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
             trigger.fire();
         })
     };
+    let watchdog = tokio::spawn(watchdog());
+    let summary = tokio::spawn(summary(metrics.clone(), store.clone(), stop.clone()));
     let workers = Workers::start(&store).map_err(Error::Threads)?;
 
     let result = relay(&config, &metrics, &workers, stop).await;
@@ -126,6 +132,8 @@ where
     // Whatever ended the relay, stop the rest in order: endpoint, threads, then the store.
     trigger.fire();
     watcher.abort();
+    watchdog.abort();
+    summary.abort();
     metrics.set_healthy(false);
     if let Some(http) = http {
         let _ = http.await;
@@ -237,8 +245,59 @@ async fn relay(
     }
 }
 
+/// Pings systemd's watchdog at half its period while the process runs (`WatchdogSec=`); returns
+/// at once when no watchdog is set.
+async fn watchdog() {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_micros(usec) / 2);
+    loop {
+        tick.tick().await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+    }
+}
+
+/// Every [`SUMMARY_EVERY`] while messages flow, one log line with the rates and the store size.
+async fn summary(metrics: Arc<Metrics>, store: Store, mut stop: Shutdown) {
+    let mut tick = tokio::time::interval(SUMMARY_EVERY);
+    tick.tick().await;
+    let totals = |m: &Metrics| {
+        (
+            m.forwarded_total(),
+            m.duplicate_total(),
+            m.dead_lettered_total(),
+        )
+    };
+    let mut last = totals(&metrics);
+    loop {
+        tokio::select! {
+            _ = stop.fired() => return,
+            _ = tick.tick() => {}
+        }
+        let now = totals(&metrics);
+        if now == last {
+            continue; // idle: nothing worth a line
+        }
+        let secs = SUMMARY_EVERY.as_secs_f64();
+        let store = store.clone();
+        let live_ids = tokio::task::spawn_blocking(move || store.stats().live_ids)
+            .await
+            .unwrap_or_default();
+        tracing::info!(
+            forwarded_per_s = format!("{:.1}", (now.0 - last.0) as f64 / secs),
+            duplicates = now.1 - last.1,
+            dead_lettered = now.2 - last.2,
+            live_ids,
+            "relay summary"
+        );
+        last = now;
+    }
+}
+
 /// Opens a connection and registers its callbacks, within the connection timeout.
-async fn connect(
+pub(crate) async fn connect(
     config: &Config,
     events: mpsc::UnboundedSender<session::Event>,
 ) -> Result<Connection, String> {

@@ -7,10 +7,12 @@
 
 use std::sync::Arc;
 use std::thread;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use super::session::{Delivery, Event};
+use crate::metrics::Metrics;
 use crate::store::{system_now_ms, Claim, Store};
 
 /// Ids to claim, each with its delivery; the verdicts go back on `reply`.
@@ -78,7 +80,13 @@ impl Workers {
                             .iter_mut()
                             .flat_map(|j| std::mem::take(&mut j.claims))
                             .collect();
+                        let claimed: Vec<Instant> = claims.iter().map(Claim::claimed_at).collect();
                         let result = store.commit(claims, system_now_ms()).map_err(Arc::new);
+                        if result.is_ok() {
+                            for at in claimed {
+                                Metrics::committed_after(at.elapsed());
+                            }
+                        }
                         for job in jobs {
                             let _ = job.reply.send(Event::Committed {
                                 tags: job.tags,

@@ -249,12 +249,19 @@ pub struct Claim {
     digest: u128,
     ttl_ms: u64,
     settled: bool,
+    /// When the claim was made: commit latency is measured from here.
+    claimed_at: Instant,
 }
 
 impl Claim {
     /// The claimed id.
     pub fn id(&self) -> &[u8] {
         &self.id
+    }
+
+    /// When the claim was made (monotonic clock), for latency metrics.
+    pub fn claimed_at(&self) -> Instant {
+        self.claimed_at
     }
 
     /// Releases the claim: the id becomes new again and waiters are told so. Same as dropping.
@@ -590,6 +597,7 @@ impl Store {
             digest: digest(id),
             ttl_ms: ttl.as_millis().max(1) as u64,
             settled: false,
+            claimed_at: Instant::now(),
         };
         // On error `claim` drops here and releases the id.
         match shared.lookup(id, claim.digest, now_ms)? {

@@ -1,0 +1,128 @@
+//! The admin subcommands: `dedupd check <id>`, `dedupd forget <id>`, `dedupd stats`,
+//! `dedupd config`.
+//!
+//! `check`, `forget` and `stats` ask the running service over its HTTP endpoint
+//! (`DEDUPD_METRICS_ADDR`); when nothing answers there they open the data dir themselves, which
+//! only works while no service holds it. Either way the answer comes from [`crate::admin`].
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+
+use crate::admin::{self, Answer};
+use crate::config::Config;
+use crate::store::{Error as StoreError, Store};
+
+/// How long the CLI waits for the service's endpoint.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An admin request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Is this id live?
+    Check(String),
+    /// Forget this id.
+    Forget(String),
+    /// The store's figures.
+    Stats,
+}
+
+/// Why an admin request could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The service's endpoint answered something that is not ours.
+    #[error("unexpected answer from the dedupd endpoint at {addr}: {why}")]
+    Http {
+        /// `DEDUPD_METRICS_ADDR`.
+        addr: SocketAddr,
+        /// What was wrong with it.
+        why: String,
+    },
+    /// Nothing answers on the endpoint and the data dir is held (or cannot be opened).
+    #[error("no dedupd answers on {addr} and the data dir cannot be opened directly: {source}")]
+    Store {
+        /// What was tried over HTTP (`off` if disabled).
+        addr: String,
+        /// Why opening the data dir failed.
+        source: StoreError,
+    },
+}
+
+/// Answers `request` from the running service, or from the data dir when no service answers.
+///
+/// # Errors
+///
+/// See [`Error`].
+pub fn run(config: &Config, request: &Request) -> Result<Answer, Error> {
+    if let Some(addr) = config.metrics_addr {
+        match over_http(addr, request) {
+            Ok(answer) => return Ok(answer),
+            // Nobody listening: fall through to the data dir.
+            Err(HttpFailure::NoService) => {}
+            Err(HttpFailure::Bad(why)) => return Err(Error::Http { addr, why }),
+        }
+    }
+    let tried = config
+        .metrics_addr
+        .map_or_else(|| "DEDUPD_METRICS_ADDR=off".into(), |a| a.to_string());
+    let store = Store::open(config.store_config()).map_err(|source| Error::Store {
+        addr: tried,
+        source,
+    })?;
+    let answer = match request {
+        Request::Check(id) => admin::check(&store, id.as_bytes()),
+        Request::Forget(id) => admin::forget(&store, id.as_bytes()),
+        Request::Stats => admin::stats(&store, None),
+    };
+    // Persist the filter so the service's next start does not rebuild it; a failure here loses
+    // nothing (the next open rebuilds).
+    if let Err(e) = store.close() {
+        tracing::warn!(cause = %e, "closing the store after the admin command failed");
+    }
+    Ok(answer)
+}
+
+enum HttpFailure {
+    NoService,
+    Bad(String),
+}
+
+fn over_http(addr: SocketAddr, request: &Request) -> Result<Answer, HttpFailure> {
+    let (method, path) = match request {
+        Request::Check(id) => (
+            "GET",
+            format!("/ids/{}", utf8_percent_encode(id, NON_ALPHANUMERIC)),
+        ),
+        Request::Forget(id) => (
+            "DELETE",
+            format!("/ids/{}", utf8_percent_encode(id, NON_ALPHANUMERIC)),
+        ),
+        Request::Stats => ("GET", "/stats".into()),
+    };
+    let mut stream =
+        TcpStream::connect_timeout(&addr, HTTP_TIMEOUT).map_err(|_| HttpFailure::NoService)?;
+    let bad = |e: std::io::Error| HttpFailure::Bad(e.to_string());
+    stream.set_read_timeout(Some(HTTP_TIMEOUT)).map_err(bad)?;
+    stream.set_write_timeout(Some(HTTP_TIMEOUT)).map_err(bad)?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(bad)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(bad)?;
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| HttpFailure::Bad("no HTTP head".into()))?;
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| HttpFailure::Bad(format!("bad status line {head:?}")))?;
+    let body = serde_json::from_str(body)
+        .map_err(|e| HttpFailure::Bad(format!("status {status}, body is not JSON: {e}")))?;
+    Ok(Answer { status, body })
+}
