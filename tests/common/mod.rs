@@ -1,0 +1,429 @@
+//! Shared harness of the black-box tests: the test's broker side (random names, publish,
+//! drain, cleanup) and a running `dedupd` process (metrics, health, signals).
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use amqprs::channel::{
+    BasicGetArguments, BasicPublishArguments, Channel, ExchangeDeclareArguments,
+    ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::{BasicProperties, FieldTable, FieldValue};
+
+/// Longest any single wait in these tests may take.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------------------------
+// The broker side of a test.
+
+/// A test's connection to the broker and its randomly named topology.
+pub struct Broker {
+    pub conn: Connection,
+    pub ch: Channel,
+    pub source: String,
+    pub dest: String,
+    /// Queue the test binds to the destination exchange to see what was forwarded.
+    pub out: String,
+    /// Exchange and queue for copies of duplicates, when a test wants them.
+    pub dups: String,
+}
+
+impl Broker {
+    pub async fn connect() -> Broker {
+        let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
+        let conn = tokio::time::timeout(Duration::from_secs(10), Connection::open(&args))
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672 did not answer within 10 s: the relay tests need it")
+            .expect("cannot connect to RabbitMQ on 127.0.0.1:5672 (guest/guest): the relay tests need it");
+        let ch = conn.open_channel(None).await.expect("open channel");
+        let tag: u64 = rand::random();
+        let base = format!("dedupd-test-{tag:016x}");
+        Broker {
+            conn,
+            ch,
+            source: format!("{base}.in"),
+            dest: format!("{base}.out"),
+            out: format!("{base}.out-q"),
+            dups: format!("{base}.dups"),
+        }
+    }
+
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.source)
+    }
+
+    /// Declares the destination exchange as the relay does, with a queue bound to it.
+    pub async fn bind_out(&self) {
+        self.declare_exchange(&self.dest).await;
+        self.declare_queue(&self.out, FieldTable::new()).await;
+        self.ch
+            .queue_bind(QueueBindArguments::new(&self.out, &self.dest, ""))
+            .await
+            .unwrap();
+    }
+
+    pub async fn declare_exchange(&self, name: &str) {
+        self.ch
+            .exchange_declare(
+                ExchangeDeclareArguments::new(name, "fanout")
+                    .durable(true)
+                    .finish(),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn declare_queue(&self, name: &str, args: FieldTable) {
+        self.ch
+            .queue_declare(
+                QueueDeclareArguments::new(name)
+                    .durable(true)
+                    .arguments(args)
+                    .finish(),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Declares the source queue exactly as the relay does, so it can be filled before a start.
+    pub async fn declare_source(&self) {
+        let mut args = FieldTable::new();
+        args.insert(
+            "x-dead-letter-exchange".try_into().unwrap(),
+            FieldValue::from(format!("{}.dlx", self.source)),
+        );
+        self.declare_queue(&self.source, args).await;
+    }
+
+    /// Publishes to the source queue through the default exchange.
+    pub async fn publish(&self, props: BasicProperties, body: &[u8]) {
+        self.ch
+            .basic_publish(
+                props,
+                body.to_vec(),
+                BasicPublishArguments::new("", &self.source),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Takes every message now in `queue`.
+    pub async fn drain(&self, queue: &str) -> Vec<(BasicProperties, Vec<u8>)> {
+        let mut out = Vec::new();
+        loop {
+            let got = self
+                .ch
+                .basic_get(BasicGetArguments::new(queue).no_ack(true).finish())
+                .await
+                .unwrap_or_else(|e| panic!("basic.get on {queue}: {e}"));
+            match got {
+                Some((_, props, body)) => out.push((props, body)),
+                None => return out,
+            }
+        }
+    }
+
+    /// Ready messages in `queue`.
+    pub async fn count(&self, queue: &str) -> u32 {
+        let (_, n, _) = self
+            .ch
+            .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
+            .await
+            .unwrap_or_else(|e| panic!("passive declare of {queue}: {e}"))
+            .expect("declare-ok");
+        n
+    }
+
+    /// Waits until `queue` holds `n` ready messages.
+    pub async fn wait_count(&self, queue: &str, n: u32) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = self.count(queue).await;
+            if got == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{queue} holds {got}, want {n}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Deletes everything this test may have declared.
+    pub async fn cleanup(self) {
+        for q in [&self.source, &self.dead(), &self.out, &self.dups] {
+            let _ = self.ch.queue_delete(QueueDeleteArguments::new(q)).await;
+        }
+        for x in [
+            format!("{}.dlx", self.source),
+            self.dest.clone(),
+            self.dups.clone(),
+        ] {
+            let _ = self
+                .ch
+                .exchange_delete(ExchangeDeleteArguments::new(&x))
+                .await;
+        }
+        // Closed explicitly: a channel left to its drop guard is closed from a spawned task that
+        // the test's runtime may cancel half-way, which makes amqprs panic in its dispatcher.
+        let _ = self.ch.clone().close().await;
+        let _ = self.conn.close().await;
+    }
+}
+
+/// Properties with every field set, distinct per `i`, for byte-for-byte comparison.
+pub fn full_props(id: &str, i: u64) -> BasicProperties {
+    let mut headers = FieldTable::new();
+    headers.insert(
+        "x-text".try_into().unwrap(),
+        FieldValue::from(format!("t{i}")),
+    );
+    headers.insert("x-num".try_into().unwrap(), FieldValue::l(i as i64));
+    headers.insert("x-flag".try_into().unwrap(), FieldValue::t(i % 2 == 0));
+    headers.insert(
+        "x-bytes".try_into().unwrap(),
+        FieldValue::x(vec![0u8, 1, 255, i as u8].try_into().unwrap()),
+    );
+    BasicProperties::default()
+        .with_content_type("application/json")
+        .with_content_encoding("identity")
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_priority((i % 10) as u8)
+        .with_correlation_id(&format!("corr-{i}"))
+        .with_reply_to("replies")
+        .with_expiration("3600000")
+        .with_message_id(id)
+        .with_timestamp(1_700_000_000 + i)
+        .with_message_type("order.created")
+        .with_user_id("guest")
+        .with_app_id("dedupd-tests")
+        .finish()
+}
+
+pub fn id_props(id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_message_id(id)
+        .with_persistence(true)
+        .finish()
+}
+
+pub fn header_props(name: &str, value: Option<&str>) -> BasicProperties {
+    let mut headers = FieldTable::new();
+    if let Some(v) = value {
+        headers.insert(name.try_into().unwrap(), FieldValue::from(v));
+    }
+    BasicProperties::default()
+        .with_headers(headers)
+        .with_persistence(true)
+        .finish()
+}
+
+/// Every property of `got` equals `want`'s.
+pub fn assert_same_props(got: &BasicProperties, want: &BasicProperties) {
+    assert_eq!(got.content_type(), want.content_type());
+    assert_eq!(got.content_encoding(), want.content_encoding());
+    assert_eq!(got.headers(), want.headers());
+    assert_eq!(got.delivery_mode(), want.delivery_mode());
+    assert_eq!(got.priority(), want.priority());
+    assert_eq!(got.correlation_id(), want.correlation_id());
+    assert_eq!(got.reply_to(), want.reply_to());
+    assert_eq!(got.expiration(), want.expiration());
+    assert_eq!(got.message_id(), want.message_id());
+    assert_eq!(got.timestamp(), want.timestamp());
+    assert_eq!(got.message_type(), want.message_type());
+    assert_eq!(got.user_id(), want.user_id());
+    assert_eq!(got.app_id(), want.app_id());
+}
+
+pub fn ids_of(messages: &[(BasicProperties, Vec<u8>)]) -> Vec<String> {
+    let mut ids: Vec<String> = messages
+        .iter()
+        .map(|(p, _)| p.message_id().cloned().unwrap_or_default())
+        .collect();
+    ids.sort();
+    ids
+}
+
+pub fn bodies_of(messages: &[(BasicProperties, Vec<u8>)]) -> Vec<Vec<u8>> {
+    let mut bodies: Vec<Vec<u8>> = messages.iter().map(|(_, b)| b.clone()).collect();
+    bodies.sort();
+    bodies
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay process.
+
+/// A running `dedupd` with its log file and metrics port.
+pub struct Relay {
+    pub child: Child,
+    pub port: Option<u16>,
+    pub log: PathBuf,
+}
+
+/// A free TCP port on loopback (free when asked; good enough between tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The `dedupd` command with no `DEDUPD_*` inherited from the test's environment.
+pub fn dedupd() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dedupd"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("DEDUPD_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+impl Relay {
+    /// Starts `dedupd` on the broker's names with `data`, plus `env`; metrics on a free port.
+    pub fn start(broker: &Broker, data: &Path, env: &[(&str, &str)]) -> Relay {
+        let port = free_port();
+        let log = data.join(format!("relay-{:08x}.log", rand::random::<u32>()));
+        let mut cmd = dedupd();
+        cmd.env("DEDUPD_SOURCE_QUEUE", &broker.source)
+            .env("DEDUPD_DEST_EXCHANGE", &broker.dest)
+            .env("DEDUPD_DATA_DIR", data)
+            .env("DEDUPD_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("DEDUPD_LOG", "info,dedupd=debug")
+            // Small Bloom filters: many relays run at once in these tests.
+            .env("DEDUPD_EXPECTED_IDS", "10000")
+            .env("DEDUPD_CACHE_SIZE", "4M");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let file = File::create(&log).unwrap();
+        cmd.stdout(Stdio::null()).stderr(file);
+        let child = cmd.spawn().expect("start dedupd");
+        Relay {
+            child,
+            port: Some(port),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET path` on the metrics port: status code and body, `None` if nothing listens.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        let port = self.port?;
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        let code = text.split(' ').nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n")?.1.to_string();
+        Some((code, body))
+    }
+
+    /// Waits for `/healthz` to answer 200 (connected and consuming).
+    pub fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some((200, _)) = self.get("/healthz") {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "dedupd exited with {status} before being healthy:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dedupd never healthy:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The `dedupd_*` samples of `/metrics`, by full name with labels.
+    pub fn metrics(&self) -> HashMap<String, f64> {
+        let Some((200, body)) = self.get("/metrics") else {
+            return HashMap::new();
+        };
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    pub fn outcome(m: &HashMap<String, f64>, outcome: &str) -> u64 {
+        m.get(&format!("dedupd_messages_total{{outcome=\"{outcome}\"}}"))
+            .copied()
+            .unwrap_or(0.0) as u64
+    }
+
+    /// Waits until `n` source messages are settled; returns (forwarded, duplicate, dead).
+    pub fn wait_settled(&self, n: u64) -> (u64, u64, u64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let m = self.metrics();
+            let counts = (
+                Self::outcome(&m, "forwarded"),
+                Self::outcome(&m, "duplicate"),
+                Self::outcome(&m, "dead_lettered"),
+            );
+            if counts.0 + counts.1 + counts.2 >= n {
+                return counts;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {counts:?} of {n} settled:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        let status = self.wait_exit();
+        (status, self.log())
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dedupd did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
