@@ -36,51 +36,8 @@ pub(crate) enum TopologyError {
 ///
 /// [`TopologyError::Refused`] naming the piece the broker refused and why.
 pub(crate) async fn ensure(conn: &Connection, config: &Config) -> Result<(), TopologyError> {
-    let (tx, mut closed) = mpsc::unbounded_channel();
-    let channel = conn
-        .open_channel(None)
-        .await
-        .map_err(|source| TopologyError::Amqp {
-            what: "a channel".into(),
-            source,
-        })?;
-    channel
-        .register_callback(ChannelEvents::new("topology", tx))
-        .await
-        .map_err(|source| TopologyError::Amqp {
-            what: "a channel".into(),
-            source,
-        })?;
-    let mut t = Topology {
-        channel: &channel,
-        passive: !config.declare,
-        closed: &mut closed,
-    };
-
-    let dlx = config.dead_letter_exchange();
-    let dead = config.dead_letter_queue();
-    t.exchange(&format!("dead-letter exchange '{dlx}'"), &dlx, "fanout")
-        .await?;
-    t.queue(
-        &format!("dead-letter queue '{dead}'"),
-        &dead,
-        FieldTable::new(),
-    )
-    .await?;
-    if config.declare {
-        t.bind(&dead, &dlx).await?;
-    }
-    let mut args = FieldTable::new();
-    args.insert(
-        "x-dead-letter-exchange".try_into().expect("short"),
-        FieldValue::from(dlx.as_str()),
-    );
-    t.queue(
-        &format!("source queue '{}'", config.source_queue),
-        &config.source_queue,
-        args,
-    )
-    .await?;
+    let mut t = Topology::open(conn, !config.declare).await?;
+    t.source(config).await?;
     t.exchange(
         &format!("destination exchange '{}'", config.dest_exchange),
         &config.dest_exchange,
@@ -91,23 +48,103 @@ pub(crate) async fn ensure(conn: &Connection, config: &Config) -> Result<(), Top
         t.exchange(&format!("duplicates exchange '{dup}'"), dup, "fanout")
             .await?;
     }
-    // Best effort: the channel has done its job, and a failure to close it is no failure of ours.
-    let _ = channel.close().await;
+    t.close().await;
     Ok(())
 }
 
-struct Topology<'a> {
-    channel: &'a Channel,
+/// A channel for declaring, which turns the broker's refusals into errors naming the piece.
+/// Also used by [`crate::shard`], so a shard's source queue is declared exactly as the relay's.
+pub(crate) struct Topology {
+    channel: Channel,
     passive: bool,
     /// Where the channel's callback reports the broker closing it, with the reason.
-    closed: &'a mut mpsc::UnboundedReceiver<Event>,
+    closed: mpsc::UnboundedReceiver<Event>,
 }
 
-impl Topology<'_> {
+impl Topology {
+    /// Opens a channel on `conn`; `passive` only checks that each piece exists.
+    pub(crate) async fn open(conn: &Connection, passive: bool) -> Result<Topology, TopologyError> {
+        let (tx, closed) = mpsc::unbounded_channel();
+        let channel = conn
+            .open_channel(None)
+            .await
+            .map_err(|source| TopologyError::Amqp {
+                what: "a channel".into(),
+                source,
+            })?;
+        channel
+            .register_callback(ChannelEvents::new("topology", tx))
+            .await
+            .map_err(|source| TopologyError::Amqp {
+                what: "a channel".into(),
+                source,
+            })?;
+        Ok(Topology {
+            channel,
+            passive,
+            closed,
+        })
+    }
+
+    /// The channel, for operations this type has no method for; pass their result to
+    /// [`Topology::check`].
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Closes the channel, best effort: it has done its job, and a failure to close it is no
+    /// failure of ours.
+    pub(crate) async fn close(self) {
+        let _ = self.channel.close().await;
+    }
+
+    /// The source queue of `config` with its dead-lettering: the exchange `<source>.dlx`, the
+    /// queue `<source>.dead` bound to it, and the source queue itself, durable, with the single
+    /// argument `x-dead-letter-exchange = <source>.dlx`.
+    pub(crate) async fn source(&mut self, config: &Config) -> Result<(), TopologyError> {
+        let dlx = config.dead_letter_exchange();
+        let dead = config.dead_letter_queue();
+        self.exchange(&format!("dead-letter exchange '{dlx}'"), &dlx, "fanout")
+            .await?;
+        self.queue(
+            &format!("dead-letter queue '{dead}'"),
+            &dead,
+            FieldTable::new(),
+        )
+        .await?;
+        if !self.passive {
+            self.bind(&dead, &dlx).await?;
+        }
+        let mut args = FieldTable::new();
+        args.insert(
+            "x-dead-letter-exchange".try_into().expect("short"),
+            FieldValue::from(dlx.as_str()),
+        );
+        self.queue(
+            &format!("source queue '{}'", config.source_queue),
+            &config.source_queue,
+            args,
+        )
+        .await
+    }
+
     async fn exchange(&mut self, what: &str, name: &str, kind: &str) -> Result<(), TopologyError> {
+        self.exchange_with(what, name, kind, FieldTable::new())
+            .await
+    }
+
+    /// A durable exchange of `kind` with `args`.
+    pub(crate) async fn exchange_with(
+        &mut self,
+        what: &str,
+        name: &str,
+        kind: &str,
+        args: FieldTable,
+    ) -> Result<(), TopologyError> {
         let args = ExchangeDeclareArguments::new(name, kind)
             .durable(true)
             .passive(self.passive)
+            .arguments(args)
             .finish();
         let result = self.channel.exchange_declare(args).await;
         self.check(what, result)
@@ -138,7 +175,7 @@ impl Topology<'_> {
 
     /// Turns a failed declare into an error naming `what`: the broker's reason when it closed the
     /// channel over it, the transport error otherwise.
-    fn check(
+    pub(crate) fn check(
         &mut self,
         what: &str,
         result: Result<(), amqprs::error::Error>,
