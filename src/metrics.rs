@@ -322,6 +322,7 @@ mod tests {
     fn oldest_age_is_measured_from_first_seen() {
         let stats = Stats {
             live_ids: 1,
+            redis_keys: 0,
             in_flight: 0,
             bloom_generations: 1,
             bloom_bytes: 0,

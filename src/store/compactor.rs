@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::record;
+use super::space::Space;
 use super::{first_due, scan_live, Error, ScanError, Shared};
 
 /// Ids deleted per sled flush: bounds how long one sweep step keeps the disk busy, so commits
@@ -70,13 +71,18 @@ fn run(shared: &Shared) {
             tracing::error!(cause = %e, "compaction failed; retrying later");
             floor = ERROR_BACKOFF;
         }
-        let next = shared.next_expiry_ms.load(Ordering::SeqCst).min(
-            shared
-                .filters
-                .read()
-                .expect("filter lock")
-                .rebuild_at(shared.ttl_ms),
-        );
+        let next = [&shared.relay, &shared.kv]
+            .iter()
+            .map(|space| {
+                let rebuild_at = space
+                    .filters
+                    .read()
+                    .expect("filter lock")
+                    .rebuild_at(shared.ttl_ms);
+                space.next_expiry_ms.load(Ordering::SeqCst).min(rebuild_at)
+            })
+            .min()
+            .unwrap_or(u64::MAX);
         let wait = Duration::from_millis(next.saturating_sub(shared.clock.now_ms()))
             .clamp(floor, MAX_SLEEP);
         let (flag, cv) = &shared.wake;
@@ -88,29 +94,37 @@ fn run(shared: &Shared) {
     }
 }
 
-/// One round: sweep everything due (batch by batch), then drop or rebuild Bloom generations.
+/// One round, for each namespace: sweep everything due (batch by batch), then drop or rebuild
+/// Bloom generations.
 fn step(shared: &Shared, now_ms: u64) -> Result<(), Error> {
-    while !shared.stopping.load(Ordering::SeqCst) {
-        if sweep(shared, now_ms, SWEEP_BATCH)? == 0
-            && shared.next_expiry_ms.load(Ordering::SeqCst) > now_ms
-        {
-            break;
+    for space in [&shared.relay, &shared.kv] {
+        while !shared.stopping.load(Ordering::SeqCst) {
+            if sweep(shared, space, now_ms, SWEEP_BATCH)? == 0
+                && space.next_expiry_ms.load(Ordering::SeqCst) > now_ms
+            {
+                break;
+            }
         }
-    }
-    let rebuild_due = {
-        let mut filters = shared.filters.write().expect("filter lock");
-        filters.drop_expired(now_ms);
-        filters.rebuild_due(now_ms, shared.ttl_ms)
-    };
-    if rebuild_due {
-        rebuild(shared, now_ms)?;
+        let rebuild_due = {
+            let mut filters = space.filters.write().expect("filter lock");
+            filters.drop_expired(now_ms);
+            filters.rebuild_due(now_ms, shared.ttl_ms)
+        };
+        if rebuild_due {
+            rebuild(shared, space, now_ms)?;
+        }
     }
     Ok(())
 }
 
 /// Deletes the ids of due index entries, about `max_ids` at a time; returns how many records
 /// it deleted.
-pub(crate) fn sweep(shared: &Shared, now_ms: u64, max_ids: usize) -> Result<u64, Error> {
+pub(crate) fn sweep(
+    shared: &Shared,
+    space: &Space,
+    now_ms: u64,
+    max_ids: usize,
+) -> Result<u64, Error> {
     let err = |context| {
         move |source| Error::Sled {
             context,
@@ -121,11 +135,11 @@ pub(crate) fn sweep(shared: &Shared, now_ms: u64, max_ids: usize) -> Result<u64,
     let mut seen_ids = 0usize;
     let mut deleted = 0u64;
     let mut entries = 0usize;
-    for entry in shared.expiry.range(..=record::index_key_due(now_ms)) {
+    for entry in space.expiry.range(..=record::index_key_due(now_ms)) {
         let (key, ids) = entry.map_err(err("sweep"))?;
         for id in record::index_ids(&ids) {
             seen_ids += 1;
-            let Some(current) = shared.ids.get(id).map_err(err("sweep"))? else {
+            let Some(current) = space.tree.get(id).map_err(err("sweep"))? else {
                 continue; // forgotten, or swept through an older entry
             };
             if record::decode(id, &current)?.is_live(now_ms) {
@@ -133,8 +147,8 @@ pub(crate) fn sweep(shared: &Shared, now_ms: u64, max_ids: usize) -> Result<u64,
             }
             // Compare-and-swap: if a commit re-recorded the id since our read, keep the new
             // record. A plain remove here could delete a live id.
-            if shared
-                .ids
+            if space
+                .tree
                 .compare_and_swap(id, Some(current), None::<&[u8]>)
                 .map_err(err("sweep"))?
                 .is_ok()
@@ -143,7 +157,7 @@ pub(crate) fn sweep(shared: &Shared, now_ms: u64, max_ids: usize) -> Result<u64,
             }
         }
         // Only after its ids: a crash before this leaves the entry to be swept again.
-        shared.expiry.remove(key).map_err(err("sweep"))?;
+        space.expiry.remove(key).map_err(err("sweep"))?;
         entries += 1;
         if seen_ids >= max_ids {
             break;
@@ -152,29 +166,29 @@ pub(crate) fn sweep(shared: &Shared, now_ms: u64, max_ids: usize) -> Result<u64,
     if entries > 0 {
         shared.db.flush().map_err(err("sweep flush"))?;
     }
-    shared.live_ids.fetch_sub(deleted, Ordering::Relaxed);
+    space.live.fetch_sub(deleted, Ordering::Relaxed);
     shared.swept_ids.fetch_add(deleted, Ordering::Relaxed);
-    let next = first_due(&shared.expiry).map_err(err("sweep"))?;
-    shared
+    let next = first_due(&space.expiry).map_err(err("sweep"))?;
+    space
         .next_expiry_ms
         .store(next.unwrap_or(u64::MAX), Ordering::SeqCst);
     Ok(deleted)
 }
 
 /// Replaces the Bloom generations with one built from sled's live ids.
-pub(crate) fn rebuild(shared: &Shared, now_ms: u64) -> Result<(), Error> {
+pub(crate) fn rebuild(shared: &Shared, space: &Space, now_ms: u64) -> Result<(), Error> {
     let started = Instant::now();
     let fresh = {
         // Under the commit lock: every commit that inserted into the filter before this point
         // has also finished writing sled, so the scan below sees it; later ones go to `pending`.
         let _commits = shared.commit_lock.lock().expect("commit lock");
-        let mut filters = shared.filters.write().expect("filter lock");
+        let mut filters = space.filters.write().expect("filter lock");
         filters.begin_rebuild();
-        filters.for_rebuild(shared.live_ids.load(Ordering::Relaxed), now_ms)
+        filters.for_rebuild(space.live.load(Ordering::Relaxed), now_ms)
     };
-    match scan_live(&shared.ids, fresh, now_ms) {
+    match scan_live(&space.tree, fresh, now_ms) {
         Ok((fresh, records)) => {
-            let mut filters = shared.filters.write().expect("filter lock");
+            let mut filters = space.filters.write().expect("filter lock");
             filters.finish_rebuild(fresh);
             shared.bloom_rebuilds.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
@@ -186,7 +200,7 @@ pub(crate) fn rebuild(shared: &Shared, now_ms: u64) -> Result<(), Error> {
             Ok(())
         }
         Err(e) => {
-            shared.filters.write().expect("filter lock").abort_rebuild();
+            space.filters.write().expect("filter lock").abort_rebuild();
             Err(match e {
                 ScanError::Sled(source) => Error::Sled {
                     context: "rebuild",

@@ -22,20 +22,23 @@
 
 mod compactor;
 mod filter;
+pub mod kv;
 mod record;
+mod space;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
 use filter::{digest, Filters, FiltersSnapshot};
 pub use record::Seen;
+use space::{FlushGroup, Space};
 
 /// Largest id limit a store accepts: index entries store id lengths as u16.
 pub const MAX_ID_LIMIT: usize = u16::MAX as usize;
@@ -45,7 +48,7 @@ const SNAPSHOT_FILE: &str = "bloom.snapshot";
 /// Key in the `meta` tree whose value must equal the snapshot's token for it to be trusted.
 const SNAPSHOT_TOKEN_KEY: &[u8] = b"bloom_snapshot_token";
 /// Layout version of `bloom.snapshot`.
-const SNAPSHOT_VERSION: u32 = 1;
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// Errors of the store. Each says what failed, then why.
 #[derive(Debug, thiserror::Error)]
@@ -299,6 +302,8 @@ impl Waiter {
 pub struct Stats {
     /// Records in sled (live, plus expired ones the compactor has not reached yet).
     pub live_ids: u64,
+    /// Keys of the Redis endpoint's namespace on disk.
+    pub redis_keys: u64,
     /// Claims held right now.
     pub in_flight: usize,
     /// Bloom generations a lookup queries.
@@ -339,13 +344,16 @@ type InFlightMap = HashMap<Box<[u8]>, Option<watch::Sender<Option<Settled>>>>;
 
 /// State shared by store handles, claims and the compactor.
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     dir: PathBuf,
     db: sled::Db,
-    ids: sled::Tree,
-    expiry: sled::Tree,
     meta: sled::Tree,
-    filters: RwLock<Filters>,
+    /// The relay's ids.
+    relay: Space,
+    /// The Redis endpoint's keys.
+    kv: Space,
+    /// Group commit shared by every writer of both namespaces.
+    flush: FlushGroup,
     in_flight: Mutex<InFlightMap>,
     /// Serialises commits with the start of a rebuild scan and with close: a commit inserts into
     /// the filter and writes sled under it, so "inserted before the scan began" implies "visible
@@ -357,10 +365,7 @@ struct Shared {
     ttl_ms: u64,
     max_id_bytes: usize,
     clock: Arc<dyn Clock>,
-    /// Earliest expiry not yet swept, as a hint for when the compactor should wake.
-    next_expiry_ms: AtomicU64,
     wake: (Mutex<bool>, Condvar),
-    live_ids: AtomicU64,
     absent_lookups: AtomicU64,
     false_positives: AtomicU64,
     swept_ids: AtomicU64,
@@ -398,19 +403,25 @@ impl Shared {
         Ok(())
     }
 
-    /// The record of a live id, consulting sled only when the filter says "maybe".
-    fn lookup(&self, id: &[u8], digest: u128, now_ms: u64) -> Result<Option<Seen>, Error> {
-        let maybe = self.filters.read().expect("filter lock").contains(digest);
+    /// The record of a live key of `space`, consulting sled only when the filter says "maybe".
+    fn lookup(
+        &self,
+        space: &Space,
+        id: &[u8],
+        digest: u128,
+        now_ms: u64,
+    ) -> Result<Option<(Seen, sled::IVec)>, Error> {
+        let maybe = space.filters.read().expect("filter lock").contains(digest);
         if !maybe {
             self.absent_lookups.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        let found = match self.ids.get(id).map_err(self.sled_err("lookup"))? {
-            Some(bytes) => Some(record::decode(id, &bytes)?),
+        let found = match space.tree.get(id).map_err(self.sled_err("lookup"))? {
+            Some(bytes) => Some((record::decode(id, &bytes)?, bytes)),
             None => None,
         };
         match found {
-            Some(seen) if seen.is_live(now_ms) => Ok(Some(seen)),
+            Some((seen, bytes)) if seen.is_live(now_ms) => Ok(Some((seen, bytes))),
             _ => {
                 self.absent_lookups.fetch_add(1, Ordering::Relaxed);
                 self.false_positives.fetch_add(1, Ordering::Relaxed);
@@ -425,6 +436,14 @@ impl Shared {
         if let Some(Some(tx)) = slot {
             tx.send_replace(Some(how));
         }
+    }
+
+    /// Makes every write applied so far durable (shared with concurrent writers).
+    fn make_durable(&self, context: &'static str) -> Result<(), Error> {
+        let ticket = self.flush.ticket();
+        self.flush
+            .wait(&self.db, ticket)
+            .map_err(self.sled_err(context))
     }
 
     fn wake_compactor(&self) {
@@ -464,8 +483,6 @@ impl Store {
                 source,
             }
         };
-        let ids = db.open_tree("ids").map_err(err("open"))?;
-        let expiry = db.open_tree("expiry").map_err(err("open"))?;
         let meta = db.open_tree("meta").map_err(err("open"))?;
 
         let now_ms = config.clock.now_ms();
@@ -479,36 +496,43 @@ impl Store {
         let started = Instant::now();
         let loaded = token.and_then(|t| load_snapshot(&snapshot_path, &t));
         let _ = fs::remove_file(&snapshot_path);
-        let (filters, live, origin) = match loaded {
-            Some((filters, live)) => (filters, live, BloomOrigin::Snapshot),
-            None => {
-                let fresh = Filters::new(config.generation_capacity(), config.fp_rate, now_ms);
-                let (filters, live) = scan_live(&ids, fresh, now_ms).map_err(|e| match e {
-                    ScanError::Sled(source) => Error::Sled {
-                        context: "rebuild",
-                        path: config.dir.clone(),
-                        source,
-                    },
-                    ScanError::Record(e) => e,
-                })?;
-                (filters, live, BloomOrigin::Rebuilt)
-            }
+        let origin = if loaded.is_some() {
+            BloomOrigin::Snapshot
+        } else {
+            BloomOrigin::Rebuilt
         };
+        let (relay_loaded, kv_loaded) = match loaded {
+            Some([relay, kv]) => (Some(relay), Some(kv)),
+            None => (None, None),
+        };
+        let fresh = || Filters::new(config.generation_capacity(), config.fp_rate, now_ms);
+        let scan_err = |e| match e {
+            ScanError::Sled(source) => Error::Sled {
+                context: "rebuild",
+                path: config.dir.clone(),
+                source,
+            },
+            ScanError::Record(e) => e,
+        };
+        let relay =
+            Space::open(&db, "ids", "expiry", fresh(), relay_loaded, now_ms).map_err(scan_err)?;
+        let kv =
+            Space::open(&db, "kv", "kv_expiry", fresh(), kv_loaded, now_ms).map_err(scan_err)?;
         tracing::info!(
             dir = %config.dir.display(),
-            live_ids = live,
+            live_ids = relay.live.load(Ordering::Relaxed),
+            redis_keys = kv.live.load(Ordering::Relaxed),
             bloom = ?origin,
             ms = started.elapsed().as_millis() as u64,
             "store opened"
         );
-        let next_expiry_ms = first_due(&expiry).map_err(err("open"))?;
         let shared = Arc::new(Shared {
             dir: config.dir.clone(),
             db,
-            ids,
-            expiry,
             meta,
-            filters: RwLock::new(filters),
+            relay,
+            kv,
+            flush: FlushGroup::default(),
             in_flight: Mutex::new(HashMap::new()),
             commit_lock: Mutex::new(()),
             closed: AtomicBool::new(false),
@@ -516,9 +540,7 @@ impl Store {
             ttl_ms: config.ttl.as_millis() as u64,
             max_id_bytes: config.max_id_bytes,
             clock: config.clock.clone(),
-            next_expiry_ms: AtomicU64::new(next_expiry_ms.unwrap_or(u64::MAX)),
             wake: (Mutex::new(false), Condvar::new()),
-            live_ids: AtomicU64::new(live),
             absent_lookups: AtomicU64::new(0),
             false_positives: AtomicU64::new(0),
             swept_ids: AtomicU64::new(0),
@@ -546,7 +568,10 @@ impl Store {
     /// A refused id ([`Error::EmptyId`], [`Error::IdTooLong`]), or a sled or record error.
     pub fn check(&self, id: &[u8], now_ms: u64) -> Result<Option<Seen>, Error> {
         self.shared.validate(id)?;
-        self.shared.lookup(id, digest(id), now_ms)
+        let shared = &self.shared;
+        Ok(shared
+            .lookup(&shared.relay, id, digest(id), now_ms)?
+            .map(|(seen, _)| seen))
     }
 
     /// The prefilter's answer alone: `false` means certainly not live. For tests and diagnostics.
@@ -558,6 +583,7 @@ impl Store {
         self.shared.validate(id)?;
         Ok(self
             .shared
+            .relay
             .filters
             .read()
             .expect("filter lock")
@@ -600,8 +626,8 @@ impl Store {
             claimed_at: Instant::now(),
         };
         // On error `claim` drops here and releases the id.
-        match shared.lookup(id, claim.digest, now_ms)? {
-            Some(seen) => {
+        match shared.lookup(&shared.relay, id, claim.digest, now_ms)? {
+            Some((seen, _)) => {
                 let mut claim = claim;
                 claim.settled = true;
                 shared.settle(id, Settled::Committed);
@@ -633,7 +659,7 @@ impl Store {
         // false positive), never the other way round.
         let mut rolled = false;
         {
-            let mut filters = shared.filters.write().expect("filter lock");
+            let mut filters = shared.relay.filters.write().expect("filter lock");
             for c in &claims {
                 rolled |= filters.insert(c.digest, now_ms.saturating_add(c.ttl_ms));
             }
@@ -647,31 +673,27 @@ impl Store {
                 expires_ms: now_ms.saturating_add(c.ttl_ms),
             };
             let previous = shared
-                .ids
+                .relay
+                .tree
                 .insert(&*c.id, record::encode(seen))
                 .map_err(shared.sled_err("commit"))?;
             added += u64::from(previous.is_none());
             record::push_index_id(index.entry(seen.expires_ms).or_default(), &c.id);
         }
-        let mut earliest = u64::MAX;
-        for (expires_ms, ids) in index {
-            let seq = shared.db.generate_id().map_err(shared.sled_err("commit"))?;
-            shared
-                .expiry
-                .insert(record::index_key(expires_ms, seq), ids)
-                .map_err(shared.sled_err("commit"))?;
-            earliest = earliest.min(expires_ms);
-        }
-        shared.db.flush().map_err(shared.sled_err("commit flush"))?;
+        let earlier = shared
+            .relay
+            .write_index(&shared.db, index)
+            .map_err(shared.sled_err("commit"))?;
+        // The flush runs outside the lock, so writers that queue behind it share one.
         drop(guard);
+        shared.make_durable("commit flush")?;
 
-        shared.live_ids.fetch_add(added, Ordering::Relaxed);
+        shared.relay.live.fetch_add(added, Ordering::Relaxed);
         for mut c in claims {
             c.settled = true;
             shared.settle(&c.id, Settled::Committed);
         }
-        let previous = shared.next_expiry_ms.fetch_min(earliest, Ordering::SeqCst);
-        if earliest < previous || rolled {
+        if earlier || rolled {
             shared.wake_compactor();
         }
         Ok(())
@@ -685,10 +707,14 @@ impl Store {
     pub fn forget(&self, id: &[u8]) -> Result<bool, Error> {
         let shared = &self.shared;
         shared.validate(id)?;
-        let removed = shared.ids.remove(id).map_err(shared.sled_err("forget"))?;
-        shared.db.flush().map_err(shared.sled_err("forget flush"))?;
+        let removed = shared
+            .relay
+            .tree
+            .remove(id)
+            .map_err(shared.sled_err("forget"))?;
+        shared.make_durable("forget flush")?;
         if removed.is_some() {
-            shared.live_ids.fetch_sub(1, Ordering::Relaxed);
+            shared.relay.live.fetch_sub(1, Ordering::Relaxed);
         }
         Ok(removed.is_some())
     }
@@ -701,7 +727,9 @@ impl Store {
     ///
     /// A sled or record error.
     pub fn sweep(&self, now_ms: u64, max_ids: usize) -> Result<u64, Error> {
-        compactor::sweep(&self.shared, now_ms, max_ids)
+        let shared = &self.shared;
+        Ok(compactor::sweep(shared, &shared.relay, now_ms, max_ids)?
+            + compactor::sweep(shared, &shared.kv, now_ms, max_ids)?)
     }
 
     /// Rebuilds the Bloom filter from sled's live ids now (the compactor does it once a window).
@@ -710,7 +738,14 @@ impl Store {
     ///
     /// A sled or record error; the current filter then stays in place.
     pub fn rebuild_filter(&self, now_ms: u64) -> Result<(), Error> {
-        compactor::rebuild(&self.shared, now_ms)
+        let shared = &self.shared;
+        compactor::rebuild(shared, &shared.relay, now_ms)?;
+        compactor::rebuild(shared, &shared.kv, now_ms)
+    }
+
+    /// The key-value namespace the Redis endpoint serves (apart from the relay's ids).
+    pub fn kv(&self) -> kv::Kv {
+        kv::Kv::new(self.shared.clone())
     }
 
     /// Asks the compactor to look at the clock now rather than at its next deadline.
@@ -722,13 +757,14 @@ impl Store {
     pub fn stats(&self) -> Stats {
         let shared = &self.shared;
         let (generations, bloom_bytes) = {
-            let f = shared.filters.read().expect("filter lock");
+            let f = shared.relay.filters.read().expect("filter lock");
             (f.generations(), f.bytes())
         };
         let absent = shared.absent_lookups.load(Ordering::Relaxed);
         let fps = shared.false_positives.load(Ordering::Relaxed);
         Stats {
-            live_ids: shared.live_ids.load(Ordering::Relaxed),
+            live_ids: shared.relay.live.load(Ordering::Relaxed),
+            redis_keys: shared.kv.live.load(Ordering::Relaxed),
             in_flight: shared.in_flight.lock().expect("in-flight lock").len(),
             bloom_generations: generations,
             bloom_bytes,
@@ -742,7 +778,7 @@ impl Store {
             },
             swept_ids: shared.swept_ids.load(Ordering::Relaxed),
             bloom_rebuilds: shared.bloom_rebuilds.load(Ordering::Relaxed),
-            oldest_expiry_ms: first_due(&shared.expiry).ok().flatten(),
+            oldest_expiry_ms: first_due(&shared.relay.expiry).ok().flatten(),
             bloom_loaded_from: shared.origin,
         }
     }
@@ -761,11 +797,14 @@ impl Store {
         shared.closed.store(true, Ordering::SeqCst);
         shared.db.flush().map_err(shared.sled_err("close flush"))?;
         let token: [u8; 16] = rand::random();
+        let space = |sp: &Space| SpaceSnapshot {
+            live: sp.live.load(Ordering::Relaxed),
+            filters: sp.filters.read().expect("filter lock").to_snapshot(),
+        };
         let snapshot = Snapshot {
             version: SNAPSHOT_VERSION,
             token,
-            live_ids: shared.live_ids.load(Ordering::Relaxed),
-            filters: shared.filters.read().expect("filter lock").to_snapshot(),
+            spaces: vec![space(&shared.relay), space(&shared.kv)],
         };
         let path = shared.dir.join(SNAPSHOT_FILE);
         write_snapshot(&path, &snapshot).map_err(|source| Error::Snapshot {
@@ -824,7 +863,7 @@ fn open_error(dir: &Path, source: sled::Error) -> Error {
 }
 
 /// Expiry of the first index entry, if any.
-fn first_due(expiry: &sled::Tree) -> sled::Result<Option<u64>> {
+pub(crate) fn first_due(expiry: &sled::Tree) -> sled::Result<Option<u64>> {
     Ok(expiry.first()?.map(|(k, _)| record::index_key_expiry(&k)))
 }
 
@@ -832,7 +871,13 @@ fn first_due(expiry: &sled::Tree) -> sled::Result<Option<u64>> {
 struct Snapshot {
     version: u32,
     token: [u8; 16],
-    live_ids: u64,
+    /// The relay's namespace, then the Redis endpoint's.
+    spaces: Vec<SpaceSnapshot>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SpaceSnapshot {
+    live: u64,
     filters: FiltersSnapshot,
 }
 
@@ -850,8 +895,9 @@ fn write_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The snapshot's filters and live count, if the file exists, decodes, and carries `token`.
-fn load_snapshot(path: &Path, token: &[u8]) -> Option<(Filters, u64)> {
+/// The snapshot's filters and record counts (relay, then Redis keys), if the file exists,
+/// decodes, and carries `token`.
+fn load_snapshot(path: &Path, token: &[u8]) -> Option<[(Filters, u64); 2]> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) => {
@@ -863,7 +909,13 @@ fn load_snapshot(path: &Path, token: &[u8]) -> Option<(Filters, u64)> {
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard());
     match decoded {
         Ok((snap, _)) if snap.version == SNAPSHOT_VERSION && snap.token[..] == *token => {
-            Filters::from_snapshot(snap.filters).map(|f| (f, snap.live_ids))
+            let mut spaces = snap
+                .spaces
+                .into_iter()
+                .map(|sp| Filters::from_snapshot(sp.filters).map(|f| (f, sp.live)));
+            let relay = spaces.next()??;
+            let kv = spaces.next()??;
+            Some([relay, kv])
         }
         Ok(_) => {
             tracing::warn!(path = %path.display(), "bloom snapshot does not match the store, rebuilding");
@@ -876,7 +928,7 @@ fn load_snapshot(path: &Path, token: &[u8]) -> Option<(Filters, u64)> {
     }
 }
 
-enum ScanError {
+pub(crate) enum ScanError {
     Sled(sled::Error),
     Record(Error),
 }
@@ -884,7 +936,7 @@ enum ScanError {
 /// Scans every record into `fresh`, keeping the live ones; returns it with the record count.
 /// Digests go straight into the filter (no list of ids in memory); should the live ids outgrow
 /// `fresh`'s sizing, it rolls a generation and the next rebuild sizes from the count returned.
-fn scan_live(
+pub(crate) fn scan_live(
     ids: &sled::Tree,
     mut fresh: Filters,
     now_ms: u64,

@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::Error;
 
-/// The only record layout this build writes and reads.
+/// Record layout of the relay's ids: first seen, TTL.
 pub(crate) const FORMAT_V1: u8 = 1;
+/// Record layout of the Redis endpoint's keys: set time, TTL, then the value's raw bytes.
+pub(crate) const FORMAT_KV_V1: u8 = 2;
 
 /// What the store knows about a seen id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,7 +53,52 @@ pub(crate) fn encode(seen: Seen) -> Vec<u8> {
     out
 }
 
-/// Decodes a record written by [`encode`].
+/// Encodes a key-value record: format byte, the bincode header, then the value as is.
+pub(crate) fn encode_kv(seen: Seen, value: &[u8]) -> Vec<u8> {
+    let mut out = encode(seen);
+    out[0] = FORMAT_KV_V1;
+    out.extend_from_slice(value);
+    out
+}
+
+/// Decodes a key-value record written by [`encode_kv`]: its times and its value.
+///
+/// # Errors
+///
+/// As [`decode`]; a relay record (format 1) is an unknown format here.
+pub(crate) fn decode_kv<'a>(key: &[u8], bytes: &'a [u8]) -> Result<(Seen, &'a [u8]), Error> {
+    match bytes.split_first() {
+        Some((&FORMAT_KV_V1, rest)) => {
+            let (seen, used) = decode_payload(key, rest)?;
+            Ok((seen, &rest[used..]))
+        }
+        Some((&version, _)) => Err(Error::UnknownFormat {
+            id: String::from_utf8_lossy(key).into_owned(),
+            version,
+        }),
+        None => Err(Error::Corrupt {
+            id: String::from_utf8_lossy(key).into_owned(),
+            reason: "empty record".into(),
+        }),
+    }
+}
+
+fn decode_payload(id: &[u8], payload: &[u8]) -> Result<(Seen, usize), Error> {
+    let (rec, used): (RecordV1, usize) =
+        bincode::serde::decode_from_slice(payload, bincode_config()).map_err(|e| {
+            Error::Corrupt {
+                id: String::from_utf8_lossy(id).into_owned(),
+                reason: e.to_string(),
+            }
+        })?;
+    let seen = Seen {
+        first_seen_ms: rec.first_seen_ms,
+        expires_ms: rec.first_seen_ms.saturating_add(rec.ttl_ms),
+    };
+    Ok((seen, used))
+}
+
+/// Decodes the times of any record (either layout): what the sweep and the rebuild need.
 ///
 /// # Errors
 ///
@@ -59,19 +106,7 @@ pub(crate) fn encode(seen: Seen) -> Vec<u8> {
 /// payload that does not decode.
 pub(crate) fn decode(id: &[u8], bytes: &[u8]) -> Result<Seen, Error> {
     match bytes.split_first() {
-        Some((&FORMAT_V1, payload)) => {
-            let (rec, _): (RecordV1, usize) =
-                bincode::serde::decode_from_slice(payload, bincode_config()).map_err(|e| {
-                    Error::Corrupt {
-                        id: String::from_utf8_lossy(id).into_owned(),
-                        reason: e.to_string(),
-                    }
-                })?;
-            Ok(Seen {
-                first_seen_ms: rec.first_seen_ms,
-                expires_ms: rec.first_seen_ms.saturating_add(rec.ttl_ms),
-            })
-        }
+        Some((&(FORMAT_V1 | FORMAT_KV_V1), payload)) => Ok(decode_payload(id, payload)?.0),
         Some((&version, _)) => Err(Error::UnknownFormat {
             id: String::from_utf8_lossy(id).into_owned(),
             version,
@@ -141,6 +176,22 @@ mod tests {
         // Format byte + 9-byte varint timestamp + 5-byte varint TTL.
         assert_eq!(bytes.len(), 15);
         assert_eq!(decode(b"x", &bytes).unwrap(), seen);
+    }
+
+    #[test]
+    fn kv_record_round_trips_and_reads_as_seen() {
+        let seen = Seen {
+            first_seen_ms: 10,
+            expires_ms: 1_010,
+        };
+        let bytes = encode_kv(seen, b"result \x00 bytes");
+        assert_eq!(
+            decode_kv(b"k", &bytes).unwrap(),
+            (seen, &b"result \x00 bytes"[..])
+        );
+        assert_eq!(decode(b"k", &bytes).unwrap(), seen);
+        // A relay record is not a key-value one.
+        assert!(decode_kv(b"k", &encode(seen)).is_err());
     }
 
     #[test]

@@ -238,7 +238,12 @@ fn unknown_record_format_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     commit_one(&store, b"a", T0);
-    store.shared.ids.insert(b"a", &[7u8, 0, 0][..]).unwrap();
+    store
+        .shared
+        .relay
+        .tree
+        .insert(b"a", &[7u8, 0, 0][..])
+        .unwrap();
     let err = store.check(b"a", T0).unwrap_err();
     assert!(
         matches!(err, Error::UnknownFormat { version: 7, .. }),
@@ -310,4 +315,197 @@ fn sweep_in_bounded_batches_deletes_every_expired_id() {
     }
     assert_eq!(calls, vec![600, 600, 300]);
     assert_eq!(store.stats().live_ids, 0);
+}
+
+// --- The key-value namespace (Redis endpoint) -------------------------------------------------
+
+use super::kv::{Condition, Entry, Expiry};
+
+fn kv_set(store: &Store, key: &[u8], value: &[u8], cond: Condition, expiry: Expiry) -> bool {
+    store
+        .kv()
+        .set(key, value, cond, expiry, T0)
+        .unwrap()
+        .written
+}
+
+#[test]
+fn kv_set_get_with_nx_and_xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let kv = store.kv();
+    // XX on a missing key: nothing written.
+    assert!(!kv_set(
+        &store,
+        b"k",
+        b"v0",
+        Condition::IfPresent,
+        Expiry::Window
+    ));
+    assert_eq!(kv.get(b"k", T0).unwrap(), None);
+    // NX on a missing key writes, with the window as expiry when none is given.
+    assert!(kv_set(
+        &store,
+        b"k",
+        b"v1",
+        Condition::IfAbsent,
+        Expiry::Window
+    ));
+    let want = Entry {
+        value: b"v1".to_vec(),
+        set_ms: T0,
+        expires_ms: T0 + TTL.as_millis() as u64,
+    };
+    assert_eq!(kv.get(b"k", T0).unwrap(), Some(want.clone()));
+    // NX again: refused, and the caller learns what is there.
+    let out = kv
+        .set(b"k", b"v2", Condition::IfAbsent, Expiry::Window, T0)
+        .unwrap();
+    assert!(!out.written);
+    assert_eq!(out.previous, Some(want));
+    // XX on a live key overwrites; an explicit TTL applies.
+    assert!(kv_set(
+        &store,
+        b"k",
+        b"v3",
+        Condition::IfPresent,
+        Expiry::In(Duration::from_secs(5))
+    ));
+    let got = kv.get(b"k", T0).unwrap().unwrap();
+    assert_eq!(
+        (got.value.as_slice(), got.expires_ms),
+        (&b"v3"[..], T0 + 5_000)
+    );
+    assert_eq!(kv.len(), 1);
+}
+
+#[test]
+fn kv_expiry_keep_expire_and_past_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let kv = store.kv();
+    kv_set(
+        &store,
+        b"k",
+        b"v",
+        Condition::Always,
+        Expiry::In(Duration::from_secs(10)),
+    );
+    // KEEPTTL keeps the expiry while the value changes.
+    kv_set(&store, b"k", b"w", Condition::Always, Expiry::Keep);
+    assert_eq!(kv.get(b"k", T0).unwrap().unwrap().expires_ms, T0 + 10_000);
+    // EXPIRE moves it; the key is gone at its expiry.
+    assert!(kv
+        .expire(b"k", Expiry::In(Duration::from_secs(2)), T0)
+        .unwrap());
+    assert!(kv.get(b"k", T0 + 1_999).unwrap().is_some());
+    assert!(kv.get(b"k", T0 + 2_000).unwrap().is_none());
+    assert!(!kv
+        .expire(b"missing", Expiry::In(Duration::from_secs(2)), T0)
+        .unwrap());
+    // An expiry in the past deletes, for EXPIRE and for SET ... PXAT alike.
+    assert!(kv.expire(b"k", Expiry::At(T0 - 1), T0).unwrap());
+    assert!(kv.get(b"k", T0).unwrap().is_none());
+    assert!(kv_set(
+        &store,
+        b"p",
+        b"v",
+        Condition::Always,
+        Expiry::At(T0)
+    ));
+    assert!(kv.get(b"p", T0).unwrap().is_none());
+    assert_eq!(kv.len(), 0);
+}
+
+#[test]
+fn kv_delete_and_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let kv = store.kv();
+    kv_set(
+        &store,
+        b"a",
+        b"1",
+        Condition::Always,
+        Expiry::In(Duration::from_secs(1)),
+    );
+    kv_set(&store, b"b", b"2", Condition::Always, Expiry::Window);
+    assert!(kv.delete(b"b", T0).unwrap());
+    assert!(!kv.delete(b"b", T0).unwrap());
+    // The expired key is deleted by the sweep, through the namespace's own index.
+    assert_eq!(store.sweep(T0 + 1_000, 100).unwrap(), 1);
+    assert!(kv.is_empty());
+}
+
+#[test]
+fn kv_keys_and_relay_ids_are_separate_namespaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"order-1", T0);
+    assert_eq!(store.kv().get(b"order-1", T0).unwrap(), None);
+    kv_set(
+        &store,
+        b"order-2",
+        b"done",
+        Condition::IfAbsent,
+        Expiry::Window,
+    );
+    let _still_new = claim_new(&store, b"order-2", T0);
+    assert_eq!(store.stats().redis_keys, 1);
+    assert_eq!(store.stats().live_ids, 1);
+}
+
+#[test]
+fn kv_scan_pages_through_live_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let kv = store.kv();
+    for i in 0..7u8 {
+        kv_set(
+            &store,
+            &[b'k', b'0' + i],
+            b"v",
+            Condition::Always,
+            Expiry::Window,
+        );
+    }
+    kv_set(
+        &store,
+        b"k9",
+        b"v",
+        Condition::Always,
+        Expiry::In(Duration::from_millis(1)),
+    );
+    let mut seen = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = kv.scan(after.as_deref(), 3, T0 + 1).unwrap();
+        seen.extend(page.keys);
+        match page.next {
+            Some(k) => after = Some(k),
+            None => break,
+        }
+    }
+    // Seven live keys, in order; the expired one is skipped.
+    let want: Vec<Vec<u8>> = (0..7u8).map(|i| vec![b'k', b'0' + i]).collect();
+    assert_eq!(seen, want);
+}
+
+#[test]
+fn kv_keys_survive_close_and_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    kv_set(&store, b"closed", b"1", Condition::Always, Expiry::Window);
+    store.close().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.stats().bloom_loaded_from, BloomOrigin::Snapshot);
+    assert!(store.kv().get(b"closed", T0).unwrap().is_some());
+    kv_set(&store, b"crashed", b"2", Condition::Always, Expiry::Window);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.stats().bloom_loaded_from, BloomOrigin::Rebuilt);
+    for key in [&b"closed"[..], b"crashed"] {
+        assert!(store.kv().get(key, T0).unwrap().is_some(), "{key:?} lost");
+    }
+    assert_eq!(store.kv().len(), 2);
 }

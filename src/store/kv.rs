@@ -1,0 +1,299 @@
+//! The key-value namespace behind the Redis endpoint: keys with values and an expiry, apart from
+//! the relay's ids, on the same sled database, flushes, Bloom scheme and compactor.
+//!
+//! Every write is durable when it returns: writers apply their change under the store's commit
+//! lock (which also makes `NX`/`XX` an atomic check-and-set) and then share a group flush. All
+//! calls block on sled: from async code, use `spawn_blocking` or a thread of your own.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::filter::digest;
+use super::record;
+use super::{Error, Seen, Shared};
+
+/// A live key's value and times.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The value.
+    pub value: Vec<u8>,
+    /// When it was last set (ms since the Unix epoch).
+    pub set_ms: u64,
+    /// When it expires (ms since the Unix epoch).
+    pub expires_ms: u64,
+}
+
+/// When a `set` applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Always (plain `SET`).
+    Always,
+    /// Only if the key is not live (`NX`).
+    IfAbsent,
+    /// Only if the key is live (`XX`).
+    IfPresent,
+}
+
+/// The expiry a write gives a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// This long from now (`EX`, `PX`, `EXPIRE`, `PEXPIRE`).
+    In(Duration),
+    /// At this time, ms since the Unix epoch (`EXAT`, `PXAT`).
+    At(u64),
+    /// The key's current expiry (`KEEPTTL`); the window for a new key.
+    Keep,
+    /// None given: dedupd is a window store, so the store's TTL.
+    Window,
+}
+
+/// What a `set` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetOutcome {
+    /// Whether the value was written (false when `NX`/`XX` said no).
+    pub written: bool,
+    /// The live entry before the call, if any (for `SET ... GET`).
+    pub previous: Option<Entry>,
+}
+
+/// One page of [`Kv::scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPage {
+    /// The live keys among the records looked at, in key order.
+    pub keys: Vec<Vec<u8>>,
+    /// The key to resume after; `None` once the end is reached.
+    pub next: Option<Vec<u8>>,
+}
+
+/// Handle on the namespace; cheap to clone. Get one with [`super::Store::kv`].
+#[derive(Debug, Clone)]
+pub struct Kv {
+    shared: Arc<Shared>,
+}
+
+impl Kv {
+    pub(crate) fn new(shared: Arc<Shared>) -> Kv {
+        Kv { shared }
+    }
+
+    /// The live entry of `key`, if any. The Bloom prefilter answers most misses.
+    ///
+    /// # Errors
+    ///
+    /// A refused key (empty, over the id limit) or a sled or record error.
+    pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Entry>, Error> {
+        let shared = &self.shared;
+        shared.validate(key)?;
+        match shared.lookup(&shared.kv, key, digest(key), now_ms)? {
+            Some((_, bytes)) => entry(key, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes `value` under `key` if `cond` allows; durable when it returns.
+    ///
+    /// # Errors
+    ///
+    /// A refused key, a sled or record error, or [`Error::Closed`].
+    pub fn set(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        cond: Condition,
+        expiry: Expiry,
+        now_ms: u64,
+    ) -> Result<SetOutcome, Error> {
+        let shared = &self.shared;
+        shared.validate(key)?;
+        let guard = shared.commit_lock.lock().expect("commit lock");
+        if shared.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let previous = self.get(key, now_ms)?;
+        let allowed = match cond {
+            Condition::Always => true,
+            Condition::IfAbsent => previous.is_none(),
+            Condition::IfPresent => previous.is_some(),
+        };
+        if !allowed {
+            return Ok(SetOutcome {
+                written: false,
+                previous,
+            });
+        }
+        let expires_ms = self.expiry_of(expiry, previous.as_ref(), now_ms);
+        let earlier = self.write(key, value, now_ms, expires_ms, now_ms)?;
+        drop(guard);
+        self.settle_write(earlier)?;
+        Ok(SetOutcome {
+            written: true,
+            previous,
+        })
+    }
+
+    /// Deletes `key`; durable when it returns. Returns whether a live key was removed.
+    ///
+    /// # Errors
+    ///
+    /// A refused key or a sled error.
+    pub fn delete(&self, key: &[u8], now_ms: u64) -> Result<bool, Error> {
+        let shared = &self.shared;
+        shared.validate(key)?;
+        let _guard = shared.commit_lock.lock().expect("commit lock");
+        let live = self.get(key, now_ms)?.is_some();
+        self.remove(key)?;
+        shared.make_durable("delete flush")?;
+        Ok(live)
+    }
+
+    /// Gives a live `key` a new expiry (one in the past deletes it); durable when it returns.
+    /// Returns `false` when there is no live key.
+    ///
+    /// # Errors
+    ///
+    /// A refused key or a sled or record error.
+    pub fn expire(&self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, Error> {
+        let shared = &self.shared;
+        shared.validate(key)?;
+        let guard = shared.commit_lock.lock().expect("commit lock");
+        let Some(current) = self.get(key, now_ms)? else {
+            return Ok(false);
+        };
+        let expires_ms = self.expiry_of(expiry, Some(&current), now_ms);
+        let earlier = if expires_ms <= now_ms {
+            self.remove(key)?;
+            false
+        } else {
+            // The set time stays: only the expiry moves.
+            self.write(key, &current.value, current.set_ms, expires_ms, now_ms)?
+        };
+        drop(guard);
+        self.settle_write(earlier)?;
+        Ok(true)
+    }
+
+    /// Up to `count` records after `after` in key order, of which the live keys are returned,
+    /// with the key to resume after (`None` once the end is reached).
+    ///
+    /// # Errors
+    ///
+    /// A sled or record error.
+    pub fn scan(
+        &self,
+        after: Option<&[u8]>,
+        count: usize,
+        now_ms: u64,
+    ) -> Result<ScanPage, Error> {
+        let shared = &self.shared;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut keys = Vec::new();
+        let mut last = None;
+        let mut iter = shared.kv.tree.range::<&[u8], _>((from, Bound::Unbounded));
+        for item in iter.by_ref().take(count.max(1)) {
+            let (k, v) = item.map_err(shared.sled_err("scan"))?;
+            if record::decode(&k, &v)?.is_live(now_ms) {
+                keys.push(k.to_vec());
+            }
+            last = Some(k.to_vec());
+        }
+        let more = iter.next().is_some();
+        Ok(ScanPage {
+            keys,
+            next: if more { last } else { None },
+        })
+    }
+
+    /// Keys on disk (expired ones the compactor has not reached yet included).
+    pub fn len(&self) -> u64 {
+        self.shared.kv.live.load(Ordering::Relaxed)
+    }
+
+    /// Whether no key is on disk.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn expiry_of(&self, expiry: Expiry, current: Option<&Entry>, now_ms: u64) -> u64 {
+        let window = now_ms.saturating_add(self.shared.ttl_ms);
+        match expiry {
+            Expiry::In(d) => now_ms.saturating_add(d.as_millis() as u64),
+            Expiry::At(ms) => ms,
+            Expiry::Keep => current.map_or(window, |e| e.expires_ms),
+            Expiry::Window => window,
+        }
+    }
+
+    /// Writes a record and its index entry (under the commit lock). An expiry already past
+    /// removes the key instead, as Redis does. Returns whether the compactor's deadline moved.
+    fn write(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        set_ms: u64,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<bool, Error> {
+        let shared = &self.shared;
+        if expires_ms <= now_ms {
+            self.remove(key)?;
+            return Ok(false);
+        }
+        // Filter first, then sled: never a live key the filter does not know.
+        let rolled = shared.kv.remember(key, expires_ms);
+        let seen = Seen {
+            first_seen_ms: set_ms,
+            expires_ms,
+        };
+        let previous = shared
+            .kv
+            .tree
+            .insert(key, record::encode_kv(seen, value))
+            .map_err(shared.sled_err("set"))?;
+        if previous.is_none() {
+            shared.kv.live.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut index = Vec::with_capacity(key.len() + 2);
+        record::push_index_id(&mut index, key);
+        let earlier = shared
+            .kv
+            .write_index(&shared.db, BTreeMap::from([(expires_ms, index)]))
+            .map_err(shared.sled_err("set"))?;
+        Ok(earlier || rolled)
+    }
+
+    fn remove(&self, key: &[u8]) -> Result<(), Error> {
+        let shared = &self.shared;
+        if shared
+            .kv
+            .tree
+            .remove(key)
+            .map_err(shared.sled_err("delete"))?
+            .is_some()
+        {
+            shared.kv.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// After a write, outside the lock: wait for the group flush, then wake the compactor if
+    /// the write brought its deadline forward.
+    fn settle_write(&self, wake: bool) -> Result<(), Error> {
+        self.shared.make_durable("set flush")?;
+        if wake {
+            self.shared.wake_compactor();
+        }
+        Ok(())
+    }
+}
+
+fn entry(key: &[u8], bytes: &[u8]) -> Result<Entry, Error> {
+    let (seen, value) = record::decode_kv(key, bytes)?;
+    Ok(Entry {
+        value: value.to_vec(),
+        set_ms: seen.first_seen_ms,
+        expires_ms: seen.expires_ms,
+    })
+}
