@@ -57,7 +57,7 @@ pub enum Error {
 /// See [`Error`].
 pub fn run(config: &Config, request: &Request) -> Result<Answer, Error> {
     if let Some(addr) = config.metrics_addr {
-        match over_http(addr, request) {
+        match over_http(addr, config.admin_token.as_deref(), request) {
             Ok(answer) => return Ok(answer),
             // Nobody listening: fall through to the data dir.
             Err(HttpFailure::NoService) => {}
@@ -89,7 +89,11 @@ enum HttpFailure {
     Bad(String),
 }
 
-fn over_http(addr: SocketAddr, request: &Request) -> Result<Answer, HttpFailure> {
+fn over_http(
+    addr: SocketAddr,
+    token: Option<&str>,
+    request: &Request,
+) -> Result<Answer, HttpFailure> {
     let (method, path) = match request {
         Request::Check(id) => (
             "GET",
@@ -106,9 +110,10 @@ fn over_http(addr: SocketAddr, request: &Request) -> Result<Answer, HttpFailure>
     let bad = |e: std::io::Error| HttpFailure::Bad(e.to_string());
     stream.set_read_timeout(Some(HTTP_TIMEOUT)).map_err(bad)?;
     stream.set_write_timeout(Some(HTTP_TIMEOUT)).map_err(bad)?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     )
     .map_err(bad)?;
     let mut raw = Vec::new();

@@ -62,12 +62,27 @@ pub const VARS: &[Var] = &[
     var(
         AMQP_URL,
         DEFAULT_AMQP_URL,
-        "broker URL (`amqp://user:password@host:port/vhost`); never logged with its password",
+        "broker URL (`amqp://user:password@host:port/vhost`, `amqps://` for TLS); never logged with its password",
     ),
     unset(
         AMQP_URL_FILE,
         "use `DEDUPD_AMQP_URL`",
         "file holding the broker URL instead (systemd credentials); not with `DEDUPD_AMQP_URL`",
+    ),
+    unset(
+        AMQP_CA_FILE,
+        "the system's CA store",
+        "PEM file of the CA certificates that sign the broker's certificate (`amqps://` only)",
+    ),
+    unset(
+        AMQP_CERT_FILE,
+        "no client certificate",
+        "PEM client certificate chain for mutual TLS (`amqps://` only; with `DEDUPD_AMQP_KEY_FILE`)",
+    ),
+    unset(
+        AMQP_KEY_FILE,
+        "no client certificate",
+        "PEM private key of that client certificate (with `DEDUPD_AMQP_CERT_FILE`)",
     ),
     var(SOURCE_QUEUE, "dedupd.in", "queue consumed with manual acks"),
     var(DEST_EXCHANGE, "dedupd.out", "where first-seen messages go"),
@@ -124,6 +139,16 @@ pub const VARS: &[Var] = &[
         "127.0.0.1:9476",
         "HTTP address for `/healthz` and `/metrics`; `off` disables",
     ),
+    unset(
+        ADMIN_TOKEN,
+        "no token: admin on loopback only",
+        "bearer token required by `GET`/`DELETE /ids/{id}` (and sent by the admin commands); never logged",
+    ),
+    unset(
+        ADMIN_TOKEN_FILE,
+        "use `DEDUPD_ADMIN_TOKEN`",
+        "file holding the admin token instead (systemd credentials); not with `DEDUPD_ADMIN_TOKEN`",
+    ),
     var(
         LOG,
         "info",
@@ -149,10 +174,42 @@ pub const VARS: &[Var] = &[
         "64M",
         "sled page cache (`512K`, `64M`, `1G` or bytes)",
     ),
+    var(
+        RELAY,
+        "on",
+        "`off`: no broker connection at all, the store serves the Redis endpoint (and `/healthz`, `/metrics`) alone",
+    ),
+    var(
+        REDIS_ADDR,
+        "off",
+        "address of the Redis-protocol endpoint, e.g. `127.0.0.1:6380`; `off` disables",
+    ),
+    unset(
+        REDIS_PASSWORD,
+        "no auth; loopback addresses only",
+        "clients must `AUTH` (or `HELLO 3 AUTH default <pw>`); required for a non-loopback `DEDUPD_REDIS_ADDR`; never logged",
+    ),
+    unset(
+        REDIS_PASSWORD_FILE,
+        "use `DEDUPD_REDIS_PASSWORD`",
+        "file holding the Redis endpoint password instead (systemd credentials); not with `DEDUPD_REDIS_PASSWORD`",
+    ),
+    var(
+        REDIS_MAX_CLIENTS,
+        "10000",
+        "most Redis connections at once; more are refused with `ERR max number of clients reached`",
+    ),
+    var(
+        REDIS_MAX_VALUE,
+        "1M",
+        "longest key or value a Redis command may carry; longer gets an error reply",
+    ),
 ];
 
 const AMQP_URL: &str = "DEDUPD_AMQP_URL";
 const AMQP_URL_FILE: &str = "DEDUPD_AMQP_URL_FILE";
+const ADMIN_TOKEN: &str = "DEDUPD_ADMIN_TOKEN";
+const ADMIN_TOKEN_FILE: &str = "DEDUPD_ADMIN_TOKEN_FILE";
 const SOURCE_QUEUE: &str = "DEDUPD_SOURCE_QUEUE";
 const DEST_EXCHANGE: &str = "DEDUPD_DEST_EXCHANGE";
 const DEST_EXCHANGE_TYPE: &str = "DEDUPD_DEST_EXCHANGE_TYPE";
@@ -173,6 +230,15 @@ const LOG_FORMAT: &str = "DEDUPD_LOG_FORMAT";
 const EXPECTED_IDS: &str = "DEDUPD_EXPECTED_IDS";
 const BLOOM_FP_RATE: &str = "DEDUPD_BLOOM_FP_RATE";
 const CACHE_SIZE: &str = "DEDUPD_CACHE_SIZE";
+const AMQP_CA_FILE: &str = "DEDUPD_AMQP_CA_FILE";
+const AMQP_CERT_FILE: &str = "DEDUPD_AMQP_CERT_FILE";
+const AMQP_KEY_FILE: &str = "DEDUPD_AMQP_KEY_FILE";
+const RELAY: &str = "DEDUPD_RELAY";
+const REDIS_ADDR: &str = "DEDUPD_REDIS_ADDR";
+const REDIS_PASSWORD: &str = "DEDUPD_REDIS_PASSWORD";
+const REDIS_PASSWORD_FILE: &str = "DEDUPD_REDIS_PASSWORD_FILE";
+const REDIS_MAX_CLIENTS: &str = "DEDUPD_REDIS_MAX_CLIENTS";
+const REDIS_MAX_VALUE: &str = "DEDUPD_REDIS_MAX_VALUE";
 
 const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -203,6 +269,9 @@ pub enum MissingId {
 pub struct Config {
     /// `DEDUPD_AMQP_URL` (or the file of `DEDUPD_AMQP_URL_FILE`): the broker.
     pub amqp_url: AmqpUrl,
+    /// `DEDUPD_AMQP_CA_FILE`, `DEDUPD_AMQP_CERT_FILE`, `DEDUPD_AMQP_KEY_FILE`, default unset: the
+    /// TLS files of an `amqps://` broker URL.
+    pub amqp_tls: TlsFiles,
     /// `DEDUPD_SOURCE_QUEUE`, default `dedupd.in`: the queue consumed.
     pub source_queue: String,
     /// `DEDUPD_DEST_EXCHANGE`, default `dedupd.out`: where first-seen messages go.
@@ -233,6 +302,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `DEDUPD_METRICS_ADDR`, default `127.0.0.1:9476`: HTTP address, `None` when `off`.
     pub metrics_addr: Option<SocketAddr>,
+    /// `DEDUPD_ADMIN_TOKEN` (or the file of `DEDUPD_ADMIN_TOKEN_FILE`), default unset: the
+    /// bearer token the admin endpoints require.
+    pub admin_token: Option<String>,
     /// `DEDUPD_LOG`, default `info`: tracing filter.
     pub log: String,
     /// `DEDUPD_LOG_FORMAT`, default `text`: log lines for people or (`json`) for machines.
@@ -243,6 +315,17 @@ pub struct Config {
     pub bloom_fp_rate: f64,
     /// `DEDUPD_CACHE_SIZE`, default 64 MiB: sled page cache in bytes.
     pub cache_bytes: u64,
+    /// `DEDUPD_RELAY`, default `on`: `false` runs no relay (no broker), only the store's endpoints.
+    pub relay: bool,
+    /// `DEDUPD_REDIS_ADDR`, default `off`: the Redis-protocol endpoint's address, `None` when off.
+    pub redis_addr: Option<SocketAddr>,
+    /// `DEDUPD_REDIS_PASSWORD` (or the file of `DEDUPD_REDIS_PASSWORD_FILE`), default unset: the
+    /// password Redis clients must give. Never logged.
+    pub redis_password: Option<String>,
+    /// `DEDUPD_REDIS_MAX_CLIENTS`, default 10 000: most Redis connections at once.
+    pub redis_max_clients: NonZeroUsize,
+    /// `DEDUPD_REDIS_MAX_VALUE`, default 1 MiB: longest key or value in a Redis command.
+    pub redis_max_value: u64,
 }
 
 /// How log lines are written to stderr.
@@ -337,27 +420,16 @@ impl Config {
         }
         let vars = Vars(set);
 
-        let amqp_url = match (vars.get(AMQP_URL), vars.get(AMQP_URL_FILE)) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Conflict {
+        let amqp_url = match vars.secret(AMQP_URL, AMQP_URL_FILE, "the broker URL")? {
+            Some(text) if vars.get(AMQP_URL_FILE).is_some() => {
+                AmqpUrl::parse(&text).map_err(|expected| ConfigError::Invalid {
                     var: AMQP_URL_FILE.into(),
-                    other: AMQP_URL.into(),
-                })
-            }
-            (_, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
-                    var: AMQP_URL_FILE.into(),
-                    value: path.into(),
-                    expected: format!("a readable file holding the broker URL ({e})"),
-                })?;
-                AmqpUrl::parse(text.trim()).map_err(|expected| ConfigError::Invalid {
-                    var: AMQP_URL_FILE.into(),
-                    value: path.into(),
+                    value: vars.get(AMQP_URL_FILE).unwrap_or_default().into(),
                     expected: format!("a file holding an amqp:// URL ({expected})"),
                 })?
             }
-            (url, None) => {
-                let url = url.unwrap_or(DEFAULT_AMQP_URL);
+            url => {
+                let url = url.as_deref().unwrap_or(DEFAULT_AMQP_URL);
                 AmqpUrl::parse(url).map_err(|expected| ConfigError::Invalid {
                     var: AMQP_URL.into(),
                     value: redact_url(url),
@@ -365,6 +437,7 @@ impl Config {
                 })?
             }
         };
+        let admin_token = vars.secret(ADMIN_TOKEN, ADMIN_TOKEN_FILE, "the admin token")?;
 
         let source_queue = vars.parse(SOURCE_QUEUE, "dedupd.in", |v| {
             // The dead-letter queue's name adds `.dead`, and must fit a short string too.
@@ -436,9 +509,48 @@ impl Config {
                 .ok_or_else(|| "a fraction between 0 and 1, like 0.01".into())
         })?;
         let cache_bytes = vars.parse(CACHE_SIZE, "64M", size)?;
+        let amqp_tls = tls_files(&vars, amqp_url.tls)?;
+        let relay = vars.parse(RELAY, "on", |v| match v {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err("on or off".into()),
+        })?;
+        let redis_addr = vars.parse(REDIS_ADDR, "off", |v| {
+            if v == "off" {
+                Ok(None)
+            } else {
+                v.parse::<SocketAddr>()
+                    .map(Some)
+                    .map_err(|_| "an address like 127.0.0.1:6380, or off".into())
+            }
+        })?;
+        let redis_password = vars.secret(
+            REDIS_PASSWORD,
+            REDIS_PASSWORD_FILE,
+            "the Redis endpoint password",
+        )?;
+        // Like Redis' protected mode: other hosts may reach only an endpoint with a password.
+        if let Some(addr) = redis_addr.filter(|a| !a.ip().is_loopback()) {
+            if redis_password.is_none() {
+                return Err(ConfigError::Invalid {
+                    var: REDIS_ADDR.into(),
+                    value: addr.to_string(),
+                    expected: format!(
+                        "a loopback address, or {REDIS_PASSWORD} (or {REDIS_PASSWORD_FILE}) set: \
+                         a non-loopback Redis endpoint needs a password"
+                    ),
+                });
+            }
+        }
+        let redis_max_clients = vars.parse(REDIS_MAX_CLIENTS, "10000", |v| {
+            v.parse::<NonZeroUsize>()
+                .map_err(|_| "a positive number of connections like 10000".into())
+        })?;
+        let redis_max_value = vars.parse(REDIS_MAX_VALUE, "1M", size)?;
 
         Ok(Config {
             amqp_url,
+            amqp_tls,
             source_queue,
             dest_exchange,
             dest_exchange_type,
@@ -454,11 +566,17 @@ impl Config {
             confirm_timeout,
             shutdown_grace,
             metrics_addr,
+            admin_token,
             log,
             log_format,
             expected_ids,
             bloom_fp_rate,
             cache_bytes,
+            relay,
+            redis_addr,
+            redis_password,
+            redis_max_clients,
+            redis_max_value,
         })
     }
 
@@ -478,6 +596,15 @@ impl Config {
         let or_unset = |v: &Option<String>| v.clone().unwrap_or_else(|| "(unset)".into());
         vec![
             (AMQP_URL, self.amqp_url.to_string()),
+            (AMQP_CA_FILE, path_or_unset(&self.amqp_tls.ca_file)),
+            (
+                AMQP_CERT_FILE,
+                path_or_unset(&self.amqp_tls.client.as_ref().map(|c| c.0.clone())),
+            ),
+            (
+                AMQP_KEY_FILE,
+                path_or_unset(&self.amqp_tls.client.as_ref().map(|c| c.1.clone())),
+            ),
             (SOURCE_QUEUE, self.source_queue.clone()),
             (DEST_EXCHANGE, self.dest_exchange.clone()),
             (DEST_EXCHANGE_TYPE, self.dest_exchange_type.clone()),
@@ -511,6 +638,13 @@ impl Config {
                 METRICS_ADDR,
                 self.metrics_addr.map_or("off".into(), |a| a.to_string()),
             ),
+            (
+                ADMIN_TOKEN,
+                self.admin_token
+                    .as_ref()
+                    .map_or("(unset)", |_| "***")
+                    .into(),
+            ),
             (LOG, self.log.clone()),
             (
                 LOG_FORMAT,
@@ -523,6 +657,20 @@ impl Config {
             (EXPECTED_IDS, self.expected_ids.to_string()),
             (BLOOM_FP_RATE, self.bloom_fp_rate.to_string()),
             (CACHE_SIZE, self.cache_bytes.to_string()),
+            (RELAY, if self.relay { "on" } else { "off" }.into()),
+            (
+                REDIS_ADDR,
+                self.redis_addr.map_or("off".into(), |a| a.to_string()),
+            ),
+            (
+                REDIS_PASSWORD,
+                self.redis_password
+                    .as_ref()
+                    .map_or("(unset)", |_| "***")
+                    .into(),
+            ),
+            (REDIS_MAX_CLIENTS, self.redis_max_clients.to_string()),
+            (REDIS_MAX_VALUE, self.redis_max_value.to_string()),
         ]
     }
 
@@ -559,6 +707,36 @@ impl Vars {
             value: value.into(),
             expected,
         })
+    }
+
+    /// A secret given in `var` or, for systemd credentials, in the file `file_var` names (its
+    /// content trimmed); never both. The value never appears in an error.
+    fn secret(&self, var: &str, file_var: &str, what: &str) -> Result<Option<String>, ConfigError> {
+        match (self.get(var), self.get(file_var)) {
+            (Some(_), Some(_)) => Err(ConfigError::Conflict {
+                var: file_var.into(),
+                other: var.into(),
+            }),
+            (_, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_string())),
+                Ok(_) => Err(ConfigError::Invalid {
+                    var: file_var.into(),
+                    value: path.into(),
+                    expected: format!("a file holding {what} (it is empty)"),
+                }),
+                Err(e) => Err(ConfigError::Invalid {
+                    var: file_var.into(),
+                    value: path.into(),
+                    expected: format!("a readable file holding {what} ({e})"),
+                }),
+            },
+            (Some(""), None) => Err(ConfigError::Invalid {
+                var: var.into(),
+                value: String::new(),
+                expected: format!("{what}, not empty"),
+            }),
+            (value, None) => Ok(value.map(str::to_string)),
+        }
     }
 
     /// Parses `name`'s value if set.
@@ -669,9 +847,67 @@ fn size(v: &str) -> Result<u64, String> {
         .ok_or_else(expected)
 }
 
+/// The files for TLS to the broker. Read at each connection, so renewed certificates are used
+/// from the next reconnect on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `DEDUPD_AMQP_CA_FILE`: CA certificates (PEM) trusted instead of the system's store.
+    pub ca_file: Option<PathBuf>,
+    /// `DEDUPD_AMQP_CERT_FILE` and `DEDUPD_AMQP_KEY_FILE`: the client certificate chain and its
+    /// private key (PEM), for a broker that requires mutual TLS.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// The TLS files from their variables. Each must be a readable PEM file of the right kind, the
+/// certificate and the key go together, and none is accepted with a plain `amqp://` URL: a
+/// setting that says "TLS" must never leave the connection in plaintext without a word.
+fn tls_files(vars: &Vars, url_is_tls: bool) -> Result<TlsFiles, ConfigError> {
+    let pem = |var: &str, marker: &'static str, what: &'static str| {
+        vars.parse_opt(var, |path| {
+            if !url_is_tls {
+                return Err(format!(
+                    "{what} for an amqps:// broker URL, but {AMQP_URL} is amqp:// (plaintext)"
+                ));
+            }
+            let text = std::fs::read(path)
+                .map_err(|e| format!("a readable PEM file holding {what} ({e})"))?;
+            if !String::from_utf8_lossy(&text).contains(marker) {
+                return Err(format!("a PEM file holding {what} (no `{marker}` in it)"));
+            }
+            Ok(PathBuf::from(path))
+        })
+    };
+    let ca_file = pem(AMQP_CA_FILE, "-----BEGIN CERTIFICATE-----", "CA certificates")?;
+    let cert = pem(AMQP_CERT_FILE, "-----BEGIN CERTIFICATE-----", "a client certificate")?;
+    let key = pem(AMQP_KEY_FILE, "PRIVATE KEY-----", "a private key")?;
+    let client = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => return Err(missing_pair(vars, AMQP_CERT_FILE, AMQP_KEY_FILE)),
+        (None, Some(_)) => return Err(missing_pair(vars, AMQP_KEY_FILE, AMQP_CERT_FILE)),
+    };
+    Ok(TlsFiles { ca_file, client })
+}
+
+/// The error for one half of the client certificate set without the other.
+fn missing_pair(vars: &Vars, set: &str, unset: &str) -> ConfigError {
+    ConfigError::Invalid {
+        var: set.into(),
+        value: vars.get(set).unwrap_or_default().into(),
+        expected: format!("{unset} set too (mutual TLS needs the certificate and its key)"),
+    }
+}
+
+fn path_or_unset(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map_or_else(|| "(unset)".into(), |p| p.display().to_string())
+}
+
 /// The broker's address and credentials. Its `Debug` and `Display` mask the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AmqpUrl {
+    /// `amqps://`: TLS, with the broker's certificate verified for `host`.
+    pub tls: bool,
     /// Host name or address (IPv6 without brackets).
     pub host: String,
     /// TCP port.
@@ -690,7 +926,8 @@ pub struct AmqpUrl {
 impl AmqpUrl {
     /// Parses `amqp://user:password@host:port/vhost?heartbeat=N&connection_timeout=MS`, with
     /// percent-decoding of user, password and vhost (`%2f` is the default vhost `/`). A missing
-    /// user or password is `guest`, a missing port 5672, a missing vhost `/`.
+    /// user or password is `guest`, a missing port 5672 (5671 for `amqps://`), a missing vhost
+    /// `/`.
     ///
     /// # Errors
     ///
@@ -698,10 +935,10 @@ impl AmqpUrl {
     pub fn parse(url: &str) -> Result<AmqpUrl, String> {
         const FORM: &str = "amqp://user:password@host:port/vhost";
         let bad = |why: &str| format!("a URL like {FORM} ({why})");
-        let rest = match url.split_once("://") {
-            Some(("amqp", rest)) => rest,
-            Some(("amqps", _)) => return Err(bad("amqps is not supported by this build")),
-            _ => return Err(bad("scheme must be amqp")),
+        let (tls, rest) = match url.split_once("://") {
+            Some(("amqp", rest)) => (false, rest),
+            Some(("amqps", rest)) => (true, rest),
+            _ => return Err(bad("scheme must be amqp or amqps")),
         };
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
@@ -738,6 +975,7 @@ impl AmqpUrl {
             return Err(bad("no host"));
         }
         let port = match port {
+            None | Some("") if tls => 5671,
             None | Some("") => 5672,
             Some(p) => p.parse().map_err(|_| bad("port is not a number"))?,
         };
@@ -769,6 +1007,7 @@ impl AmqpUrl {
             }
         }
         Ok(AmqpUrl {
+            tls,
             host: host.to_string(),
             port,
             user,
@@ -794,7 +1033,8 @@ impl fmt::Display for AmqpUrl {
         };
         write!(
             f,
-            "amqp://{}:***@{}:{}/{}",
+            "{}://{}:***@{}:{}/{}",
+            if self.tls { "amqps" } else { "amqp" },
             self.user,
             host,
             self.port,
@@ -968,6 +1208,40 @@ mod tests {
     }
 
     #[test]
+    fn redis_endpoint_settings_parse() {
+        let c = parse(&[]).unwrap();
+        assert!(c.relay);
+        assert_eq!(c.redis_addr, None);
+        assert_eq!(c.redis_password, None);
+        assert_eq!(c.redis_max_clients.get(), 10_000);
+        assert_eq!(c.redis_max_value, 1 << 20);
+        let c = parse(&[
+            ("DEDUPD_RELAY", "off"),
+            ("DEDUPD_REDIS_ADDR", "0.0.0.0:6380"),
+            ("DEDUPD_REDIS_PASSWORD", "s3cret"),
+            ("DEDUPD_REDIS_MAX_VALUE", "4K"),
+        ])
+        .unwrap();
+        assert!(!c.relay);
+        assert_eq!(c.redis_addr, Some("0.0.0.0:6380".parse().unwrap()));
+        assert_eq!(c.redis_password.as_deref(), Some("s3cret"));
+        assert_eq!(c.redis_max_value, 4096);
+        let shown = format!("{:?}", c.effective());
+        assert!(!shown.contains("s3cret"), "{shown}");
+        refused("DEDUPD_RELAY", "maybe");
+        refused("DEDUPD_REDIS_ADDR", "localhost");
+        refused("DEDUPD_REDIS_MAX_CLIENTS", "0");
+    }
+
+    #[test]
+    fn non_loopback_redis_endpoint_needs_a_password() {
+        let line = refused("DEDUPD_REDIS_ADDR", "0.0.0.0:6380");
+        assert!(line.contains("DEDUPD_REDIS_PASSWORD"), "{line}");
+        assert!(parse(&[("DEDUPD_REDIS_ADDR", "127.0.0.1:6380")]).is_ok());
+        assert!(parse(&[("DEDUPD_REDIS_ADDR", "[::1]:6380")]).is_ok());
+    }
+
+    #[test]
     fn bad_duration_is_refused() {
         let line = refused("DEDUPD_TTL", "banana");
         assert!(line.contains("banana") && line.contains("90s"), "{line}");
@@ -1032,6 +1306,84 @@ mod tests {
     #[test]
     fn url_query_without_value_is_refused_not_a_panic() {
         refused("DEDUPD_AMQP_URL", "amqp://h/?heartbeat");
+    }
+
+    #[test]
+    fn amqps_url_means_tls_on_port_5671() {
+        let url = AmqpUrl::parse("amqps://me:s3cret@broker.example/prod").unwrap();
+        assert!(url.tls);
+        assert_eq!((url.host.as_str(), url.port), ("broker.example", 5671));
+        assert_eq!(url.to_string(), "amqps://me:***@broker.example:5671/prod");
+        let plain = AmqpUrl::parse("amqp://h").unwrap();
+        assert!(!plain.tls);
+        assert_eq!(plain.port, 5672);
+        assert_eq!(AmqpUrl::parse("amqps://h:5999").unwrap().port, 5999);
+    }
+
+    /// A tempdir with a CA file, a certificate file and a key file (PEM-shaped, enough for the
+    /// config's checks; the TLS tests use real ones).
+    fn pem_files() -> (tempfile::TempDir, String, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n";
+        let path = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.to_str().unwrap().to_string()
+        };
+        let (ca, crt, k) = (path("ca.pem", cert), path("c.pem", cert), path("k.pem", key));
+        (dir, ca, crt, k)
+    }
+
+    #[test]
+    fn tls_files_are_taken_with_an_amqps_url() {
+        let (_dir, ca, cert, key) = pem_files();
+        let c = parse(&[
+            ("DEDUPD_AMQP_URL", "amqps://u:p@localhost/"),
+            ("DEDUPD_AMQP_CA_FILE", &ca),
+            ("DEDUPD_AMQP_CERT_FILE", &cert),
+            ("DEDUPD_AMQP_KEY_FILE", &key),
+        ])
+        .unwrap();
+        assert_eq!(c.amqp_tls.ca_file, Some(PathBuf::from(&ca)));
+        assert_eq!(c.amqp_tls.client, Some((cert.into(), key.into())));
+        // Without any: the system's store, no client certificate.
+        let c = parse(&[("DEDUPD_AMQP_URL", "amqps://u:p@localhost/")]).unwrap();
+        assert_eq!(c.amqp_tls, TlsFiles::default());
+    }
+
+    #[test]
+    fn tls_files_with_a_plain_url_are_refused() {
+        // Asking for TLS and getting plaintext without a word is what this refuses.
+        let (_dir, ca, _, _) = pem_files();
+        let line = refused("DEDUPD_AMQP_CA_FILE", &ca);
+        assert!(line.contains("amqps://"), "{line}");
+    }
+
+    #[test]
+    fn client_cert_without_key_is_refused() {
+        let (_dir, _, cert, key) = pem_files();
+        let url = ("DEDUPD_AMQP_URL", "amqps://localhost");
+        let err = parse(&[url, ("DEDUPD_AMQP_CERT_FILE", &cert)]).unwrap_err();
+        assert!(err.to_string().contains("DEDUPD_AMQP_KEY_FILE"), "{err}");
+        let err = parse(&[url, ("DEDUPD_AMQP_KEY_FILE", &key)]).unwrap_err();
+        assert!(err.to_string().contains("DEDUPD_AMQP_CERT_FILE"), "{err}");
+    }
+
+    #[test]
+    fn tls_file_missing_or_of_the_wrong_kind_is_refused() {
+        let (_dir, _, cert, key) = pem_files();
+        let url = ("DEDUPD_AMQP_URL", "amqps://localhost");
+        let err = parse(&[url, ("DEDUPD_AMQP_CA_FILE", "/nonexistent/ca.pem")]).unwrap_err();
+        assert!(err.to_string().contains("readable"), "{err}");
+        // The key where the certificate should be, and the other way round.
+        let err = parse(&[
+            url,
+            ("DEDUPD_AMQP_CERT_FILE", &key),
+            ("DEDUPD_AMQP_KEY_FILE", &cert),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("DEDUPD_AMQP_CERT_FILE"), "{err}");
     }
 
     #[test]

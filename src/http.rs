@@ -5,6 +5,10 @@
 //! - `GET /stats`: the store's and relay's figures as JSON;
 //! - `GET /ids/{id}` and `DELETE /ids/{id}`: check or forget one id (percent-encoded).
 //!
+//! `/healthz`, `/metrics` and `/stats` are open (Prometheus scrapes from other hosts). The id
+//! routes reveal and change the store: they need `Authorization: Bearer <DEDUPD_ADMIN_TOKEN>`, or,
+//! with no token configured, an endpoint bound to a loopback address (see [`AdminAccess`]).
+//!
 //! A deliberately small HTTP/1.1 server on tokio: one request per connection, answered and
 //! closed. A handful of routes do not justify a web framework.
 
@@ -28,12 +32,70 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Content type of the Prometheus text format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// Who may use the admin routes.
+#[derive(Clone)]
+pub enum AdminAccess {
+    /// Requests bearing this token.
+    Token(String),
+    /// Anyone who can connect: the endpoint listens on a loopback address only.
+    Loopback,
+    /// Nobody: no token, and the endpoint is reachable from other hosts.
+    Off,
+}
+
+impl std::fmt::Debug for AdminAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.write_str(match self {
+            AdminAccess::Token(_) => "Token(***)",
+            AdminAccess::Loopback => "Loopback",
+            AdminAccess::Off => "Off",
+        })
+    }
+}
+
+impl AdminAccess {
+    /// The policy for an endpoint on `addr` with `token` configured; says once when admin is off.
+    pub fn new(token: Option<&str>, addr: std::net::SocketAddr) -> AdminAccess {
+        match token {
+            Some(t) => AdminAccess::Token(t.to_string()),
+            None if addr.ip().is_loopback() => AdminAccess::Loopback,
+            None => {
+                tracing::warn!(
+                    %addr,
+                    "admin routes (/ids/{{id}}) are off: the endpoint is not on a loopback address \
+                     and DEDUPD_ADMIN_TOKEN is not set"
+                );
+                AdminAccess::Off
+            }
+        }
+    }
+
+    /// The status refusing a request with `authorization` (the header's value), if refused.
+    fn refuse(&self, authorization: Option<&str>) -> Option<u16> {
+        match self {
+            AdminAccess::Loopback => None,
+            AdminAccess::Off => Some(403),
+            AdminAccess::Token(token) => {
+                let given = authorization
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                // Constant time: how much of a guess matched must not show in the timing.
+                let ok: bool =
+                    subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()).into();
+                (!ok).then_some(401)
+            }
+        }
+    }
+}
+
 /// What the endpoint serves from.
 #[derive(Debug, Clone)]
 pub(crate) struct State {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) store: Store,
     pub(crate) started: Instant,
+    pub(crate) admin: AdminAccess,
 }
 
 /// Serves the endpoint on `listener` until `shutdown` fires.
@@ -72,8 +134,14 @@ async fn answer(mut stream: TcpStream, state: State) -> std::io::Result<()> {
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
+    let head = String::from_utf8_lossy(&head);
+    let mut lines = head.split("\r\n");
+    let line = lines.next().unwrap_or_default();
+    let authorization = lines.find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("authorization")
+            .then(|| value.trim())
+    });
     let mut parts = line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
@@ -102,6 +170,13 @@ async fn answer(mut stream: TcpStream, state: State) -> std::io::Result<()> {
             respond_json(&mut stream, answer).await
         }
         (method @ ("GET" | "DELETE"), p) if p.starts_with("/ids/") => {
+            if let Some(status) = state.admin.refuse(authorization) {
+                let body = serde_json::json!({ "error": match status {
+                    401 => "a valid Authorization: Bearer token is required",
+                    _ => "admin routes are off: set DEDUPD_ADMIN_TOKEN",
+                }});
+                return respond_json(&mut stream, Answer { status, body }).await;
+            }
             let id: Vec<u8> = percent_decode_str(&p["/ids/".len()..]).collect();
             let store = state.store;
             let answer = if method == "GET" {
@@ -138,6 +213,8 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
@@ -163,4 +240,26 @@ async fn respond(
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_access_follows_token_and_address() {
+        let loopback = "127.0.0.1:9476".parse().unwrap();
+        let public = "192.0.2.10:9476".parse().unwrap();
+        // No token: open on loopback, off elsewhere.
+        assert_eq!(AdminAccess::new(None, loopback).refuse(None), None);
+        assert_eq!(AdminAccess::new(None, public).refuse(None), Some(403));
+        // A token: required everywhere, compared whole.
+        let access = AdminAccess::new(Some("s3cret"), public);
+        assert_eq!(access.refuse(None), Some(401));
+        assert_eq!(access.refuse(Some("Bearer s3cre")), Some(401));
+        assert_eq!(access.refuse(Some("Bearer s3cret!")), Some(401));
+        assert_eq!(access.refuse(Some("s3cret")), Some(401));
+        assert_eq!(access.refuse(Some("Bearer s3cret")), None);
+        assert_eq!(format!("{access:?}"), "Token(***)");
+    }
 }

@@ -149,8 +149,15 @@ fn config_prints_every_setting_with_the_password_masked() {
         "{text}"
     );
     assert!(text.contains("DEDUPD_TTL=1m 30s"), "{text}");
+    assert!(text.contains("DEDUPD_ADMIN_TOKEN=(unset)"), "{text}");
+    let names: Vec<&str> = dedupd::config::VARS.iter().map(|v| v.name).collect();
     for var in dedupd::config::VARS {
-        if var.name != "DEDUPD_AMQP_URL_FILE" {
+        // `X_FILE` beside an `X` is another way to give X, whose effective value is shown.
+        let alternate = var
+            .name
+            .strip_suffix("_FILE")
+            .is_some_and(|x| names.contains(&x));
+        if !alternate {
             assert!(
                 text.contains(&format!("{}=", var.name)),
                 "{} missing:\n{text}",
@@ -216,5 +223,47 @@ async fn tells_systemd_ready_then_stopping_and_logs_json() {
         .iter()
         .any(|l| l["fields"]["message"] == "store opened"));
     assert!(!log.contains("guest:guest"), "password in the log");
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_need_the_token_when_one_is_set() {
+    let broker = Broker::connect().await;
+    broker.bind_out().await;
+    let data = tempfile::tempdir().unwrap();
+    let token = "t0ken-for-tests";
+    let mut relay = Relay::start(&broker, data.path(), &[("DEDUPD_ADMIN_TOKEN", token)]);
+    relay.wait_healthy();
+    broker.publish(id_props("guarded"), b"x").await;
+    relay.wait_settled(1);
+    // Without the token: refused; metrics and health stay open.
+    assert_eq!(relay.get("/ids/guarded").map(|r| r.0), Some(401));
+    assert_eq!(relay.get("/metrics").map(|r| r.0), Some(200));
+    let port = relay.port;
+    let out = admin(data.path(), port, &["forget", "guarded"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "forget without the token must fail"
+    );
+    // With it (the CLI reads the same variable): allowed.
+    let mut cmd = dedupd();
+    cmd.args(["check", "guarded"])
+        .env("DEDUPD_DATA_DIR", data.path())
+        .env(
+            "DEDUPD_METRICS_ADDR",
+            format!("127.0.0.1:{}", port.unwrap()),
+        )
+        .env("DEDUPD_ADMIN_TOKEN", token);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(json(&out)["seen"], true);
+    let (status, log) = relay.terminate();
+    assert!(status.success());
+    assert!(!log.contains(token), "token in the log");
     broker.cleanup().await;
 }

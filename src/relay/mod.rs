@@ -73,6 +73,14 @@ pub enum Error {
     /// The broker refused the topology (missing with declaring off, or conflicting settings).
     #[error("topology: {0}")]
     Topology(String),
+    /// The Redis endpoint could not listen.
+    #[error("cannot listen for Redis clients on {addr}: {source}")]
+    Redis {
+        /// `DEDUPD_REDIS_ADDR`.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Runs the relay with `config` until `shutdown` resolves, then drains and closes.
@@ -110,6 +118,7 @@ where
                 metrics: metrics.clone(),
                 store: store.clone(),
                 started: Instant::now(),
+                admin: http::AdminAccess::new(config.admin_token.as_deref(), addr),
             };
             Some(tokio::spawn(http::serve(listener, state, stop.clone())))
         }
@@ -126,8 +135,21 @@ where
     let watchdog = tokio::spawn(watchdog());
     let summary = tokio::spawn(summary(metrics.clone(), store.clone(), stop.clone()));
     let workers = Workers::start(&store).map_err(Error::Threads)?;
+    let redis = match config.redis_addr {
+        Some(addr) => Some(crate::redis::spawn(addr, &config, &store, stop.clone()).await?),
+        None => None,
+    };
 
-    let result = relay(&config, &metrics, &workers, stop).await;
+    let result = if config.relay {
+        relay(&config, &metrics, &workers, stop).await
+    } else {
+        // No broker: the store serves its endpoints alone, healthy while they listen.
+        tracing::info!("DEDUPD_RELAY=off: no broker connection, serving the store's endpoints");
+        metrics.set_healthy(true);
+        let mut stop = stop;
+        stop.fired().await;
+        Ok(())
+    };
 
     // Whatever ended the relay, stop the rest in order: endpoint, threads, then the store.
     trigger.fire();
@@ -137,6 +159,9 @@ where
     metrics.set_healthy(false);
     if let Some(http) = http {
         let _ = http.await;
+    }
+    if let Some(redis) = redis {
+        let _ = redis.await;
     }
     let closed = tokio::task::spawn_blocking(move || {
         workers.stop();
