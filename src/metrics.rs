@@ -36,6 +36,14 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
+    const ALL: [DeadLetterReason; 5] = [
+        DeadLetterReason::NoId,
+        DeadLetterReason::BadId,
+        DeadLetterReason::Nacked,
+        DeadLetterReason::Returned,
+        DeadLetterReason::Timeout,
+    ];
+
     /// The label value in `/metrics`.
     pub fn label(self) -> &'static str {
         match self {
@@ -61,6 +69,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
         match builder.install_recorder() {
             Ok(handle) => {
                 describe();
+                zero();
                 handle
             }
             Err(e) => {
@@ -149,8 +158,42 @@ fn describe() {
         "dedupd_bloom_rebuilds_total",
         "Bloom filter rebuilds from the store (at start-up included)."
     );
+    describe_gauge!(
+        "dedupd_bloom_false_positive_target",
+        "The configured Bloom false-positive rate (DEDUPD_BLOOM_FP_RATE)."
+    );
+    describe_gauge!(
+        "dedupd_window_seconds",
+        Unit::Seconds,
+        "The configured dedup window (DEDUPD_TTL)."
+    );
+    describe_gauge!(
+        "dedupd_start_time_seconds",
+        Unit::Seconds,
+        "When this process started, seconds since the Unix epoch."
+    );
     describe_gauge!("dedupd_build_info", "Always 1; the version is a label.");
     gauge!("dedupd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Registers every counter at zero, so dashboards and alerts find the series before the first
+/// event (a reconnect, a dead letter) instead of "no data".
+fn zero() {
+    for outcome in ["forwarded", "duplicate", "dead_lettered"] {
+        counter!("dedupd_messages_total", "outcome" => outcome).absolute(0);
+    }
+    for reason in DeadLetterReason::ALL {
+        counter!("dedupd_dead_lettered_total", "reason" => reason.label()).absolute(0);
+    }
+    for name in [
+        "dedupd_reconnects_total",
+        "dedupd_forwarded_without_id_total",
+        "dedupd_duplicate_copies_total",
+    ] {
+        counter!(name).absolute(0);
+    }
+    gauge!("dedupd_connected").set(0.0);
+    gauge!("dedupd_publishes_in_flight").set(0.0);
 }
 
 /// The relay's counters and health, shared by the relay (writer), the HTTP endpoint and the log
@@ -172,6 +215,14 @@ impl Metrics {
     pub fn new() -> Metrics {
         prometheus();
         Metrics::default()
+    }
+
+    /// Publishes the settings alerts compare the measurements with: the Bloom target rate and
+    /// the window, and when the process started (so an alert can wait one window after it).
+    pub fn settings(&self, fp_target: f64, window: Duration, started_ms: u64) {
+        gauge!("dedupd_bloom_false_positive_target").set(fp_target);
+        gauge!("dedupd_window_seconds").set(window.as_secs_f64());
+        gauge!("dedupd_start_time_seconds").set(started_ms as f64 / 1000.0);
     }
 
     /// Whether `/healthz` answers 200.

@@ -23,6 +23,23 @@ fn admin(data: &std::path::Path, port: Option<u16>, args: &[&str]) -> Output {
     cmd.output().expect("run dedupd admin command")
 }
 
+/// Every `dedupd_*` metric name in `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .match_indices("dedupd_")
+        .map(|(i, _)| {
+            text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect()
+        })
+        .filter(|name: &String| name.len() > "dedupd_".len())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -69,6 +86,27 @@ async fn metrics_count_what_was_published() {
     assert!(m
         .keys()
         .any(|k| k.starts_with("dedupd_build_info{version=\"")));
+    assert_eq!(
+        get("dedupd_reconnects_total"),
+        0.0,
+        "zero counters are exposed"
+    );
+    // The dashboard and the alerts only name series that /metrics really has.
+    let exposed: Vec<&str> = m.keys().map(|k| k.split('{').next().unwrap()).collect();
+    for file in [
+        "contrib/grafana/dedupd.json",
+        "contrib/prometheus/alerts.yml",
+    ] {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        let names = metric_names(&std::fs::read_to_string(path).unwrap());
+        assert!(names.len() >= 8, "{file} names only {names:?}");
+        for name in names {
+            assert!(
+                exposed.contains(&name.as_str()),
+                "{file} names {name}, which /metrics lacks"
+            );
+        }
+    }
     let (status, _) = relay.terminate();
     assert!(status.success());
     broker.cleanup().await;

@@ -105,6 +105,7 @@ where
         .expect("store open does not panic")
         .map_err(Error::StoreOpen)?;
     let metrics = Arc::new(Metrics::new());
+    metrics.settings(config.bloom_fp_rate, config.ttl, crate::store::system_now_ms());
     let (trigger, stop) = Trigger::new();
     let trigger = Arc::new(trigger);
 

@@ -181,12 +181,7 @@ impl Kv {
     /// # Errors
     ///
     /// A sled or record error.
-    pub fn scan(
-        &self,
-        after: Option<&[u8]>,
-        count: usize,
-        now_ms: u64,
-    ) -> Result<ScanPage, Error> {
+    pub fn scan(&self, after: Option<&[u8]>, count: usize, now_ms: u64) -> Result<ScanPage, Error> {
         let shared = &self.shared;
         let from = after.map_or(Bound::Unbounded, Bound::Excluded);
         let mut keys = Vec::new();
