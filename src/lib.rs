@@ -11,6 +11,8 @@
 //! - [`metrics`]: what dedupd counts, rendered as Prometheus text.
 //! - [`cli`]: the admin subcommands (`check`, `forget`, `stats`), over HTTP or the data dir.
 //! - [`admin`]: check / forget / stats answers, served over HTTP or from the data dir directly.
+//! - [`redis`]: the Redis-protocol endpoint (RESP2/RESP3) on the store's key-value namespace,
+//!   and `dedupd import-redis`.
 //! - [`shutdown`]: SIGINT/SIGTERM as the future [`run`] stops on.
 
 #![warn(missing_docs)]
@@ -23,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod redis;
 pub mod relay;
 pub mod shutdown;
 

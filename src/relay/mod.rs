@@ -136,6 +136,10 @@ where
     let watchdog = tokio::spawn(watchdog());
     let summary = tokio::spawn(summary(metrics.clone(), store.clone(), stop.clone()));
     let workers = Workers::start(&store).map_err(Error::Threads)?;
+    let redis = match config.redis_addr {
+        Some(addr) => Some(crate::redis::spawn(addr, &config, &store, stop.clone()).await?),
+        None => None,
+    };
 
     let result = if config.relay {
         relay(&config, &metrics, &workers, stop).await
@@ -156,6 +160,9 @@ where
     metrics.set_healthy(false);
     if let Some(http) = http {
         let _ = http.await;
+    }
+    if let Some(redis) = redis {
+        let _ = redis.await;
     }
     let closed = tokio::task::spawn_blocking(move || {
         workers.stop();

@@ -1,0 +1,409 @@
+//! The Redis-protocol endpoint: the store's key-value namespace behind Redis' wire protocol, so
+//! a consumer's `SET msg:<id> 1 NX EX <ttl>` keeps working with dedupd in place of Redis.
+//!
+//! - [`resp`]: requests in (multibulk and inline) and replies out (RESP2 or RESP3);
+//! - [`command`]: the commands, with Redis' own arities and error texts;
+//! - [`info`]: the `INFO` text;
+//! - [`glob`]: `SCAN ... MATCH` patterns;
+//! - [`import`]: `dedupd import-redis`, copying live keys from a Redis.
+//!
+//! Each connection reads what the client sent, parses every complete request in it (a pipeline
+//! arrives as one read), runs them in order, and writes all their replies in one write. Requests
+//! that touch the store run on a blocking thread (sled blocks, and a write returns only once it
+//! is durable), so a write's `+OK` leaves only after its fsync, while other connections go on.
+
+mod command;
+mod glob;
+mod info;
+mod resp;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::relay::Error as RelayError;
+use crate::shutdown::Shutdown;
+use crate::store::kv::Kv;
+use crate::store::Store;
+use command::Flow;
+use resp::{Parser, Reply, Request};
+
+/// The Redis version `HELLO` and `INFO` claim: the command set and replies follow Redis 7.0.
+pub(crate) const REDIS_VERSION: &str = "7.0.0";
+/// Most requests run as one batch; the rest of a longer pipeline waits for the next round.
+const MAX_BATCH: usize = 1024;
+/// Read buffer grown by this much when it runs out.
+const READ_CHUNK: usize = 16 * 1024;
+/// How long open connections get to finish their current batch at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// SCAN cursors remembered; the oldest is forgotten beyond this.
+const MAX_CURSORS: usize = 10_000;
+
+/// How the endpoint is set up (from `DEDUPD_REDIS_*`).
+#[derive(Clone)]
+pub struct Settings {
+    /// Password clients must give (`AUTH` or `HELLO 3 AUTH default <pw>`); `None`: no auth.
+    pub password: Option<String>,
+    /// Most connections at once; more are answered `ERR max number of clients reached`.
+    pub max_clients: usize,
+    /// Longest argument (key or value) accepted; longer ones get an error reply.
+    pub max_value_bytes: usize,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password itself.
+        f.debug_struct("Settings")
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("max_clients", &self.max_clients)
+            .field("max_value_bytes", &self.max_value_bytes)
+            .finish()
+    }
+}
+
+/// State shared by the endpoint's connections.
+pub(crate) struct Server {
+    /// The store's key-value namespace.
+    kv: Kv,
+    /// The store, for `INFO`'s figures.
+    store: Store,
+    /// SHA-256 of the password, compared in constant time; `None`: no auth.
+    password: Option<[u8; 32]>,
+    /// See [`Settings::max_clients`].
+    max_clients: usize,
+    /// See [`Settings::max_value_bytes`].
+    max_value_bytes: usize,
+    /// Port listened on, for `INFO`.
+    port: u16,
+    /// When the endpoint started, for `INFO`.
+    started: Instant,
+    /// Connections open now.
+    clients: AtomicUsize,
+    /// Next `CLIENT ID`.
+    next_id: AtomicU64,
+    /// Totals for `INFO stats`.
+    counters: Counters,
+    /// SCAN cursors handed out.
+    cursors: Cursors,
+}
+
+impl Server {
+    /// Whether `user` (default `default`) and `pass` are accepted. Without a configured
+    /// password the `default` user takes any password, as Redis' `nopass` default user does.
+    fn check_password(&self, user: Option<&Vec<u8>>, pass: &[u8]) -> bool {
+        if user.is_some_and(|u| u.as_slice() != b"default") {
+            return false;
+        }
+        let Some(want) = &self.password else {
+            return true;
+        };
+        let got: [u8; 32] = Sha256::digest(pass).into();
+        // Constant time: no early exit on the first differing byte.
+        got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+/// Totals for `INFO stats`.
+#[derive(Default)]
+struct Counters {
+    connections: AtomicU64,
+    commands: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl Counters {
+    fn commands(&self, n: u64) {
+        self.commands.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Cursor → key to resume after, and the cursors in the order given (oldest first).
+type CursorTable = (HashMap<u64, Vec<u8>>, VecDeque<u64>);
+
+/// SCAN cursors: Redis clients expect a number, the store resumes after a key, so each cursor
+/// given out maps to the key it resumes after. Shared by all connections, so a cursor stays good
+/// on another connection; bounded, oldest forgotten first.
+#[derive(Default)]
+struct Cursors {
+    /// Cursor → key to resume after, and the cursors in the order given (oldest first).
+    inner: Mutex<CursorTable>,
+}
+
+impl Cursors {
+    /// A new cursor resuming after `key`.
+    fn issue(&self, key: Vec<u8>) -> u64 {
+        let mut guard = self.inner.lock().expect("cursor lock");
+        let (map, order) = &mut *guard;
+        let mut id = rand::random::<u64>() >> 1; // positive when printed as a signed number
+        while id == 0 || map.contains_key(&id) {
+            id = rand::random::<u64>() >> 1;
+        }
+        map.insert(id, key);
+        order.push_back(id);
+        while order.len() > MAX_CURSORS {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+        id
+    }
+
+    /// The key cursor `id` resumes after.
+    fn resume(&self, id: u64) -> Option<Vec<u8>> {
+        self.inner.lock().expect("cursor lock").0.get(&id).cloned()
+    }
+}
+
+/// One connection's state.
+#[derive(Debug, Default)]
+pub(crate) struct Client {
+    /// `CLIENT ID`.
+    id: u64,
+    /// Protocol version of the replies: 2 until `HELLO 3`.
+    proto: u8,
+    /// Whether commands other than AUTH/HELLO/QUIT may run.
+    authenticated: bool,
+    /// `CLIENT SETNAME`.
+    name: Option<Vec<u8>>,
+    /// `CLIENT SETINFO LIB-NAME`.
+    lib_name: Option<Vec<u8>>,
+    /// `CLIENT SETINFO LIB-VER`.
+    lib_ver: Option<Vec<u8>>,
+}
+
+/// Binds `addr` and serves the endpoint on it, with the settings of `config`, until `shutdown`
+/// fires; the task ends once open connections have finished.
+///
+/// # Errors
+///
+/// The address cannot be bound.
+pub(crate) async fn spawn(
+    addr: SocketAddr,
+    config: &Config,
+    store: &Store,
+    shutdown: Shutdown,
+) -> Result<tokio::task::JoinHandle<()>, RelayError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| RelayError::Redis { addr, source })?;
+    let settings = Settings {
+        password: config.redis_password.clone(),
+        max_clients: config.redis_max_clients.get(),
+        max_value_bytes: usize::try_from(config.redis_max_value).unwrap_or(usize::MAX),
+    };
+    tracing::info!(
+        %addr,
+        auth = settings.password.is_some(),
+        window = ?config.ttl,
+        "serving Redis clients"
+    );
+    Ok(tokio::spawn(serve(
+        listener,
+        store.clone(),
+        settings,
+        shutdown,
+    )))
+}
+
+/// Serves the endpoint on `listener` until `shutdown` fires, then lets open connections finish
+/// their current batch (up to a few seconds) and returns.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    store: Store,
+    settings: Settings,
+    mut shutdown: Shutdown,
+) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let server = Arc::new(Server {
+        kv: store.kv(),
+        store,
+        password: settings
+            .password
+            .as_ref()
+            .map(|p| Sha256::digest(p.as_bytes()).into()),
+        max_clients: settings.max_clients,
+        max_value_bytes: settings.max_value_bytes,
+        port,
+        started: Instant::now(),
+        clients: AtomicUsize::new(0),
+        next_id: AtomicU64::new(1),
+        counters: Counters::default(),
+        cursors: Cursors::default(),
+    });
+    // Each connection holds a sender; once all are dropped, `recv` returns `None`.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.fired() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: say so, back off, keep serving.
+                    tracing::warn!(cause = %e, "redis endpoint accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        server.counters.connections.fetch_add(1, Ordering::Relaxed);
+        let server = server.clone();
+        let stop = shutdown.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            connection(stream, peer, server, stop).await;
+            drop(done);
+        });
+    }
+    drop(done_tx);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, done_rx.recv()).await;
+}
+
+/// Runs one client connection to its end (QUIT, EOF, protocol error, I/O error or shutdown).
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    server: Arc<Server>,
+    mut shutdown: Shutdown,
+) {
+    let _ = stream.set_nodelay(true);
+    if server.clients.fetch_add(1, Ordering::SeqCst) >= server.max_clients {
+        server.clients.fetch_sub(1, Ordering::SeqCst);
+        server.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        let _ = stream
+            .write_all(b"-ERR max number of clients reached\r\n")
+            .await;
+        return;
+    }
+    let mut client = Client {
+        id: server.next_id.fetch_add(1, Ordering::Relaxed),
+        proto: 2,
+        authenticated: server.password.is_none(),
+        name: None,
+        lib_name: None,
+        lib_ver: None,
+    };
+    match serve_client(&mut stream, &server, &mut client, &mut shutdown).await {
+        Ok(()) => {}
+        Err(e) => tracing::debug!(%peer, cause = %e, "redis client connection ended"),
+    }
+    server.clients.fetch_sub(1, Ordering::SeqCst);
+}
+
+async fn serve_client(
+    stream: &mut TcpStream,
+    server: &Arc<Server>,
+    client: &mut Client,
+    shutdown: &mut Shutdown,
+) -> std::io::Result<()> {
+    let mut parser = Parser::new(server.max_value_bytes);
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    loop {
+        // Every complete request already read, up to a batch.
+        let mut batch = Vec::new();
+        let mut pos = 0;
+        let mut broken = None;
+        while batch.len() < MAX_BATCH {
+            match parser.next(&buf, &mut pos) {
+                Ok(Some(request)) => batch.push(request),
+                Ok(None) => break,
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        buf.drain(..pos);
+        let full = batch.len() == MAX_BATCH;
+        if !batch.is_empty() {
+            let flow;
+            (flow, out) = run_batch(server, client, batch, out).await;
+            stream.write_all(&out).await?;
+            out.clear();
+            if flow == Flow::Close {
+                return Ok(());
+            }
+        }
+        if let Some(e) = broken {
+            let reply = Reply::err(format!("Protocol error: {}", e.0));
+            reply.encode(client.proto, &mut out);
+            stream.write_all(&out).await?;
+            tracing::debug!(
+                reason = e.0,
+                "redis client sent a malformed request, closing"
+            );
+            return Ok(());
+        }
+        if full {
+            continue; // more complete requests may be waiting in `buf`
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        let n = tokio::select! {
+            _ = shutdown.fired() => return Ok(()),
+            n = stream.read_buf(&mut buf) => n?,
+        };
+        if n == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs a batch of requests in order, appending their replies to `out`: on a blocking thread
+/// when any of them touches the store, inline otherwise.
+async fn run_batch(
+    server: &Arc<Server>,
+    client: &mut Client,
+    batch: Vec<Request>,
+    out: Vec<u8>,
+) -> (Flow, Vec<u8>) {
+    let on_store = batch.iter().any(|r| match r {
+        Request::Args(args) => command::lookup(&args[0]).is_some_and(|s| s.store),
+        Request::Oversize(_) => false,
+    });
+    if !on_store {
+        let mut out = out;
+        let flow = run_all(server, client, &batch, &mut out);
+        return (flow, out);
+    }
+    let server = server.clone();
+    let mut moved = std::mem::take(client);
+    let (moved, flow, out) = tokio::task::spawn_blocking(move || {
+        let mut out = out;
+        let flow = run_all(&server, &mut moved, &batch, &mut out);
+        (moved, flow, out)
+    })
+    .await
+    .expect("a redis command does not panic");
+    *client = moved;
+    (flow, out)
+}
+
+fn run_all(server: &Server, client: &mut Client, batch: &[Request], out: &mut Vec<u8>) -> Flow {
+    for request in batch {
+        let (reply, flow) = match request {
+            Request::Args(args) => command::execute(server, client, args),
+            Request::Oversize(len) => (
+                Reply::err(format!(
+                    "argument of {len} bytes is over the limit of {} bytes (DEDUPD_REDIS_MAX_VALUE)",
+                    server.max_value_bytes
+                )),
+                Flow::Continue,
+            ),
+        };
+        reply.encode(client.proto, out);
+        if flow == Flow::Close {
+            return Flow::Close;
+        }
+    }
+    Flow::Continue
+}
