@@ -21,19 +21,9 @@ const COMMIT_BATCH: usize = 1024;
 /// Ids cycled through by the lookup loops (enough to defeat the CPU cache on the sled side).
 const PROBES: usize = 100_000;
 
-/// A UUID-shaped 36-byte id from a number, like the message ids producers use.
-fn uuid_id(n: u128) -> String {
-    let x = xxhash_rust::xxh3::xxh3_128(&n.to_le_bytes());
-    let h = format!("{x:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
+#[path = "support/ids.rs"]
+mod ids;
+use ids::uuid_id;
 
 /// Next index into the probe list; a compare instead of `%`, whose division would be a visible
 /// share of a 100 ns lookup.

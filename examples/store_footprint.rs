@@ -14,18 +14,9 @@ use dedupd::{Store, StoreConfig, Verdict};
 const BATCH: u64 = 1024;
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
-fn uuid_id(n: u64) -> String {
-    let x = xxhash_rust::xxh3::xxh3_128(&n.to_le_bytes());
-    let h = format!("{x:032x}");
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
-}
+#[path = "../benches/support/ids.rs"]
+mod ids;
+use ids::uuid_id;
 
 /// Resident set size of this process in bytes (Linux).
 fn rss_bytes() -> u64 {
@@ -75,10 +66,12 @@ fn main() {
     while next < n {
         let hi = (next + BATCH).min(n);
         let claims = (next..hi)
-            .map(|i| match store.claim(uuid_id(i).as_bytes(), t0).unwrap() {
-                Verdict::New(c) => c,
-                other => panic!("id {i} not new: {other:?}"),
-            })
+            .map(
+                |i| match store.claim(uuid_id(i.into()).as_bytes(), t0).unwrap() {
+                    Verdict::New(c) => c,
+                    other => panic!("id {i} not new: {other:?}"),
+                },
+            )
             .collect();
         store.commit(claims, t0).unwrap();
         next = hi;
@@ -91,7 +84,7 @@ fn main() {
     let started = Instant::now();
     for i in 0..probes {
         assert!(store
-            .check(uuid_id(i * (n / probes)).as_bytes(), t0)
+            .check(uuid_id((i * (n / probes)).into()).as_bytes(), t0)
             .unwrap()
             .is_some());
     }
@@ -99,7 +92,7 @@ fn main() {
     let started = Instant::now();
     for i in 0..probes {
         assert!(store
-            .check(uuid_id(n + i).as_bytes(), t0)
+            .check(uuid_id((n + i).into()).as_bytes(), t0)
             .unwrap()
             .is_none());
     }
@@ -160,7 +153,7 @@ fn main() {
     let mut i = n * 2;
     while store.stats().live_ids > 0 {
         for _ in 0..1000 {
-            let id = uuid_id(i);
+            let id = uuid_id(i.into());
             i += 1;
             let t = Instant::now();
             let verdict = store.claim(id.as_bytes(), later).unwrap();

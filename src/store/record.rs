@@ -67,35 +67,7 @@ pub(crate) fn encode_kv(seen: Seen, value: &[u8]) -> Vec<u8> {
 ///
 /// As [`decode`]; a relay record (format 1) is an unknown format here.
 pub(crate) fn decode_kv<'a>(key: &[u8], bytes: &'a [u8]) -> Result<(Seen, &'a [u8]), Error> {
-    match bytes.split_first() {
-        Some((&FORMAT_KV_V1, rest)) => {
-            let (seen, used) = decode_payload(key, rest)?;
-            Ok((seen, &rest[used..]))
-        }
-        Some((&version, _)) => Err(Error::UnknownFormat {
-            id: String::from_utf8_lossy(key).into_owned(),
-            version,
-        }),
-        None => Err(Error::Corrupt {
-            id: String::from_utf8_lossy(key).into_owned(),
-            reason: "empty record".into(),
-        }),
-    }
-}
-
-fn decode_payload(id: &[u8], payload: &[u8]) -> Result<(Seen, usize), Error> {
-    let (rec, used): (RecordV1, usize) =
-        bincode::serde::decode_from_slice(payload, bincode_config()).map_err(|e| {
-            Error::Corrupt {
-                id: String::from_utf8_lossy(id).into_owned(),
-                reason: e.to_string(),
-            }
-        })?;
-    let seen = Seen {
-        first_seen_ms: rec.first_seen_ms,
-        expires_ms: rec.first_seen_ms.saturating_add(rec.ttl_ms),
-    };
-    Ok((seen, used))
+    parse(key, bytes, &[FORMAT_KV_V1])
 }
 
 /// Decodes the times of any record (either layout): what the sweep and the rebuild need.
@@ -105,17 +77,33 @@ fn decode_payload(id: &[u8], payload: &[u8]) -> Result<(Seen, usize), Error> {
 /// [`Error::UnknownFormat`] for a format byte this build does not know, [`Error::Corrupt`] for a
 /// payload that does not decode.
 pub(crate) fn decode(id: &[u8], bytes: &[u8]) -> Result<Seen, Error> {
-    match bytes.split_first() {
-        Some((&(FORMAT_V1 | FORMAT_KV_V1), payload)) => Ok(decode_payload(id, payload)?.0),
-        Some((&version, _)) => Err(Error::UnknownFormat {
-            id: String::from_utf8_lossy(id).into_owned(),
-            version,
-        }),
-        None => Err(Error::Corrupt {
-            id: String::from_utf8_lossy(id).into_owned(),
-            reason: "empty record".into(),
-        }),
+    parse(id, bytes, &[FORMAT_V1, FORMAT_KV_V1]).map(|(seen, _)| seen)
+}
+
+/// Splits a record of one of the `accepted` formats into its times and what follows them.
+fn parse<'a>(id: &[u8], bytes: &'a [u8], accepted: &[u8]) -> Result<(Seen, &'a [u8]), Error> {
+    let lossy = || String::from_utf8_lossy(id).into_owned();
+    let corrupt = |reason: String| Error::Corrupt {
+        id: lossy(),
+        reason,
+    };
+    let (&format, payload) = bytes
+        .split_first()
+        .ok_or_else(|| corrupt("empty record".into()))?;
+    if !accepted.contains(&format) {
+        return Err(Error::UnknownFormat {
+            id: lossy(),
+            version: format,
+        });
     }
+    let (rec, used): (RecordV1, usize) =
+        bincode::serde::decode_from_slice(payload, bincode_config())
+            .map_err(|e| corrupt(e.to_string()))?;
+    let seen = Seen {
+        first_seen_ms: rec.first_seen_ms,
+        expires_ms: rec.first_seen_ms.saturating_add(rec.ttl_ms),
+    };
+    Ok((seen, &payload[used..]))
 }
 
 /// Key of an expiry index entry: big-endian expiry then a unique sequence number, so a range
