@@ -14,6 +14,8 @@
 //! - [`redis`]: the Redis-protocol endpoint (RESP2/RESP3) on the store's key-value namespace,
 //!   and `dedupd import-redis`.
 //! - [`shutdown`]: SIGINT/SIGTERM as the future [`run`] stops on.
+//! - [`shard`]: past one node, a consistent-hash exchange spreading ids over N dedupd instances,
+//!   and the re-sharding cut-over.
 
 #![warn(missing_docs)]
 
@@ -27,6 +29,7 @@ pub mod http;
 pub mod metrics;
 pub mod redis;
 pub mod relay;
+pub mod shard;
 pub mod shutdown;
 
 pub use config::Config;
