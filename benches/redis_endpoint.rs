@@ -1,0 +1,266 @@
+//! The Redis endpoint beside Redis itself, in one run: `redis-benchmark` of the seed's
+//! `SET msg:__rand_int__ 1 NX EX 86400` at `-c1 -P1` and `-c50 -P32` against
+//!
+//! - dedupd (`DEDUPD_RELAY=off`, durable on reply),
+//! - a private in-memory `redis-server` (no persistence),
+//! - a private `redis-server` with `appendonly yes`, `appendfsync always` (durable on reply too),
+//!
+//! each started here on a free loopback port with its own temporary directory (never the shared
+//! Redis on 6379). Then memory per key: `BENCH_KEYS` (default 100 000) distinct keys loaded into a
+//! fresh dedupd and a fresh in-memory Redis, dedupd's resident memory and disk against Redis'
+//! `used_memory`.
+//!
+//! `cargo bench --bench redis_endpoint` (needs `redis-server` and `redis-benchmark` on PATH).
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The command benchmarked: the seed consumer's dedup check.
+const SET_NX: &[&str] = &["SET", "msg:__rand_int__", "1", "NX", "EX", "86400"];
+/// Each measured run lasts about this long (its request count comes from a short probe run).
+const RUN_FOR: Duration = Duration::from_secs(4);
+
+/// A server under test, killed when dropped.
+struct Server {
+    name: &'static str,
+    port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(port: u16, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "server on {port} exited"
+        );
+        assert!(Instant::now() < deadline, "server on {port} never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn dedupd() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dedupd"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("DEDUPD_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .env("DEDUPD_RELAY", "off")
+        .env("DEDUPD_REDIS_ADDR", format!("127.0.0.1:{port}"))
+        .env("DEDUPD_METRICS_ADDR", "off")
+        .env("DEDUPD_DATA_DIR", dir.path())
+        .env("DEDUPD_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start dedupd");
+    wait_listening(port, &mut child);
+    Server {
+        name: "dedupd",
+        port,
+        child,
+        dir,
+    }
+}
+
+fn redis_server(name: &'static str, persistence: &[&str]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--dir", dir.path().to_str().unwrap()])
+        .args(persistence)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server on PATH");
+    wait_listening(port, &mut child);
+    Server {
+        name,
+        port,
+        child,
+        dir,
+    }
+}
+
+/// Requests per second of `redis-benchmark` with `clients` and `pipeline` for `n` requests.
+fn rate(port: u16, clients: u32, pipeline: u32, n: u64, keyspace: u64) -> f64 {
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-c", &clients.to_string(), "-P", &pipeline.to_string()])
+        .args(["-n", &n.to_string(), "-r", &keyspace.to_string(), "--csv"])
+        .args(SET_NX)
+        .stderr(Stdio::null())
+        .output()
+        .expect("redis-benchmark on PATH");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // `"test","rps",...` then one line per test: the second field is requests per second.
+    text.lines()
+        .rev()
+        .filter_map(|l| l.split(',').nth(1))
+        .find_map(|f| f.trim_matches('"').parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no rate in redis-benchmark output: {text}"))
+}
+
+/// A probe run sizes the measured run so that it lasts about [`RUN_FOR`].
+fn measure(port: u16, clients: u32, pipeline: u32) -> f64 {
+    let probe_n = u64::from(clients * pipeline).max(500) * 4;
+    let probe = rate(port, clients, pipeline, probe_n, 1_000_000);
+    let n = ((probe * RUN_FOR.as_secs_f64()) as u64).max(probe_n);
+    rate(port, clients, pipeline, n, 1_000_000)
+}
+
+fn redis_used_memory(port: u16) -> u64 {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "INFO", "memory"])
+        .output()
+        .expect("redis-cli on PATH");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn dbsize(port: u16) -> u64 {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "DBSIZE"])
+        .output()
+        .expect("redis-cli on PATH");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Loads about `keys` distinct keys (a keyspace far larger than the count, so few collide).
+fn load(port: u16, keys: u64) -> u64 {
+    rate(port, 50, 32, keys, 100_000_000);
+    dbsize(port)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument other than ours skips this bench.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if args.iter().any(|a| !"redis_endpoint".contains(a.as_str())) {
+        return;
+    }
+    let servers = [
+        dedupd(),
+        redis_server("redis in-memory", &["--appendonly", "no"]),
+        redis_server(
+            "redis appendfsync always",
+            &["--appendonly", "yes", "--appendfsync", "always"],
+        ),
+    ];
+    let settings = [(1, 1), (50, 32)];
+    let mut table = Vec::new();
+    for server in &servers {
+        let rates: Vec<f64> = settings
+            .iter()
+            .map(|&(c, p)| measure(server.port, c, p))
+            .collect();
+        table.push((server.name, rates));
+    }
+    println!(
+        "\nredis-benchmark {} -r 1000000 (requests/s)\n",
+        SET_NX.join(" ")
+    );
+    println!("| server | `-c1 -P1` | `-c50 -P32` |");
+    println!("|---|---|---|");
+    for (name, rates) in &table {
+        println!("| {name} | {:.0} | {:.0} |", rates[0], rates[1]);
+    }
+    let ours = &table[0].1;
+    for (name, rates) in &table[1..] {
+        println!(
+            "dedupd / {name}: {:.2}x at -c1 -P1, {:.2}x at -c50 -P32",
+            ours[0] / rates[0],
+            ours[1] / rates[1]
+        );
+    }
+    drop(servers);
+
+    let keys: u64 = std::env::var("BENCH_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let ours = dedupd();
+    let base_rss = rss_bytes(ours.child.id());
+    let loaded = load(ours.port, keys);
+    let rss = rss_bytes(ours.child.id()).saturating_sub(base_rss);
+    let disk = dir_bytes(ours.dir.path());
+    let redis = redis_server("redis in-memory", &["--appendonly", "no"]);
+    let base_used = redis_used_memory(redis.port);
+    let redis_keys = load(redis.port, keys);
+    let used = redis_used_memory(redis.port).saturating_sub(base_used);
+    println!("\nmemory per key after loading ~{keys} keys with SET NX EX");
+    println!("| server | keys | bytes/key |");
+    println!("|---|---|---|");
+    let per = |b: u64, n: u64| b as f64 / n.max(1) as f64;
+    println!(
+        "| dedupd, resident memory growth | {loaded} | {:.0} |",
+        per(rss, loaded)
+    );
+    println!("| dedupd, on disk | {loaded} | {:.0} |", per(disk, loaded));
+    println!(
+        "| redis used_memory growth | {redis_keys} | {:.0} |",
+        per(used, redis_keys)
+    );
+}
