@@ -877,8 +877,9 @@ fn tls_files(vars: &Vars, url_is_tls: bool) -> Result<TlsFiles, ConfigError> {
             Ok(PathBuf::from(path))
         })
     };
-    let ca_file = pem(AMQP_CA_FILE, "-----BEGIN CERTIFICATE-----", "CA certificates")?;
-    let cert = pem(AMQP_CERT_FILE, "-----BEGIN CERTIFICATE-----", "a client certificate")?;
+    const CERT: &str = "-----BEGIN CERTIFICATE-----";
+    let ca_file = pem(AMQP_CA_FILE, CERT, "CA certificates")?;
+    let cert = pem(AMQP_CERT_FILE, CERT, "a client certificate")?;
     let key = pem(AMQP_KEY_FILE, "PRIVATE KEY-----", "a private key")?;
     let client = match (cert, key) {
         (Some(cert), Some(key)) => Some((cert, key)),
@@ -1331,7 +1332,9 @@ mod tests {
             std::fs::write(&p, text).unwrap();
             p.to_str().unwrap().to_string()
         };
-        let (ca, crt, k) = (path("ca.pem", cert), path("c.pem", cert), path("k.pem", key));
+        let ca = path("ca.pem", cert);
+        let crt = path("c.pem", cert);
+        let k = path("k.pem", key);
         (dir, ca, crt, k)
     }
 

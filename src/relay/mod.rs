@@ -8,6 +8,7 @@ mod acks;
 mod confirms;
 mod id;
 mod session;
+mod tls;
 pub(crate) mod topology;
 mod worker;
 
@@ -105,7 +106,11 @@ where
         .expect("store open does not panic")
         .map_err(Error::StoreOpen)?;
     let metrics = Arc::new(Metrics::new());
-    metrics.settings(config.bloom_fp_rate, config.ttl, crate::store::system_now_ms());
+    metrics.settings(
+        config.bloom_fp_rate,
+        config.ttl,
+        crate::store::system_now_ms(),
+    );
     let (trigger, stop) = Trigger::new();
     let trigger = Arc::new(trigger);
 
@@ -336,12 +341,26 @@ pub(crate) async fn connect(
     if let Some(heartbeat) = url.heartbeat {
         args.heartbeat(heartbeat);
     }
+    // amqps://: the TLS setup is rebuilt per attempt, so renewed certificate files take effect.
+    let tls = if url.tls {
+        Some(tls::Tls::new(url, &config.amqp_tls)?)
+    } else {
+        None
+    };
+    if let Some(tls) = &tls {
+        args.tls_adaptor(tls.adaptor());
+    }
     let timeout = url.connection_timeout.unwrap_or(CONNECT_TIMEOUT);
     // amqprs has no timeout of its own: a broker that accepts TCP and then says nothing would
     // hold us here forever.
     let conn = match tokio::time::timeout(timeout, Connection::open(&args)).await {
         Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Err(e)) => {
+            return Err(match &tls {
+                Some(tls) => tls.explain(&e.to_string()),
+                None => e.to_string(),
+            })
+        }
         Err(_) => return Err(format!("no answer within {timeout:?}")),
     };
     conn.register_callback(ConnectionEvents { tx: events })
