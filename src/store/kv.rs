@@ -2,8 +2,10 @@
 //! the relay's ids, on the same sled database, flushes, Bloom scheme and compactor.
 //!
 //! Every write is durable when it returns: writers apply their change under the store's commit
-//! lock (which also makes `NX`/`XX` an atomic check-and-set) and then share a group flush. All
-//! calls block on sled: from async code, use `spawn_blocking` or a thread of your own.
+//! lock (which also makes `NX`/`XX` an atomic check-and-set) and then share a group flush. A
+//! caller with many writes in a row (a pipeline) uses the `_deferred` forms and waits once, with
+//! [`Kv::wait_durable`] on the last [`Ticket`], so one flush covers them all. All calls block on
+//! sled: from async code, use `spawn_blocking` or a thread of your own.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -68,6 +70,12 @@ pub struct ScanPage {
     pub next: Option<Vec<u8>>,
 }
 
+/// Proof of a write applied but not yet known durable; [`Kv::wait_durable`] waits for it. A
+/// later ticket covers every earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[must_use = "a deferred write is not durable until its ticket is waited for"]
+pub struct Ticket(u64);
+
 /// Handle on the namespace; cheap to clone. Get one with [`super::Store::kv`].
 #[derive(Debug, Clone)]
 pub struct Kv {
@@ -106,9 +114,28 @@ impl Kv {
         expiry: Expiry,
         now_ms: u64,
     ) -> Result<SetOutcome, Error> {
+        let (outcome, ticket) = self.set_deferred(key, value, cond, expiry, now_ms)?;
+        self.wait_durable(ticket)?;
+        Ok(outcome)
+    }
+
+    /// As [`Kv::set`], but returns once the write is applied and visible, with the ticket to
+    /// wait on before telling anyone it is stored.
+    ///
+    /// # Errors
+    ///
+    /// As [`Kv::set`].
+    pub fn set_deferred(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        cond: Condition,
+        expiry: Expiry,
+        now_ms: u64,
+    ) -> Result<(SetOutcome, Ticket), Error> {
         let shared = &self.shared;
         shared.validate(key)?;
-        let guard = shared.commit_lock.lock().expect("commit lock");
+        let _guard = shared.commit_lock.lock().expect("commit lock");
         if shared.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
@@ -118,20 +145,18 @@ impl Kv {
             Condition::IfAbsent => previous.is_none(),
             Condition::IfPresent => previous.is_some(),
         };
-        if !allowed {
-            return Ok(SetOutcome {
-                written: false,
-                previous,
-            });
+        if allowed {
+            let expires_ms = self.expiry_of(expiry, previous.as_ref(), now_ms);
+            self.write(key, value, now_ms, expires_ms, now_ms)?;
         }
-        let expires_ms = self.expiry_of(expiry, previous.as_ref(), now_ms);
-        let earlier = self.write(key, value, now_ms, expires_ms, now_ms)?;
-        drop(guard);
-        self.settle_write(earlier)?;
-        Ok(SetOutcome {
-            written: true,
-            previous,
-        })
+        // A refused NX/XX still gets a ticket: what it saw may be a write not yet durable.
+        Ok((
+            SetOutcome {
+                written: allowed,
+                previous,
+            },
+            self.ticket(),
+        ))
     }
 
     /// Deletes `key`; durable when it returns. Returns whether a live key was removed.
@@ -140,13 +165,23 @@ impl Kv {
     ///
     /// A refused key or a sled error.
     pub fn delete(&self, key: &[u8], now_ms: u64) -> Result<bool, Error> {
+        let (removed, ticket) = self.delete_deferred(key, now_ms)?;
+        self.wait_durable(ticket)?;
+        Ok(removed)
+    }
+
+    /// As [`Kv::delete`], without waiting for durability.
+    ///
+    /// # Errors
+    ///
+    /// As [`Kv::delete`].
+    pub fn delete_deferred(&self, key: &[u8], now_ms: u64) -> Result<(bool, Ticket), Error> {
         let shared = &self.shared;
         shared.validate(key)?;
         let _guard = shared.commit_lock.lock().expect("commit lock");
         let live = self.get(key, now_ms)?.is_some();
         self.remove(key)?;
-        shared.make_durable("delete flush")?;
-        Ok(live)
+        Ok((live, self.ticket()))
     }
 
     /// Gives a live `key` a new expiry (one in the past deletes it); durable when it returns.
@@ -156,23 +191,49 @@ impl Kv {
     ///
     /// A refused key or a sled or record error.
     pub fn expire(&self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, Error> {
+        let (found, ticket) = self.expire_deferred(key, expiry, now_ms)?;
+        self.wait_durable(ticket)?;
+        Ok(found)
+    }
+
+    /// As [`Kv::expire`], without waiting for durability.
+    ///
+    /// # Errors
+    ///
+    /// As [`Kv::expire`].
+    pub fn expire_deferred(
+        &self,
+        key: &[u8],
+        expiry: Expiry,
+        now_ms: u64,
+    ) -> Result<(bool, Ticket), Error> {
         let shared = &self.shared;
         shared.validate(key)?;
-        let guard = shared.commit_lock.lock().expect("commit lock");
+        let _guard = shared.commit_lock.lock().expect("commit lock");
         let Some(current) = self.get(key, now_ms)? else {
-            return Ok(false);
+            return Ok((false, self.ticket()));
         };
         let expires_ms = self.expiry_of(expiry, Some(&current), now_ms);
-        let earlier = if expires_ms <= now_ms {
-            self.remove(key)?;
-            false
-        } else {
-            // The set time stays: only the expiry moves.
-            self.write(key, &current.value, current.set_ms, expires_ms, now_ms)?
-        };
-        drop(guard);
-        self.settle_write(earlier)?;
-        Ok(true)
+        // The set time stays: only the expiry moves (a past one removes the key).
+        self.write(key, &current.value, current.set_ms, expires_ms, now_ms)?;
+        Ok((true, self.ticket()))
+    }
+
+    /// Returns once every write up to `ticket` is durable (one flush covers many tickets).
+    ///
+    /// # Errors
+    ///
+    /// The flush failed: the writes may be lost on a crash, so do not acknowledge them.
+    pub fn wait_durable(&self, ticket: Ticket) -> Result<(), Error> {
+        let shared = &self.shared;
+        shared
+            .flush
+            .wait(&shared.db, ticket.0)
+            .map_err(shared.sled_err("flush"))
+    }
+
+    fn ticket(&self) -> Ticket {
+        Ticket(self.shared.flush.ticket())
     }
 
     /// Up to `count` records after `after` in key order, of which the live keys are returned,
@@ -222,7 +283,7 @@ impl Kv {
     }
 
     /// Writes a record and its index entry (under the commit lock). An expiry already past
-    /// removes the key instead, as Redis does. Returns whether the compactor's deadline moved.
+    /// removes the key instead, as Redis does. Wakes the compactor if its deadline moved.
     fn write(
         &self,
         key: &[u8],
@@ -230,11 +291,10 @@ impl Kv {
         set_ms: u64,
         expires_ms: u64,
         now_ms: u64,
-    ) -> Result<bool, Error> {
+    ) -> Result<(), Error> {
         let shared = &self.shared;
         if expires_ms <= now_ms {
-            self.remove(key)?;
-            return Ok(false);
+            return self.remove(key);
         }
         // Filter first, then sled: never a live key the filter does not know.
         let rolled = shared.kv.remember(key, expires_ms);
@@ -256,7 +316,10 @@ impl Kv {
             .kv
             .write_index(&shared.db, BTreeMap::from([(expires_ms, index)]))
             .map_err(shared.sled_err("set"))?;
-        Ok(earlier || rolled)
+        if earlier || rolled {
+            shared.wake_compactor();
+        }
+        Ok(())
     }
 
     fn remove(&self, key: &[u8]) -> Result<(), Error> {
@@ -269,16 +332,6 @@ impl Kv {
             .is_some()
         {
             shared.kv.live.fetch_sub(1, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// After a write, outside the lock: wait for the group flush, then wake the compactor if
-    /// the write brought its deadline forward.
-    fn settle_write(&self, wake: bool) -> Result<(), Error> {
-        self.shared.make_durable("set flush")?;
-        if wake {
-            self.shared.wake_compactor();
         }
         Ok(())
     }

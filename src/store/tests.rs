@@ -509,3 +509,37 @@ fn kv_keys_survive_close_and_crash() {
     }
     assert_eq!(store.kv().len(), 2);
 }
+
+#[test]
+fn kv_deferred_writes_are_durable_after_one_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let kv = store.kv();
+    let mut last = None;
+    for i in 0..50u32 {
+        let key = format!("p-{i}");
+        let (out, ticket) = kv
+            .set_deferred(
+                key.as_bytes(),
+                b"1",
+                Condition::IfAbsent,
+                Expiry::Window,
+                T0,
+            )
+            .unwrap();
+        assert!(out.written);
+        // Visible at once to readers, before it is durable.
+        assert!(kv.get(key.as_bytes(), T0).unwrap().is_some());
+        assert!(last.is_none_or(|l| l < ticket), "tickets grow");
+        last = Some(ticket);
+    }
+    let (_, ticket) = kv.delete_deferred(b"p-0", T0).unwrap();
+    kv.wait_durable(ticket.max(last.unwrap())).unwrap();
+    // One wait, then a crash (no close): all of it is there.
+    drop(kv);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.kv().len(), 49);
+    assert!(store.kv().get(b"p-49", T0).unwrap().is_some());
+    assert!(store.kv().get(b"p-0", T0).unwrap().is_none());
+}
