@@ -171,7 +171,7 @@ fn store_command(
         ),
         "set" => return set(server, args, now_ms),
         "setnx" => {
-            let out = kv.set(
+            let (out, _) = kv.set_deferred(
                 &args[1],
                 &args[2],
                 Condition::IfAbsent,
@@ -188,7 +188,7 @@ fn store_command(
             let Some(at) = expire_at(n, unit, now_ms).filter(|_| n > 0) else {
                 return Ok(invalid_expire(name));
             };
-            kv.set(
+            let _ = kv.set_deferred(
                 &args[1],
                 &args[3],
                 Condition::Always,
@@ -200,7 +200,7 @@ fn store_command(
         "del" | "unlink" => {
             let mut removed = 0;
             for key in &args[1..] {
-                removed += i64::from(kv.delete(key, now_ms)?);
+                removed += i64::from(kv.delete_deferred(key, now_ms)?.0);
             }
             Reply::Int(removed)
         }
@@ -278,7 +278,9 @@ fn set(server: &Server, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreErr
             }
         }
     };
-    let out = server.kv.set(&args[1], &args[2], cond, expiry, now_ms)?;
+    let (out, _) = server
+        .kv
+        .set_deferred(&args[1], &args[2], cond, expiry, now_ms)?;
     Ok(if get {
         out.previous.map_or(Reply::Null, |e| Reply::Bulk(e.value))
     } else if out.written {
@@ -329,11 +331,8 @@ fn expire(server: &Server, name: &str, args: &[Vec<u8>], now_ms: u64) -> Result<
     if nx || (gt && at <= current.expires_ms) || (lt && at >= current.expires_ms) {
         return Ok(Reply::Int(0));
     }
-    Ok(Reply::Int(i64::from(kv.expire(
-        &args[1],
-        Expiry::At(at),
-        now_ms,
-    )?)))
+    let (found, _) = kv.expire_deferred(&args[1], Expiry::At(at), now_ms)?;
+    Ok(Reply::Int(i64::from(found)))
 }
 
 /// `n` units of `unit` ms after `base_ms`, as a Unix ms time (0 for times before the epoch);

@@ -379,7 +379,17 @@ async fn run_batch(
     let mut moved = std::mem::take(client);
     let (moved, flow, out) = tokio::task::spawn_blocking(move || {
         let mut out = out;
-        let flow = run_all(&server, &mut moved, &batch, &mut out);
+        let mut flow = run_all(&server, &mut moved, &batch, &mut out);
+        // The writes above were applied without waiting: one group flush makes the whole
+        // batch durable before any of its replies leaves. It also holds back a read of another
+        // connection's write until that write is durable.
+        if let Err(e) = server.kv.wait_durable(server.kv.last_ticket()) {
+            tracing::error!(cause = %e, "redis endpoint: flush failed, closing the connection");
+            out.clear();
+            Reply::err(format!("the store could not make the writes durable: {e}"))
+                .encode(moved.proto, &mut out);
+            flow = Flow::Close;
+        }
         (moved, flow, out)
     })
     .await

@@ -105,6 +105,11 @@ impl FlushGroup {
         state.issued
     }
 
+    /// The latest ticket handed out.
+    pub(crate) fn issued(&self) -> u64 {
+        self.state.lock().expect("flush lock").issued
+    }
+
     /// Returns once `ticket`'s write is durable, flushing `db` itself if no flush that covers it
     /// is running.
     pub(crate) fn wait(&self, db: &sled::Db, ticket: u64) -> sled::Result<()> {
