@@ -1226,6 +1226,8 @@ mod tests {
         assert!(!c.relay);
         assert_eq!(c.redis_addr, Some("0.0.0.0:6380".parse().unwrap()));
         assert_eq!(c.redis_password.as_deref(), Some("s3cret"));
+        // Debug output (a stray `{:?}` in a log line) never shows a secret.
+        assert!(!format!("{c:?}").contains("s3cret"), "{c:?}");
         assert_eq!(c.redis_max_value, 4096);
         let shown = format!("{:?}", c.effective());
         assert!(!shown.contains("s3cret"), "{shown}");

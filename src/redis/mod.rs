@@ -195,7 +195,7 @@ pub(crate) async fn spawn(
         .await
         .map_err(|source| RelayError::Redis { addr, source })?;
     let settings = Settings {
-        password: config.redis_password.clone(),
+        password: config.redis_password.as_deref().map(str::to_string),
         max_clients: config.redis_max_clients.get(),
         max_value_bytes: usize::try_from(config.redis_max_value).unwrap_or(usize::MAX),
     };
