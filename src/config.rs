@@ -304,7 +304,7 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// `DEDUPD_ADMIN_TOKEN` (or the file of `DEDUPD_ADMIN_TOKEN_FILE`), default unset: the
     /// bearer token the admin endpoints require.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// `DEDUPD_LOG`, default `info`: tracing filter.
     pub log: String,
     /// `DEDUPD_LOG_FORMAT`, default `text`: log lines for people or (`json`) for machines.
@@ -321,11 +321,30 @@ pub struct Config {
     pub redis_addr: Option<SocketAddr>,
     /// `DEDUPD_REDIS_PASSWORD` (or the file of `DEDUPD_REDIS_PASSWORD_FILE`), default unset: the
     /// password Redis clients must give. Never logged.
-    pub redis_password: Option<String>,
+    pub redis_password: Option<Secret>,
     /// `DEDUPD_REDIS_MAX_CLIENTS`, default 10 000: most Redis connections at once.
     pub redis_max_clients: NonZeroUsize,
     /// `DEDUPD_REDIS_MAX_VALUE`, default 1 MiB: longest key or value in a Redis command.
     pub redis_max_value: u64,
+}
+
+/// A password or token: usable as a `&str`, but its `Debug` never shows it, so a `{:?}` of the
+/// configuration cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 /// How log lines are written to stderr.
@@ -711,14 +730,14 @@ impl Vars {
 
     /// A secret given in `var` or, for systemd credentials, in the file `file_var` names (its
     /// content trimmed); never both. The value never appears in an error.
-    fn secret(&self, var: &str, file_var: &str, what: &str) -> Result<Option<String>, ConfigError> {
+    fn secret(&self, var: &str, file_var: &str, what: &str) -> Result<Option<Secret>, ConfigError> {
         match (self.get(var), self.get(file_var)) {
             (Some(_), Some(_)) => Err(ConfigError::Conflict {
                 var: file_var.into(),
                 other: var.into(),
             }),
             (_, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(text) if !text.trim().is_empty() => Ok(Some(text.trim().to_string())),
+                Ok(text) if !text.trim().is_empty() => Ok(Some(Secret(text.trim().to_string()))),
                 Ok(_) => Err(ConfigError::Invalid {
                     var: file_var.into(),
                     value: path.into(),
@@ -735,7 +754,7 @@ impl Vars {
                 value: String::new(),
                 expected: format!("{what}, not empty"),
             }),
-            (value, None) => Ok(value.map(str::to_string)),
+            (value, None) => Ok(value.map(|v| Secret(v.to_string()))),
         }
     }
 
