@@ -171,6 +171,63 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any non-empty message_id is the id, byte for byte; an empty one is no id.
+        #[test]
+        fn message_id_is_taken_byte_for_byte(id in ".{0,100}") {
+            let props = BasicProperties::default().with_message_id(&id).finish();
+            let got = decide(IdSource::MessageId, MissingId::DeadLetter, &props);
+            let want = if id.is_empty() {
+                IdDecision::DeadLetter
+            } else {
+                IdDecision::Claim(id.into_bytes())
+            };
+            proptest::prop_assert_eq!(got, want);
+        }
+
+        /// Integer headers of every width are their decimal text.
+        #[test]
+        fn integer_headers_are_decimal(n: i64) {
+            let source = IdSource::Header("x-id".into());
+            let mut cases = vec![(FieldValue::l(n), n.to_string())];
+            if let Ok(n) = i32::try_from(n) {
+                cases.push((FieldValue::I(n), n.to_string()));
+            }
+            if let Ok(n) = i16::try_from(n) {
+                cases.push((FieldValue::s(n), n.to_string()));
+            }
+            for (value, want) in cases {
+                let props = props_with_header("x-id", value);
+                let got = decide(source.clone(), MissingId::DeadLetter, &props);
+                proptest::prop_assert_eq!(got, IdDecision::Claim(want.into_bytes()));
+            }
+        }
+
+        /// Byte-array headers are the id as they are, UTF-8 or not; empty is no id.
+        #[test]
+        fn byte_array_headers_are_taken_as_they_are(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let source = IdSource::Header("x-id".into());
+            let props = props_with_header("x-id", FieldValue::x(bytes.clone().try_into().unwrap()));
+            let got = decide(source, MissingId::Forward, &props);
+            let want = if bytes.is_empty() {
+                IdDecision::ForwardUnchecked
+            } else {
+                IdDecision::Claim(bytes)
+            };
+            proptest::prop_assert_eq!(got, want);
+        }
+
+        /// Body hashes tell bodies apart and only bodies.
+        #[test]
+        fn body_sha256_depends_on_the_body_alone(a: Vec<u8>, b: Vec<u8>, id in "[a-z]{1,8}") {
+            let ids = IdExtractor::new(&IdSource::BodySha256, MissingId::DeadLetter);
+            let with_id = BasicProperties::default().with_message_id(&id).finish();
+            let plain = BasicProperties::default();
+            proptest::prop_assert_eq!(ids.decide(&with_id, &a), ids.decide(&plain, &a));
+            proptest::prop_assert_eq!(ids.decide(&plain, &a) == ids.decide(&plain, &b), a == b);
+        }
+    }
+
     #[test]
     fn body_sha256_ignores_properties() {
         let props = BasicProperties::default().with_message_id("m-1").finish();

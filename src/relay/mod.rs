@@ -7,6 +7,7 @@
 mod acks;
 mod confirms;
 mod id;
+mod quarantine;
 mod session;
 mod tls;
 pub(crate) mod topology;

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 
 use super::confirms::{Confirms, Fingerprint, Outcome};
 use super::id::{IdDecision, IdExtractor};
+use super::quarantine;
 use super::worker::{ClaimJob, CommitJob, Workers};
 use super::Error;
 use crate::config::Config;
@@ -33,6 +34,8 @@ use crate::store::{Claim, Error as StoreError, Settled, Verdict};
 const CLAIM_BATCH: usize = 256;
 /// How often publishes are checked against the confirm timeout.
 const TIMEOUT_TICK: Duration = Duration::from_millis(100);
+/// How long a failed start waits to learn whether the connection died of an I/O error.
+const IO_FAILURE_WAIT: Duration = Duration::from_millis(200);
 /// How long closing a channel may take before we stop waiting (a dead connection never answers).
 const CHANNEL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -147,6 +150,39 @@ pub(crate) struct Session<'a> {
 impl<'a> Session<'a> {
     /// Opens the consume and publish channels on `conn` and starts consuming.
     pub(crate) async fn open(
+        conn: &Connection,
+        cx: Context<'a>,
+        events_tx: mpsc::UnboundedSender<Event>,
+        events: mpsc::UnboundedReceiver<Event>,
+    ) -> Result<(Session<'a>, mpsc::UnboundedReceiver<ConsumerMessage>), Failure> {
+        let config = cx.config;
+        let io_failed = conn.listen_network_io_failure();
+        tokio::pin!(io_failed);
+        let opened = tokio::select! {
+            // Polled first so that it listens before anything below can fail.
+            biased;
+            _ = &mut io_failed => Err((Failure::Lost("connection lost".into()), true)),
+            opened = Self::start(conn, cx, events_tx, events) => opened.map_err(|f| (f, false)),
+        };
+        match opened {
+            Ok(opened) => Ok(opened),
+            Err((failure, io_error)) => {
+                // A connection that died under a consume may have died on an undecodable
+                // message: the broker hands it out first on every new connection.
+                let io_error = io_error
+                    || matches!(
+                        tokio::time::timeout(IO_FAILURE_WAIT, &mut io_failed).await,
+                        Ok(true)
+                    );
+                if io_error {
+                    sweep_source(config).await;
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    async fn start(
         conn: &Connection,
         cx: Context<'a>,
         events_tx: mpsc::UnboundedSender<Event>,
@@ -268,7 +304,12 @@ impl<'a> Session<'a> {
                     );
                     return Ok(End::GraceExpired);
                 }
-                _ = &mut conn_lost => return Err(Failure::Lost("connection lost".into())),
+                io_error = &mut conn_lost => {
+                    if io_error {
+                        sweep_source(self.cx.config).await;
+                    }
+                    return Err(Failure::Lost("connection lost".into()));
+                }
                 Some(event) = self.events.recv() => self.on_event(event, grace.is_some()).await?,
                 message = deliveries.recv(), if consuming => match message {
                     Some(message) => {
@@ -282,7 +323,12 @@ impl<'a> Session<'a> {
                         }
                     }
                     None if grace.is_some() => consuming = false,
-                    None => return Err(Failure::Lost("the consumer stopped".into())),
+                    None => {
+                        // The client library ends the stream when the connection dies; if it
+                        // died decoding a delivery, that message is at the head of the queue.
+                        sweep_source(self.cx.config).await;
+                        return Err(Failure::Lost("the consumer stopped".into()));
+                    }
                 },
                 _ = tick.tick() => self.expire().await?,
             }
@@ -579,6 +625,27 @@ impl<'a> Session<'a> {
             }
         }
         Ok(())
+    }
+}
+
+/// After the connection died under the relay: dead-letters the messages at the head of the
+/// source queue that amqprs cannot decode (see [`quarantine`]), so that one such message cannot
+/// stop the relay for good.
+async fn sweep_source(config: &Config) {
+    match quarantine::sweep(config).await {
+        Ok(swept) if swept.rejected > 0 => tracing::warn!(
+            rejected = swept.rejected,
+            inspected = swept.inspected,
+            "dead-lettered messages the AMQP client cannot decode"
+        ),
+        Ok(swept) => tracing::debug!(
+            inspected = swept.inspected,
+            "no undecodable message at the head of the source queue"
+        ),
+        Err(cause) => tracing::warn!(
+            %cause,
+            "cannot look for undecodable messages at the head of the source queue"
+        ),
     }
 }
 

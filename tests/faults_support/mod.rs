@@ -1,0 +1,819 @@
+//! What the fault tests share: a broker handle that reconnects after the broker was disturbed, a
+//! workload of persistent messages with known ids and duplicates, the `dedupd` process, the
+//! id-by-id verdict, and a raw AMQP publisher for bytes amqprs will not send.
+//!
+//! Every wait is bounded; no broker is a failure, never a skip.
+
+#![allow(dead_code)] // each test binary uses its own part of this
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use amqprs::channel::{
+    BasicConsumeArguments, BasicPublishArguments, Channel, ConfirmSelectArguments,
+    ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments,
+    QueueDeleteArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::{BasicProperties, FieldTable, FieldValue};
+
+/// Longest any single wait may take.
+pub const WAIT: Duration = Duration::from_secs(90);
+/// Messages per scenario, as the issue asks: at least 10 000.
+pub const MESSAGES: usize = 10_000;
+/// Share of those that repeat an earlier id.
+pub const DUPLICATE_SHARE: f64 = 0.2;
+/// `DEDUPD_PREFETCH` in these tests (dedupd's default), the bound on repeats.
+pub const PREFETCH: usize = 1000;
+
+// ---------------------------------------------------------------------------------------------
+// The broker.
+
+/// Opens a connection to the local broker, or panics saying the tests need it.
+pub async fn connect() -> Connection {
+    let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
+    tokio::time::timeout(Duration::from_secs(10), Connection::open(&args))
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 did not answer within 10 s: the fault tests need it")
+        .expect(
+            "cannot connect to RabbitMQ on 127.0.0.1:5672 (guest/guest): the fault tests need it",
+        )
+}
+
+/// A test's randomly named topology and a connection that comes back after a broker outage.
+pub struct Broker {
+    link: Option<(Connection, Channel)>,
+    /// Source queue dedupd consumes.
+    pub source: String,
+    /// Destination exchange dedupd publishes to.
+    pub dest: String,
+    /// The test's queue bound to the destination: what was forwarded.
+    pub out: String,
+}
+
+impl Broker {
+    /// Connects and declares the source queue (as dedupd does), the destination exchange and a
+    /// queue bound to it.
+    pub async fn new(tag: &str) -> Broker {
+        let base = format!("dedupd-fault-{tag}-{:012x}", rand::random::<u64>() >> 16);
+        let mut broker = Broker {
+            link: None,
+            source: format!("{base}.in"),
+            dest: format!("{base}.out"),
+            out: format!("{base}.out-q"),
+        };
+        let mut args = FieldTable::new();
+        args.insert(
+            "x-dead-letter-exchange".try_into().unwrap(),
+            FieldValue::from(format!("{}.dlx", broker.source)),
+        );
+        let source = broker.source.clone();
+        broker.declare_queue(&source, args).await;
+        broker.bind_out().await;
+        broker
+    }
+
+    /// `<source>.dead`, where dedupd's rejects end up.
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.source)
+    }
+
+    /// The channel, reconnecting first if the broker dropped the last one.
+    pub async fn ch(&mut self) -> &Channel {
+        let alive = matches!(&self.link, Some((c, ch)) if c.is_open() && ch.is_open());
+        if !alive {
+            if let Some((conn, _)) = self.link.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
+            }
+            let deadline = Instant::now() + WAIT;
+            let link = loop {
+                let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
+                if let Ok(Ok(conn)) =
+                    tokio::time::timeout(Duration::from_secs(5), Connection::open(&args)).await
+                {
+                    if let Ok(ch) = conn.open_channel(None).await {
+                        break (conn, ch);
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the broker did not come back within {WAIT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            self.link = Some(link);
+        }
+        &self.link.as_ref().expect("just connected").1
+    }
+
+    /// Forgets the connection (after the broker dropped it, say); the next call reconnects.
+    pub fn drop_link(&mut self) {
+        self.link = None;
+    }
+
+    pub async fn declare_queue(&mut self, name: &str, args: FieldTable) {
+        let args = QueueDeclareArguments::new(name)
+            .durable(true)
+            .arguments(args)
+            .finish();
+        self.ch()
+            .await
+            .queue_declare(args)
+            .await
+            .unwrap_or_else(|e| panic!("declare queue {name}: {e}"));
+    }
+
+    /// Declares the destination exchange (fanout, durable, as dedupd does) and binds `out` to it.
+    pub async fn bind_out(&mut self) {
+        let (dest, out) = (self.dest.clone(), self.out.clone());
+        let ch = self.ch().await;
+        ch.exchange_declare(
+            ExchangeDeclareArguments::new(&dest, "fanout")
+                .durable(true)
+                .finish(),
+        )
+        .await
+        .unwrap();
+        ch.queue_declare(QueueDeclareArguments::new(&out).durable(true).finish())
+            .await
+            .unwrap();
+        ch.queue_bind(QueueBindArguments::new(&out, &dest, ""))
+            .await
+            .unwrap();
+    }
+
+    /// Ready messages and consumers of `queue`, or `None` if the broker cannot say right now.
+    pub async fn stat(&mut self, queue: &str) -> Option<(u32, u32)> {
+        let args = QueueDeclareArguments::new(queue).passive(true).finish();
+        let got =
+            tokio::time::timeout(Duration::from_secs(5), self.ch().await.queue_declare(args)).await;
+        match got {
+            Ok(Ok(Some((_, ready, consumers)))) => Some((ready, consumers)),
+            _ => {
+                self.drop_link();
+                None
+            }
+        }
+    }
+
+    /// Ready messages in `queue` (reconnecting as needed).
+    pub async fn ready(&mut self, queue: &str) -> u32 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some((n, _)) = self.stat(queue).await {
+                return n;
+            }
+            assert!(Instant::now() < deadline, "cannot count {queue}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `pred(ready, consumers)` holds for `queue`; returns the time it took.
+    pub async fn wait_for(
+        &mut self,
+        queue: &str,
+        what: &str,
+        pred: impl Fn(u32, u32) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        let mut last = None;
+        loop {
+            if let Some((ready, consumers)) = self.stat(queue).await {
+                if pred(ready, consumers) {
+                    return start.elapsed();
+                }
+                last = Some((ready, consumers));
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "{queue}: {what} not reached within {WAIT:?}; last (ready, consumers) = {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Publishes `messages` to the source queue with publisher confirms, and waits until they
+    /// are all in it.
+    pub async fn publish(&mut self, messages: &[(BasicProperties, Vec<u8>)]) {
+        let conn = connect().await;
+        let ch = conn.open_channel(None).await.unwrap();
+        ch.confirm_select(ConfirmSelectArguments::new(false))
+            .await
+            .unwrap();
+        for (props, body) in messages {
+            ch.basic_publish(
+                props.clone(),
+                body.clone(),
+                BasicPublishArguments::new("", &self.source),
+            )
+            .await
+            .unwrap();
+        }
+        let _ = ch.close().await;
+        let _ = conn.close().await;
+    }
+
+    /// Publishes messages with these ids and waits until the source holds `at_least` messages.
+    pub async fn fill(&mut self, ids: &[String], at_least: u32) {
+        let messages: Vec<_> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (persistent(id), body(id, i)))
+            .collect();
+        self.publish(&messages).await;
+        let source = self.source.clone();
+        self.wait_for(&source, "filled", |ready, _| ready >= at_least)
+            .await;
+    }
+
+    /// Takes every message now ready in `queue` (acked by taking), by consuming.
+    pub async fn take_all(&mut self, queue: &str) -> Vec<(BasicProperties, Vec<u8>)> {
+        let n = self.ready(queue).await as usize;
+        let mut out = Vec::with_capacity(n);
+        if n == 0 {
+            return out;
+        }
+        let ch = self.ch().await.clone();
+        let (tag, mut rx) = ch
+            .basic_consume_rx(
+                BasicConsumeArguments::new(queue, "")
+                    .manual_ack(false)
+                    .finish(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("consume {queue}: {e}"));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while out.len() < n {
+            let msg = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{queue}: only {} of {n} arrived", out.len()))
+                .expect("consumer open");
+            out.push((msg.basic_properties.unwrap(), msg.content.unwrap()));
+        }
+        let _ = ch
+            .basic_cancel(amqprs::channel::BasicCancelArguments::new(&tag))
+            .await;
+        out
+    }
+
+    /// Deletes what the test declared and what dedupd declared for it.
+    pub async fn cleanup(mut self) {
+        let queues = [self.source.clone(), self.dead(), self.out.clone()];
+        let exchanges = [format!("{}.dlx", self.source), self.dest.clone()];
+        let ch = self.ch().await.clone();
+        for q in &queues {
+            let _ = ch.queue_delete(QueueDeleteArguments::new(q)).await;
+        }
+        for x in &exchanges {
+            let _ = ch.exchange_delete(ExchangeDeleteArguments::new(x)).await;
+        }
+        if let Some((conn, ch)) = self.link.take() {
+            let _ = ch.close().await;
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// Publishes messages into `queue` at a steady rate from a task of its own, so that the stream
+/// is still flowing whenever the test disturbs something. Batches go in broker transactions; a
+/// batch whose commit did not come back (connection closed, broker down) is published again on a
+/// new connection, as a producer would: a copy the broker did keep is one more duplicate.
+pub struct Feeder {
+    task: tokio::task::JoinHandle<usize>,
+}
+
+/// Messages per transaction.
+const FEED_BATCH: usize = 100;
+
+impl Feeder {
+    /// Starts publishing `ids` (bodies from [`body`]) at `per_sec` messages a second.
+    pub fn start(queue: &str, ids: Vec<String>, per_sec: usize) -> Feeder {
+        let queue = queue.to_string();
+        let task = tokio::spawn(async move {
+            let pause = Duration::from_secs_f64(FEED_BATCH as f64 / per_sec as f64);
+            let started = tokio::time::Instant::now();
+            let mut link: Option<(Connection, Channel)> = None;
+            let mut retries = 0;
+            for (n, batch) in ids.chunks(FEED_BATCH).enumerate() {
+                tokio::time::sleep_until(started + pause * n as u32).await;
+                let deadline = Instant::now() + WAIT;
+                loop {
+                    if link.is_none() {
+                        link = Self::open().await;
+                    }
+                    if let Some((_, ch)) = &link {
+                        if Self::send(ch, &queue, batch, n * FEED_BATCH).await {
+                            break;
+                        }
+                        retries += 1;
+                    }
+                    if let Some((conn, _)) = link.take() {
+                        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "feeder: broker gone for {WAIT:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            if let Some((conn, ch)) = link {
+                let _ = ch.close().await;
+                let _ = conn.close().await;
+            }
+            retries
+        });
+        Feeder { task }
+    }
+
+    async fn open() -> Option<(Connection, Channel)> {
+        let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
+        let conn = tokio::time::timeout(Duration::from_secs(5), Connection::open(&args))
+            .await
+            .ok()?
+            .ok()?;
+        let ch = conn.open_channel(None).await.ok()?;
+        ch.tx_select().await.ok()?;
+        Some((conn, ch))
+    }
+
+    /// One batch in one transaction; whether the broker committed it.
+    async fn send(ch: &Channel, queue: &str, batch: &[String], first: usize) -> bool {
+        let work = async {
+            for (i, id) in batch.iter().enumerate() {
+                ch.basic_publish(
+                    persistent(id),
+                    body(id, first + i),
+                    BasicPublishArguments::new("", queue),
+                )
+                .await?;
+            }
+            ch.tx_commit().await
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), work).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Waits until everything is published; returns how many batches had to be sent again.
+    pub async fn finish(self) -> usize {
+        tokio::time::timeout(WAIT * 2, self.task)
+            .await
+            .expect("feeder finished in time")
+            .expect("feeder did not panic")
+    }
+}
+
+/// Persistent properties with this message id.
+pub fn persistent(id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_message_id(id)
+        .with_persistence(true)
+        .finish()
+}
+
+/// A 256-byte body naming the id and the copy.
+pub fn body(id: &str, i: usize) -> Vec<u8> {
+    let mut b = format!("{id} copy {i} ").into_bytes();
+    b.resize(256, b'.');
+    b
+}
+
+/// Ids in publish order: `n` messages, a share of which repeat an earlier id (some right after
+/// it, so they meet it in flight, most further back). Returns the ids and the distinct set.
+pub fn workload(prefix: &str, n: usize) -> (Vec<String>, BTreeSet<String>) {
+    let mut ids: Vec<String> = Vec::with_capacity(n);
+    let mut distinct = BTreeSet::new();
+    let every = (1.0 / DUPLICATE_SHARE).round() as usize; // every 5th is a duplicate
+    for i in 0..n {
+        if i % every == every - 1 {
+            let back = if i % (every * 4) == every - 1 {
+                1
+            } else {
+                1 + rand::random::<u64>() as usize % i
+            };
+            ids.push(ids[i - back].clone());
+        } else {
+            let id = format!("{prefix}-{i}");
+            distinct.insert(id.clone());
+            ids.push(id);
+        }
+    }
+    (ids, distinct)
+}
+
+/// What reached the destination, id by id.
+#[derive(Debug)]
+pub struct Verdict {
+    /// Distinct ids expected.
+    pub expected: usize,
+    /// Expected ids that never arrived.
+    pub lost: Vec<String>,
+    /// Messages that arrived beyond the first of their id.
+    pub repeats: usize,
+    /// Ids that arrived more than once.
+    pub repeated_ids: usize,
+    /// Ids that arrived and were not expected.
+    pub strangers: Vec<String>,
+}
+
+impl Verdict {
+    /// Counts every id of `delivered` against `expected`.
+    pub fn of(expected: &BTreeSet<String>, delivered: &[(BasicProperties, Vec<u8>)]) -> Verdict {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for (props, _) in delivered {
+            let id = props.message_id().cloned().unwrap_or_default();
+            *counts.entry(id).or_default() += 1;
+        }
+        let lost = expected
+            .iter()
+            .filter(|id| !counts.contains_key(*id))
+            .cloned()
+            .collect();
+        let strangers = counts
+            .keys()
+            .filter(|id| !expected.contains(*id))
+            .cloned()
+            .collect();
+        Verdict {
+            expected: expected.len(),
+            lost,
+            repeats: counts.values().map(|c| c - 1).sum(),
+            repeated_ids: counts.values().filter(|c| **c > 1).count(),
+            strangers,
+        }
+    }
+
+    /// Prints the figures and asserts: nothing lost, nothing foreign, repeats ≤ the prefetch.
+    pub fn check(&self, scenario: &str, extra: &str) {
+        eprintln!(
+            "{scenario}: {} distinct ids expected, {} lost, {} delivered twice or more ({} extra \
+             copies; bound {PREFETCH}){extra}",
+            self.expected,
+            self.lost.len(),
+            self.repeated_ids,
+            self.repeats
+        );
+        assert!(
+            self.lost.is_empty(),
+            "{scenario}: {} ids lost, e.g. {:?}",
+            self.lost.len(),
+            &self.lost[..self.lost.len().min(5)]
+        );
+        assert!(
+            self.strangers.is_empty(),
+            "{scenario}: unexpected ids {:?}",
+            self.strangers
+        );
+        assert!(
+            self.repeats <= PREFETCH,
+            "{scenario}: {} extra copies, more than DEDUPD_PREFETCH = {PREFETCH}",
+            self.repeats
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay process.
+
+/// A running `dedupd`, killed on drop.
+pub struct Relay {
+    pub child: Child,
+    pub log: PathBuf,
+    pub started: Instant,
+}
+
+/// Where relay logs go: beside the data dir, never inside it (a full data dir must not eat them).
+pub fn log_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("dedupd-fault-logs")
+        .tempdir()
+        .unwrap()
+}
+
+impl Relay {
+    /// Starts the real binary on `broker`'s names and `data`, logging to a file in `logs`.
+    pub fn start(broker: &Broker, data: &Path, logs: &Path, env: &[(&str, &str)]) -> Relay {
+        let log = logs.join(format!("relay-{:08x}.log", rand::random::<u32>()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dedupd"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("DEDUPD_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("DEDUPD_SOURCE_QUEUE", &broker.source)
+            .env("DEDUPD_DEST_EXCHANGE", &broker.dest)
+            .env("DEDUPD_DATA_DIR", data)
+            .env("DEDUPD_METRICS_ADDR", "off")
+            .env("DEDUPD_PREFETCH", PREFETCH.to_string())
+            .env("DEDUPD_LOG", "info")
+            .env("DEDUPD_EXPECTED_IDS", "100000")
+            .env("DEDUPD_CACHE_SIZE", "8M");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap());
+        let child = cmd.spawn().expect("start dedupd");
+        Relay {
+            child,
+            log,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until it consumes the source queue (one consumer on it).
+    pub async fn wait_consuming(&mut self, broker: &mut Broker) -> Duration {
+        let source = broker.source.clone();
+        let start = Instant::now();
+        loop {
+            if let Some((_, consumers)) = broker.stat(&source).await {
+                if consumers >= 1 {
+                    return start.elapsed();
+                }
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "dedupd exited with {status} before consuming:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "dedupd not consuming:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal}");
+    }
+
+    /// Waits for the process to exit; returns its status and how long it took.
+    pub fn wait_exit(&mut self) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "dedupd did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then the exit: must be 0.
+    pub fn stop(mut self) -> Duration {
+        self.signal("TERM");
+        let (status, took) = self.wait_exit();
+        assert!(status.success(), "exit {status}:\n{}", self.log());
+        took
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the relay has forwarded everything it can: the source is empty and `out` holds at
+/// least `distinct` messages. Returns the time it took.
+pub async fn wait_drained(broker: &mut Broker, relay: &mut Relay, distinct: usize) -> Duration {
+    let start = Instant::now();
+    let (source, out) = (broker.source.clone(), broker.out.clone());
+    loop {
+        let empty = broker.stat(&source).await.is_some_and(|(n, _)| n == 0);
+        if empty
+            && broker
+                .stat(&out)
+                .await
+                .is_some_and(|(n, _)| n as usize >= distinct)
+        {
+            return start.elapsed();
+        }
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            panic!(
+                "dedupd exited with {status} while draining:\n{}",
+                relay.log()
+            );
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "not drained within {WAIT:?}: source {:?}, out {:?}:\n{}",
+            broker.stat(&source).await,
+            broker.stat(&out).await,
+            relay.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rabbitmqctl.
+
+/// Runs `rabbitmqctl args...` with a time limit; returns whether it succeeded, and its output.
+pub fn rabbitmqctl(args: &[&str], limit: Duration) -> (bool, String) {
+    let out = Command::new("timeout")
+        .arg(limit.as_secs().to_string())
+        .arg("rabbitmqctl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("rabbitmqctl must be on PATH for the fault tests");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Whether something accepts connections on 127.0.0.1:5672.
+pub fn port_open() -> bool {
+    TcpStream::connect_timeout(&"127.0.0.1:5672".parse().unwrap(), Duration::from_secs(1)).is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A raw AMQP 0-9-1 publisher: amqprs only sends UTF-8 strings, producers in other languages do not.
+
+/// A property of a raw message, as it goes on the wire.
+pub enum RawProp<'a> {
+    /// `message_id` with these bytes (UTF-8 or not).
+    MessageId(&'a [u8]),
+    /// A header table with one long-string entry of these bytes.
+    LongStrHeader(&'a str, &'a [u8]),
+}
+
+fn short(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(u8::try_from(s.len()).expect("short string"));
+    out.extend_from_slice(s);
+}
+
+fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![kind];
+    f.extend_from_slice(&channel.to_be_bytes());
+    f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    f.extend_from_slice(payload);
+    f.push(0xce);
+    f
+}
+
+fn method(class: u16, method: u16, args: &[u8]) -> Vec<u8> {
+    let mut m = class.to_be_bytes().to_vec();
+    m.extend_from_slice(&method.to_be_bytes());
+    m.extend_from_slice(args);
+    m
+}
+
+fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 7];
+    s.read_exact(&mut head).expect("frame header");
+    let size = u32::from_be_bytes(head[3..7].try_into().unwrap()) as usize;
+    let mut payload = vec![0u8; size + 1];
+    s.read_exact(&mut payload).expect("frame payload");
+    payload.pop();
+    (head[0], payload)
+}
+
+/// A raw AMQP connection with channel 1 open.
+struct RawConn {
+    s: TcpStream,
+    frame_max: u32,
+}
+
+impl RawConn {
+    fn open() -> RawConn {
+        let mut s = TcpStream::connect("127.0.0.1:5672").expect("broker on 5672");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"AMQP\x00\x00\x09\x01").unwrap();
+        read_frame(&mut s); // connection.start
+        let mut args = 0u32.to_be_bytes().to_vec(); // empty client properties
+        short(&mut args, b"PLAIN");
+        let auth = b"\0guest\0guest";
+        args.extend_from_slice(&(auth.len() as u32).to_be_bytes());
+        args.extend_from_slice(auth);
+        short(&mut args, b"en_US");
+        s.write_all(&frame(1, 0, &method(10, 11, &args))).unwrap();
+        let (_, tune) = read_frame(&mut s);
+        let channel_max = u16::from_be_bytes(tune[4..6].try_into().unwrap());
+        let frame_max = u32::from_be_bytes(tune[6..10].try_into().unwrap());
+        let mut args = channel_max.to_be_bytes().to_vec();
+        args.extend_from_slice(&frame_max.to_be_bytes());
+        args.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&frame(1, 0, &method(10, 31, &args))).unwrap();
+        let mut args = Vec::new();
+        short(&mut args, b"/");
+        short(&mut args, b"");
+        args.push(0);
+        s.write_all(&frame(1, 0, &method(10, 40, &args))).unwrap();
+        read_frame(&mut s); // open-ok
+        s.write_all(&frame(1, 1, &method(20, 10, &[0]))).unwrap();
+        read_frame(&mut s); // channel.open-ok
+        RawConn { s, frame_max }
+    }
+
+    fn close(mut self) {
+        let mut args = 200u16.to_be_bytes().to_vec();
+        short(&mut args, b"done");
+        args.extend_from_slice(&[0, 0, 0, 0]);
+        self.s
+            .write_all(&frame(1, 1, &method(20, 40, &args)))
+            .unwrap();
+        let (_, ok) = read_frame(&mut self.s);
+        assert_eq!(&ok[..4], &method(20, 41, &[])[..], "channel.close-ok");
+        self.s
+            .write_all(&frame(1, 0, &method(10, 50, &args)))
+            .unwrap();
+        let _ = read_frame(&mut self.s);
+    }
+}
+
+/// Publishes persistent messages with raw properties to `queue` through the default exchange,
+/// then closes the channel (the broker has them once the close is answered).
+pub fn raw_publish(queue: &str, messages: &[(RawProp<'_>, &[u8])]) {
+    let mut c = RawConn::open();
+    for (prop, body) in messages {
+        let mut args = 0u16.to_be_bytes().to_vec();
+        short(&mut args, b"");
+        short(&mut args, queue.as_bytes());
+        args.push(0);
+        c.s.write_all(&frame(1, 1, &method(60, 40, &args))).unwrap();
+        // Property flags, high bit first: headers 13, delivery-mode 12, message-id 7.
+        let mut header = 60u16.to_be_bytes().to_vec();
+        header.extend_from_slice(&0u16.to_be_bytes());
+        header.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        match prop {
+            RawProp::MessageId(id) => {
+                header.extend_from_slice(&((1u16 << 12) | (1 << 7)).to_be_bytes());
+                header.push(2);
+                short(&mut header, id);
+            }
+            RawProp::LongStrHeader(name, value) => {
+                header.extend_from_slice(&((1u16 << 13) | (1 << 12)).to_be_bytes());
+                let mut table = Vec::new();
+                short(&mut table, name.as_bytes());
+                table.push(b'S');
+                table.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                table.extend_from_slice(value);
+                header.extend_from_slice(&(table.len() as u32).to_be_bytes());
+                header.extend_from_slice(&table);
+                header.push(2);
+            }
+        }
+        c.s.write_all(&frame(2, 1, &header)).unwrap();
+        for chunk in body.chunks(c.frame_max as usize - 8) {
+            c.s.write_all(&frame(3, 1, chunk)).unwrap();
+        }
+    }
+    c.close();
+}
+
+/// Takes every message in `queue` with `basic.get`, reading frames as bytes (the dead-letter
+/// queue may hold what amqprs cannot decode); returns their bodies.
+pub fn raw_take_all(queue: &str) -> Vec<Vec<u8>> {
+    let mut c = RawConn::open();
+    let mut bodies = Vec::new();
+    loop {
+        let mut args = 0u16.to_be_bytes().to_vec();
+        short(&mut args, queue.as_bytes());
+        args.push(1); // no-ack
+        c.s.write_all(&frame(1, 1, &method(60, 70, &args))).unwrap();
+        let (_, reply) = read_frame(&mut c.s);
+        if reply[..4] == method(60, 72, &[])[..] {
+            break; // get-empty
+        }
+        assert_eq!(&reply[..4], &method(60, 71, &[])[..], "get-ok");
+        let (_, header) = read_frame(&mut c.s);
+        let size = u64::from_be_bytes(header[4..12].try_into().unwrap()) as usize;
+        let mut body = Vec::with_capacity(size);
+        while body.len() < size {
+            body.extend(read_frame(&mut c.s).1);
+        }
+        bodies.push(body);
+    }
+    c.close();
+    bodies
+}
