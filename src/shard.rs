@@ -364,7 +364,7 @@ impl fmt::Display for CutOverReport {
 }
 
 /// Step 3 of re-sharding (see the module docs): routes the `entry` exchange, which producers
-/// publish to, to the `new` ring's exchange instead of the `old` ring. Call it no sooner than one
+/// publish to, to the new ring's exchange `new_exchange` instead of the `old` ring. Call it no sooner than one
 /// `DEDUPD_TTL` after every old instance forwards to the new ring.
 ///
 /// Binds first, then unbinds, so no message is unroutable on the way; one routed in between
@@ -373,24 +373,23 @@ impl fmt::Display for CutOverReport {
 ///
 /// # Errors
 ///
-/// [`Error::Invalid`] when `new` is the entry or a ring is invalid, [`Error::Connect`],
+/// [`Error::Invalid`] when `new_exchange` is the entry or `old` is invalid, [`Error::Connect`],
 /// [`Error::Topology`] when the new ring exchange does not exist or the broker refuses a change.
 pub async fn cut_over(
     config: &Config,
     entry: &str,
     old: &Ring,
-    new: &Ring,
+    new_exchange: &str,
 ) -> Result<CutOverReport, Error> {
     old.validate()?;
-    new.validate()?;
-    if new.exchange == entry || new.exchange == old.exchange {
+    if new_exchange.is_empty() || new_exchange == entry || new_exchange == old.exchange {
         return Err(Error::Invalid(format!(
-            "the new ring exchange '{}' must differ from the entry '{entry}' and the old ring's",
-            new.exchange
+            "the new ring exchange '{new_exchange}' must differ from the entry '{entry}' and \
+             the old ring's"
         )));
     }
     let conn = connect(config).await?;
-    let result = cut_over_on(&conn, entry, old, new).await;
+    let result = cut_over_on(&conn, entry, old, new_exchange).await;
     let _ = conn.close().await;
     result
 }
@@ -399,14 +398,14 @@ async fn cut_over_on(
     conn: &Connection,
     entry: &str,
     old: &Ring,
-    new: &Ring,
+    new_exchange: &str,
 ) -> Result<CutOverReport, Error> {
     // Passive: the new ring must exist as `declare` made it; the cut-over makes nothing up.
     let mut check = Topology::open(conn, true).await?;
     check
         .exchange_with(
-            &format!("new ring exchange '{}'", new.exchange),
-            &new.exchange,
+            &format!("new ring exchange '{new_exchange}'"),
+            new_exchange,
             KIND,
             FieldTable::new(),
         )
@@ -417,12 +416,9 @@ async fn cut_over_on(
     let mut t = Topology::open(conn, false).await?;
     let result = t
         .channel()
-        .exchange_bind(ExchangeBindArguments::new(&new.exchange, entry, &weight))
+        .exchange_bind(ExchangeBindArguments::new(new_exchange, entry, &weight))
         .await;
-    t.check(
-        &format!("binding of '{}' to '{entry}'", new.exchange),
-        result,
-    )?;
+    t.check(&format!("binding of '{new_exchange}' to '{entry}'"), result)?;
     let mut unbound = Vec::new();
     if old.exchange == entry {
         for queue in old.queues() {
@@ -447,7 +443,7 @@ async fn cut_over_on(
     t.close().await;
     Ok(CutOverReport {
         entry: entry.to_string(),
-        bound: new.exchange.clone(),
+        bound: new_exchange.to_string(),
         unbound,
     })
 }

@@ -435,7 +435,7 @@ async fn reshard_two_to_three_with_old_shards_answering_for_one_ttl_lets_no_dupl
     let during: Vec<String> = third[300..].iter().chain(&third[..300]).cloned().collect();
     let cfg = config(&[]);
     let (cut, ()) = tokio::join!(
-        shard::cut_over(&cfg, &entry, &old, &new),
+        shard::cut_over(&cfg, &entry, &old, &new.exchange),
         publish_parallel(&entry, &during, 1)
     );
     let cut = cut.unwrap();
@@ -447,7 +447,7 @@ async fn reshard_two_to_three_with_old_shards_answering_for_one_ttl_lets_no_dupl
         "too slow to test within the window"
     );
     // Again, for idempotence: the cut-over changes nothing the second time.
-    shard::cut_over(&config(&[]), &entry, &old, &new)
+    shard::cut_over(&config(&[]), &entry, &old, &new.exchange)
         .await
         .unwrap();
 
