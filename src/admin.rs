@@ -1,4 +1,4 @@
-//! Admin answers about the store: check an id, forget it, stats. One implementation for both
+//! Admin answers about the store: check an id, forget it, record it, stats. One implementation for both
 //! roads to it: the running service's HTTP endpoint (`/ids/{id}`, `/stats`) and the CLI opening
 //! the data dir itself when no service holds it.
 //!
@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::metrics::{oldest_age, Metrics};
-use crate::store::{system_now_ms, Error, Store};
+use crate::store::{system_now_ms, Error, Store, Verdict};
 
 /// An answer: HTTP status (200, 404, 400, 500) and a JSON body.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +71,79 @@ pub fn forget(store: &Store, id: &[u8]) -> Answer {
                 body: json!({ "id": shown, "forgotten": removed }),
             }
         }
+        Err(e) => error_answer(&e),
+    }
+}
+
+/// What [`record_ids`] did with a batch of ids.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Ids that were new and are now recorded.
+    pub added: u64,
+    /// Ids already live: left alone, so a rerun changes nothing.
+    pub present: u64,
+    /// Ids someone (the relay, or an earlier copy in the same batch) holds a claim on right now.
+    pub in_flight: u64,
+    /// Ids the store refuses (empty, or over `DEDUPD_MAX_ID_BYTES`).
+    pub refused: u64,
+}
+
+impl std::ops::AddAssign for Recorded {
+    fn add_assign(&mut self, other: Recorded) {
+        self.added += other.added;
+        self.present += other.present;
+        self.in_flight += other.in_flight;
+        self.refused += other.refused;
+    }
+}
+
+/// Records each id as seen at `now_ms` for its TTL (`None`: the store's window), without a
+/// message, as if the relay had forwarded it: one commit, so one flush, for the whole batch.
+/// Ids already live are left alone, which makes a rerun (`dedupd import-redis`) harmless.
+///
+/// # Errors
+///
+/// A sled error or [`Error::Closed`]; nothing of the batch counts as recorded then.
+pub fn record_ids(
+    store: &Store,
+    ids: impl IntoIterator<Item = (Vec<u8>, Option<Duration>)>,
+    now_ms: u64,
+) -> Result<Recorded, Error> {
+    let mut done = Recorded::default();
+    let mut claims = Vec::new();
+    for (id, ttl) in ids {
+        let verdict = store.claim_with_ttl(&id, ttl.unwrap_or_else(|| store.ttl()), now_ms);
+        match verdict {
+            Ok(Verdict::New(claim)) => claims.push(claim),
+            Ok(Verdict::Duplicate(_)) => done.present += 1,
+            Ok(Verdict::InFlight(_)) => done.in_flight += 1,
+            Err(Error::EmptyId { .. } | Error::IdTooLong { .. }) => done.refused += 1,
+            // The claims taken so far drop with `claims` and are released.
+            Err(e) => return Err(e),
+        }
+    }
+    done.added = claims.len() as u64;
+    store.commit(claims, now_ms)?;
+    Ok(done)
+}
+
+/// Records `id` as seen now for `ttl` (`None`: the window), as `PUT /ids/{id}?ttl_ms=N` does:
+/// 200 with `"recorded": true` when added, `false` when it was already live (left alone), 409
+/// while a claim on it is in flight.
+pub fn record(store: &Store, id: &[u8], ttl: Option<Duration>) -> Answer {
+    let shown = String::from_utf8_lossy(id);
+    if let Err(e) = store.check(id, system_now_ms()) {
+        return error_answer(&e); // a refused id: 400 naming why
+    }
+    match record_ids(store, [(id.to_vec(), ttl)], system_now_ms()) {
+        Ok(r) if r.in_flight > 0 => Answer {
+            status: 409,
+            body: json!({ "id": shown, "recorded": false, "in_flight": true }),
+        },
+        Ok(r) => Answer {
+            status: 200,
+            body: json!({ "id": shown, "recorded": r.added > 0 }),
+        },
         Err(e) => error_answer(&e),
     }
 }
@@ -142,5 +215,48 @@ mod tests {
         assert_eq!(forget(&store, b"order-1").status, 404);
         assert_eq!(check(&store, b"order-1").status, 404);
         assert_eq!(stats(&store, None).body["live_ids"], 0);
+    }
+
+    #[test]
+    fn record_adds_new_ids_with_their_ttl_and_leaves_live_ones_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = StoreConfig::new(dir.path());
+        c.expected_ids = 100;
+        c.cache_bytes = 4 << 20;
+        let store = Store::open(c).unwrap();
+        let now = system_now_ms();
+        let batch = || {
+            vec![
+                (b"a".to_vec(), Some(Duration::from_secs(60))),
+                (b"b".to_vec(), None),
+                (Vec::new(), None),
+            ]
+        };
+        // First run: both ids added, the empty one refused.
+        let first = record_ids(&store, batch(), now).unwrap();
+        assert_eq!((first.added, first.present, first.refused), (2, 0, 1));
+        let a = store.check(b"a", now).unwrap().expect("a recorded");
+        assert_eq!(a.expires_ms, now + 60_000);
+        let b = store.check(b"b", now).unwrap().expect("b recorded");
+        assert_eq!(b.expires_ms, now + store.ttl().as_millis() as u64);
+        // A rerun changes nothing: both are already present.
+        let again = record_ids(&store, batch(), now + 5).unwrap();
+        assert_eq!((again.added, again.present), (0, 2));
+        assert_eq!(store.check(b"a", now).unwrap(), Some(a));
+        // Past its TTL, an id is new again.
+        let later = record_ids(&store, batch(), now + 61_000).unwrap();
+        assert_eq!((later.added, later.present), (1, 1));
+
+        let answer = record(&store, b"c", Some(Duration::from_secs(5)));
+        assert_eq!(
+            (answer.status, &answer.body["recorded"]),
+            (200, &json!(true))
+        );
+        let answer = record(&store, b"c", None);
+        assert_eq!(
+            (answer.status, &answer.body["recorded"]),
+            (200, &json!(false))
+        );
+        assert_eq!(record(&store, b"", None).status, 400);
     }
 }

@@ -27,6 +27,8 @@ pub enum Request {
     Forget(String),
     /// The store's figures.
     Stats,
+    /// Record this id as seen for this long (`None`: the window), as `dedupd import-redis` does.
+    Record(String, Option<Duration>),
 }
 
 /// Why an admin request could not be answered.
@@ -75,6 +77,7 @@ pub fn run(config: &Config, request: &Request) -> Result<Answer, Error> {
         Request::Check(id) => admin::check(&store, id.as_bytes()),
         Request::Forget(id) => admin::forget(&store, id.as_bytes()),
         Request::Stats => admin::stats(&store, None),
+        Request::Record(id, ttl) => admin::record(&store, id.as_bytes(), *ttl),
     };
     // Persist the filter so the service's next start does not rebuild it; a failure here loses
     // nothing (the next open rebuilds).
@@ -84,12 +87,16 @@ pub fn run(config: &Config, request: &Request) -> Result<Answer, Error> {
     Ok(answer)
 }
 
-enum HttpFailure {
+/// Why [`over_http`] got no answer.
+pub(crate) enum HttpFailure {
+    /// Nothing listens on the address.
     NoService,
+    /// Something answered, but not as a dedupd endpoint does.
     Bad(String),
 }
 
-fn over_http(
+/// Sends `request` to the service's endpoint at `addr`, with the admin token if any.
+pub(crate) fn over_http(
     addr: SocketAddr,
     token: Option<&str>,
     request: &Request,
@@ -104,6 +111,17 @@ fn over_http(
             format!("/ids/{}", utf8_percent_encode(id, NON_ALPHANUMERIC)),
         ),
         Request::Stats => ("GET", "/stats".into()),
+        Request::Record(id, ttl) => (
+            "PUT",
+            format!(
+                "/ids/{}{}",
+                utf8_percent_encode(id, NON_ALPHANUMERIC),
+                ttl.map_or(String::new(), |t| format!(
+                    "?ttl_ms={}",
+                    t.as_millis().max(1)
+                ))
+            ),
+        ),
     };
     let mut stream =
         TcpStream::connect_timeout(&addr, HTTP_TIMEOUT).map_err(|_| HttpFailure::NoService)?;

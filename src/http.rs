@@ -3,7 +3,9 @@
 //! - `GET /healthz`: 200 while connected and consuming, 503 otherwise;
 //! - `GET /metrics`: Prometheus text;
 //! - `GET /stats`: the store's and relay's figures as JSON;
-//! - `GET /ids/{id}` and `DELETE /ids/{id}`: check or forget one id (percent-encoded).
+//! - `GET /ids/{id}` and `DELETE /ids/{id}`: check or forget one id (percent-encoded);
+//! - `PUT /ids/{id}?ttl_ms=N`: record one id as seen for N ms (the window without `ttl_ms`),
+//!   as `dedupd import-redis` does; an id already live is left alone.
 //!
 //! `/healthz`, `/metrics` and `/stats` are open (Prometheus scrapes from other hosts). The id
 //! routes reveal and change the store: they need `Authorization: Bearer <DEDUPD_ADMIN_TOKEN>`, or,
@@ -169,7 +171,7 @@ async fn answer(mut stream: TcpStream, state: State) -> std::io::Result<()> {
             let answer = blocking(move || admin::stats(&store, Some((&metrics, uptime)))).await;
             respond_json(&mut stream, answer).await
         }
-        (method @ ("GET" | "DELETE"), p) if p.starts_with("/ids/") => {
+        (method @ ("GET" | "DELETE" | "PUT"), p) if p.starts_with("/ids/") => {
             if let Some(status) = state.admin.refuse(authorization) {
                 let body = serde_json::json!({ "error": match status {
                     401 => "a valid Authorization: Bearer token is required",
@@ -179,10 +181,13 @@ async fn answer(mut stream: TcpStream, state: State) -> std::io::Result<()> {
             }
             let id: Vec<u8> = percent_decode_str(&p["/ids/".len()..]).collect();
             let store = state.store;
-            let answer = if method == "GET" {
-                blocking(move || admin::check(&store, &id)).await
-            } else {
-                blocking(move || admin::forget(&store, &id)).await
+            let answer = match method {
+                "GET" => blocking(move || admin::check(&store, &id)).await,
+                "DELETE" => blocking(move || admin::forget(&store, &id)).await,
+                _ => match ttl_param(target) {
+                    Ok(ttl) => blocking(move || admin::record(&store, &id, ttl)).await,
+                    Err(body) => Answer { status: 400, body },
+                },
             };
             respond_json(&mut stream, answer).await
         }
@@ -191,6 +196,21 @@ async fn answer(mut stream: TcpStream, state: State) -> std::io::Result<()> {
             respond(&mut stream, 404, "text/plain", hint).await
         }
         _ => respond(&mut stream, 405, "text/plain", "").await,
+    }
+}
+
+/// The `ttl_ms` query parameter of `target`: `None` when absent (the window), an error body when
+/// it is not a positive number of milliseconds.
+fn ttl_param(target: &str) -> Result<Option<Duration>, serde_json::Value> {
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let Some(value) = query.split('&').find_map(|kv| kv.strip_prefix("ttl_ms=")) else {
+        return Ok(None);
+    };
+    match value.parse::<u64>() {
+        Ok(ms) if ms > 0 => Ok(Some(Duration::from_millis(ms))),
+        _ => Err(serde_json::json!({
+            "error": format!("ttl_ms={value:?}: expected a positive number of milliseconds")
+        })),
     }
 }
 
@@ -217,6 +237,7 @@ fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Internal Server Error",
@@ -261,5 +282,20 @@ mod tests {
         assert_eq!(access.refuse(Some("s3cret")), Some(401));
         assert_eq!(access.refuse(Some("Bearer s3cret")), None);
         assert_eq!(format!("{access:?}"), "Token(***)");
+    }
+
+    #[test]
+    fn ttl_param_is_optional_and_positive() {
+        assert_eq!(ttl_param("/ids/a"), Ok(None));
+        assert_eq!(
+            ttl_param("/ids/a?ttl_ms=1500"),
+            Ok(Some(Duration::from_millis(1500)))
+        );
+        assert_eq!(
+            ttl_param("/ids/a?x=1&ttl_ms=7"),
+            Ok(Some(Duration::from_millis(7)))
+        );
+        assert!(ttl_param("/ids/a?ttl_ms=0").is_err());
+        assert!(ttl_param("/ids/a?ttl_ms=-5").is_err());
     }
 }

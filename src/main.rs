@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use dedupd::cli::{self, Request};
 use dedupd::config::{self, Config, ConfigError, LogFormat};
+use dedupd::redis::import;
 
 /// Why the binary stopped; each maps to an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,8 @@ enum MainError {
     Relay(#[from] dedupd::relay::Error),
     #[error("{0}")]
     Admin(#[from] cli::Error),
+    #[error("{0}")]
+    Import(#[from] import::Error),
 }
 
 impl MainError {
@@ -39,10 +42,14 @@ usage: dedupd                 run the relay (configured by DEDUPD_* variables, b
        dedupd forget <id>     forget <id>, so its next copy passes
        dedupd stats           the store's figures as JSON
        dedupd config          the effective configuration, secrets masked
+       dedupd import-redis <redis-url> [--match 'msg:*'] [--strip-prefix msg:] [--into relay|redis]
+                              copy a Redis' live keys with their TTL: as the relay's seen ids
+                              (key minus the prefix), or as the Redis endpoint's keys
        dedupd --version
 
-check, forget and stats ask the running service at DEDUPD_METRICS_ADDR, or open
-DEDUPD_DATA_DIR directly when no service answers there.
+check, forget, stats and import-redis ask the running service at DEDUPD_METRICS_ADDR
+(import-redis --into redis: at DEDUPD_REDIS_ADDR), or open DEDUPD_DATA_DIR directly when no
+service answers there.
 ";
 
 fn main() -> ExitCode {
@@ -79,6 +86,18 @@ fn try_main() -> Result<ExitCode, MainError> {
         ["check", id] => Some(Request::Check((*id).into())),
         ["forget", id] => Some(Request::Forget((*id).into())),
         ["stats"] => Some(Request::Stats),
+        ["import-redis", rest @ ..] => {
+            let options = import::Options::parse(rest).map_err(MainError::Usage)?;
+            let config = Config::from_env()?;
+            init_logging(&config);
+            let summary = import::run(&config, &options)?;
+            // Refused keys (empty or too long ids) would pass again: not a clean import.
+            return Ok(if summary.complete() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
         _ => {
             return Err(MainError::Usage(format!(
                 "unexpected arguments {args:?}; see dedupd --help"

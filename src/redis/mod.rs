@@ -14,6 +14,7 @@
 
 mod command;
 mod glob;
+pub mod import;
 mod info;
 mod resp;
 
