@@ -208,11 +208,12 @@ async fn run(bin: &str, shards: u32, n: usize) -> Measured {
     // Drain, timed from the first process start.
     let dirs: Vec<_> = (0..shards).map(|_| tempfile::tempdir().unwrap()).collect();
     let start = Instant::now();
-    let mut children: Vec<Child> = ring
-        .queues()
-        .zip(&dirs)
-        .map(|(queue, dir)| spawn(bin, &queue, &dest, dir.path()))
-        .collect();
+    let mut children = Children(
+        ring.queues()
+            .zip(&dirs)
+            .map(|(queue, dir)| spawn(bin, &queue, &dest, dir.path()))
+            .collect(),
+    );
     let deadline = Instant::now() + WAIT;
     let elapsed = loop {
         let forwarded = ready(&ch, &out).await as usize;
@@ -223,7 +224,7 @@ async fn run(bin: &str, shards: u32, n: usize) -> Measured {
         if forwarded >= distinct && left == 0 {
             break start.elapsed();
         }
-        for c in &mut children {
+        for c in &mut children.0 {
             if let Some(status) = c.try_wait().unwrap() {
                 panic!("dedupd exited with {status}; see its log in {dirs:?}");
             }
@@ -234,13 +235,13 @@ async fn run(bin: &str, shards: u32, n: usize) -> Measured {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let cpu_s = children.iter().map(|c| cpu_seconds(c.id())).sum();
-    for c in &mut children {
+    let cpu_s = children.0.iter().map(|c| cpu_seconds(c.id())).sum();
+    for c in &mut children.0 {
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();
     }
-    for c in &mut children {
+    for c in &mut children.0 {
         let status = c.wait().unwrap();
         assert!(status.success(), "dedupd stopped with {status}");
     }
@@ -270,6 +271,19 @@ async fn run(bin: &str, shards: u32, n: usize) -> Measured {
         forwarded,
         per_shard,
         cpu_s,
+    }
+}
+
+/// The shards' processes, killed if the bench fails half-way (a stray dedupd would keep
+/// consuming the next run's queues).
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

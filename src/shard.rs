@@ -7,12 +7,12 @@
 //!
 //! # Topology
 //!
-//! [`declare`] makes, idempotently, for a [`Ring`] (defaults in brackets):
+//! [`declare`] makes, idempotently, for a [`Ring`] (default names in parentheses):
 //!
-//! - the ring exchange [`dedupd.shard`]: `x-consistent-hash`, durable, with `hash-property:
+//! - the ring exchange (`dedupd.shard`): `x-consistent-hash`, durable, with `hash-property:
 //!   message_id`, or `hash-header: <name>` when `DEDUPD_ID_SOURCE=header:<name>` (the exchange
 //!   must hash exactly what dedupd takes as the id);
-//! - N source queues [`dedupd.in.0` … `dedupd.in.<N-1>`], each declared exactly as the relay
+//! - N source queues (`dedupd.in.0` … `dedupd.in.<N-1>`), each declared exactly as the relay
 //!   declares its source (durable, `x-dead-letter-exchange = <queue>.dlx`, with `<queue>.dlx` and
 //!   `<queue>.dead`), and bound to the ring with weight 1. The plugin gives a binding as many
 //!   buckets of a jump consistent hash as its weight, so equal weights are equal shares.
