@@ -560,3 +560,135 @@ mod tests {
         ));
     }
 }
+
+/// A `dedupd topology ...` command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `topology --shards N [--exchange X] [--queue-prefix P]`: declare a ring.
+    Declare(Ring),
+    /// `topology cut-over --entry E --old-shards N [--old-exchange X] [--old-queue-prefix P]
+    /// --new-exchange X`: move the entry exchange to a new ring.
+    CutOver {
+        /// The exchange producers publish to.
+        entry: String,
+        /// The ring being retired.
+        old: Ring,
+        /// The new ring's exchange.
+        new_exchange: String,
+    },
+}
+
+impl Command {
+    /// Parses the arguments after `topology`; the error is a usage line.
+    pub fn parse(args: &[&str]) -> Result<Command, String> {
+        let (cut_over, flags) = match args {
+            ["cut-over", rest @ ..] => (true, rest),
+            rest => (false, rest),
+        };
+        let mut values = std::collections::BTreeMap::new();
+        let mut it = flags.iter();
+        while let Some(flag) = it.next() {
+            let known: &[&str] = if cut_over {
+                &[
+                    "--entry",
+                    "--old-shards",
+                    "--old-exchange",
+                    "--old-queue-prefix",
+                    "--new-exchange",
+                ]
+            } else {
+                &["--shards", "--exchange", "--queue-prefix"]
+            };
+            if !known.contains(flag) {
+                return Err(format!(
+                    "topology: unknown option {flag:?}; expected {known:?}"
+                ));
+            }
+            let value = it.next().ok_or(format!("topology: {flag} needs a value"))?;
+            values.insert(*flag, value.to_string());
+        }
+        let shards = |flag: &str| -> Result<u32, String> {
+            values
+                .get(flag)
+                .ok_or(format!("topology: {flag} N is required"))?
+                .parse()
+                .map_err(|_| format!("topology: {flag} takes a number of shards"))
+        };
+        let named = |flag: &str, default: &str| values.get(flag).cloned().unwrap_or(default.into());
+        if !cut_over {
+            return Ok(Command::Declare(Ring {
+                exchange: named("--exchange", DEFAULT_EXCHANGE),
+                queue_prefix: named("--queue-prefix", DEFAULT_QUEUE_PREFIX),
+                shards: shards("--shards")?,
+            }));
+        }
+        let entry = named("--entry", DEFAULT_EXCHANGE);
+        Ok(Command::CutOver {
+            old: Ring {
+                exchange: named("--old-exchange", &entry),
+                queue_prefix: named("--old-queue-prefix", DEFAULT_QUEUE_PREFIX),
+                shards: shards("--old-shards")?,
+            },
+            new_exchange: values
+                .get("--new-exchange")
+                .cloned()
+                .ok_or("topology cut-over: --new-exchange X is required")?,
+            entry,
+        })
+    }
+
+    /// Runs the command against the broker of `config`; returns the report to print.
+    ///
+    /// # Errors
+    ///
+    /// As [`declare`] and [`cut_over`].
+    pub async fn run(&self, config: &Config) -> Result<String, Error> {
+        Ok(match self {
+            Command::Declare(ring) => declare(config, ring).await?.to_string(),
+            Command::CutOver {
+                entry,
+                old,
+                new_exchange,
+            } => cut_over(config, entry, old, new_exchange)
+                .await?
+                .to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::*;
+
+    #[test]
+    fn parses_declare_and_cut_over_with_defaults() {
+        assert_eq!(
+            Command::parse(&["--shards", "3"]).unwrap(),
+            Command::Declare(Ring::new(3))
+        );
+        let c = Command::parse(&[
+            "cut-over",
+            "--old-shards",
+            "2",
+            "--new-exchange",
+            "dedupd.shard.v2",
+        ])
+        .unwrap();
+        assert_eq!(
+            c,
+            Command::CutOver {
+                entry: DEFAULT_EXCHANGE.into(),
+                old: Ring::new(2),
+                new_exchange: "dedupd.shard.v2".into(),
+            }
+        );
+        assert!(Command::parse(&[])
+            .unwrap_err()
+            .contains("--shards N is required"));
+        assert!(Command::parse(&["--shards", "x"]).is_err());
+        assert!(Command::parse(&["--bogus", "1"])
+            .unwrap_err()
+            .contains("unknown option"));
+        assert!(Command::parse(&["cut-over", "--old-shards", "2"]).is_err());
+    }
+}

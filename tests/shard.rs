@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use amqprs::channel::{BasicPublishArguments, ExchangeDeleteArguments, QueueDeleteArguments};
 use amqprs::connection::{Connection, OpenConnectionArguments};
-use common::{id_props, ids_of, Broker, Relay, WAIT};
+use common::{dedupd, id_props, ids_of, Broker, Relay, WAIT};
 use dedupd::shard::{self, Ring};
 use dedupd::Config;
 use rand::seq::SliceRandom;
@@ -596,6 +596,40 @@ async fn ring_is_bound_in_the_order_a_broker_restart_rebuilds_it() {
     let mut sorted: Vec<String> = ring.queues().collect();
     sorted.sort();
     assert_eq!(on_ring, sorted, "{text}");
+    delete_ring(&broker, &ring).await;
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_subcommand_declares_the_ring_and_refuses_body_hashes() {
+    ensure_plugin();
+    let broker = Broker::connect().await;
+    let ring = ring(&broker, "", 2);
+    let out = dedupd()
+        .args(["topology", "--shards", "2", "--exchange", &ring.exchange])
+        .args(["--queue-prefix", &ring.queue_prefix])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("hash-property: message_id"), "{text}");
+    for i in 0..2 {
+        assert!(text.contains(&ring.queue(i)), "{text}");
+        // The queues exist now (a passive declare would panic otherwise).
+        assert_eq!(broker.count(&ring.queue(i)).await, 0);
+    }
+    // body-sha256 cannot be sharded by the exchange: a configuration error, exit 2.
+    let out = dedupd()
+        .args(["topology", "--shards", "2", "--exchange", &ring.exchange])
+        .env("DEDUPD_ID_SOURCE", "body-sha256")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("body-sha256"));
     delete_ring(&broker, &ring).await;
     broker.cleanup().await;
 }
