@@ -145,6 +145,8 @@ pub(crate) struct Session<'a> {
     commits_out: usize,
     /// Deliveries waiting for another delivery's claim to settle.
     waiting: usize,
+    /// Shutting down: acks are sent at once, not held for a `multiple` one.
+    draining: bool,
 }
 
 impl<'a> Session<'a> {
@@ -237,6 +239,7 @@ impl<'a> Session<'a> {
             claims_out: 0,
             commits_out: 0,
             waiting: 0,
+            draining: false,
         };
         Ok((session, deliveries))
     }
@@ -285,6 +288,7 @@ impl<'a> Session<'a> {
                 biased;
                 _ = shutdown.fired(), if grace.is_none() => {
                     grace = Some(tokio::time::Instant::now() + self.cx.config.shutdown_grace);
+                    self.draining = true;
                     self.cx.metrics.set_healthy(false);
                     tracing::info!(
                         in_flight = self.unsettled.len(),
@@ -343,6 +347,7 @@ impl<'a> Session<'a> {
             && self.waiting == 0
             && self.confirms.is_empty()
             && self.commits_out == 0
+            && !self.unsettled.has_deferred()
     }
 
     async fn on_delivery(&mut self, mut message: ConsumerMessage) -> Result<(), Failure> {
@@ -616,8 +621,12 @@ impl<'a> Session<'a> {
             }
             self.claims_out += 1;
         }
-        if !self.to_ack.is_empty() {
-            for (tag, multiple) in self.unsettled.ack(&mut self.to_ack) {
+        if !self.to_ack.is_empty() || self.unsettled.has_deferred() {
+            // Draining, nothing is worth waiting for: every ack goes now.
+            let acks = self
+                .unsettled
+                .ack(&mut self.to_ack, Instant::now(), self.draining);
+            for (tag, multiple) in acks {
                 self.consume
                     .basic_ack(BasicAckArguments::new(tag, multiple))
                     .await
