@@ -48,6 +48,8 @@ pub async fn connect() -> Connection {
 /// A test's randomly named topology and a connection that comes back after a broker outage.
 pub struct Broker {
     link: Option<(Connection, Channel)>,
+    /// Set once [`Broker::cleanup`] ran; otherwise dropping deletes the objects (a failed test).
+    cleaned: bool,
     /// Source queue dedupd consumes.
     pub source: String,
     /// Destination exchange dedupd publishes to.
@@ -63,6 +65,7 @@ impl Broker {
         let base = format!("dedupd-fault-{tag}-{:012x}", rand::random::<u64>() >> 16);
         let mut broker = Broker {
             link: None,
+            cleaned: false,
             source: format!("{base}.in"),
             dest: format!("{base}.out"),
             out: format!("{base}.out-q"),
@@ -261,10 +264,17 @@ impl Broker {
         out
     }
 
+    fn objects(&self) -> ([String; 3], [String; 2]) {
+        (
+            [self.source.clone(), self.dead(), self.out.clone()],
+            [format!("{}.dlx", self.source), self.dest.clone()],
+        )
+    }
+
     /// Deletes what the test declared and what dedupd declared for it.
     pub async fn cleanup(mut self) {
-        let queues = [self.source.clone(), self.dead(), self.out.clone()];
-        let exchanges = [format!("{}.dlx", self.source), self.dest.clone()];
+        self.cleaned = true;
+        let (queues, exchanges) = self.objects();
         let ch = self.ch().await.clone();
         for q in &queues {
             let _ = ch.queue_delete(QueueDeleteArguments::new(q)).await;
@@ -367,6 +377,18 @@ impl Feeder {
             .await
             .expect("feeder finished in time")
             .expect("feeder did not panic")
+    }
+}
+
+impl Drop for Broker {
+    /// A test that failed half-way leaves its queues behind unless they go here; synchronous, so
+    /// over a raw connection (the async one may belong to a runtime that is going away).
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let (queues, exchanges) = self.objects();
+        let _ = std::panic::catch_unwind(|| raw_delete(&queues, &exchanges));
     }
 }
 
@@ -787,6 +809,26 @@ pub fn raw_publish(queue: &str, messages: &[(RawProp<'_>, &[u8])]) {
         for chunk in body.chunks(c.frame_max as usize - 8) {
             c.s.write_all(&frame(3, 1, chunk)).unwrap();
         }
+    }
+    c.close();
+}
+
+/// Deletes queues and exchanges over a raw connection.
+fn raw_delete(queues: &[String], exchanges: &[String]) {
+    let mut c = RawConn::open();
+    for q in queues {
+        let mut args = 0u16.to_be_bytes().to_vec();
+        short(&mut args, q.as_bytes());
+        args.push(0); // not if-unused, not if-empty, wait for the answer
+        c.s.write_all(&frame(1, 1, &method(50, 40, &args))).unwrap();
+        read_frame(&mut c.s); // delete-ok
+    }
+    for x in exchanges {
+        let mut args = 0u16.to_be_bytes().to_vec();
+        short(&mut args, x.as_bytes());
+        args.push(0);
+        c.s.write_all(&frame(1, 1, &method(40, 20, &args))).unwrap();
+        read_frame(&mut c.s); // delete-ok
     }
     c.close();
 }

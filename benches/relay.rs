@@ -1,0 +1,441 @@
+//! End-to-end relay benchmark on the local broker: dedupd (release build) next to a passthrough
+//! relay with no store and RabbitMQ's own shovel, on the same workload, in one run.
+//!
+//! ```sh
+//! cargo bench --bench relay
+//! ```
+//!
+//! For each relay: queue `RELAY_BENCH_N` (default 50 000) persistent 256-byte messages, 20 % of
+//! them repeating an earlier id, into a fresh source queue; start the relay; time until the
+//! source is empty and the destination holds everything the relay forwards (dedupd: each id
+//! once; passthrough and shovel: every message). CPU seconds come from /proc: the relay process
+//! (dedupd), and the broker's `beam.smp`. `RELAY_BENCH_ROUNDS` (default 1) repeats the three,
+//! interleaved, and the table shows each round.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use amqprs::callbacks::ChannelCallback;
+use amqprs::channel::{
+    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, Channel,
+    ConfirmSelectArguments, ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments,
+    QueueDeclareArguments, QueueDeleteArguments,
+};
+use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return};
+use tokio::sync::mpsc;
+
+/// Body size, as in CALIBRATION.md.
+const BODY: usize = 256;
+/// Prefetch of every relay (dedupd's default).
+const PREFETCH: u16 = 1000;
+/// Longest a fill or a drain may take.
+const WAIT: Duration = Duration::from_secs(600);
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let n: usize = env_or("RELAY_BENCH_N", 50_000);
+    let rounds: usize = env_or("RELAY_BENCH_ROUNDS", 1);
+    let bin = dedupd_release();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        enable_shovel();
+        let ids = workload(n);
+        let distinct = {
+            let mut d = ids.clone();
+            d.sort();
+            d.dedup();
+            d.len()
+        };
+        let mut rows = Vec::new();
+        for round in 1..=rounds {
+            rows.push(("shovel", round, run(Relay::Shovel, &ids, n).await));
+            rows.push(("passthrough", round, run(Relay::Passthrough, &ids, n).await));
+            rows.push(("dedupd", round, run(Relay::Dedupd(&bin), &ids, distinct).await));
+        }
+        print_table(n, distinct, &rows);
+    });
+}
+
+fn env_or(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{var} is a number")))
+        .unwrap_or(default)
+}
+
+/// The release `dedupd`: built here (a no-op when `cargo bench` just built it).
+fn dedupd_release() -> PathBuf {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--bin", "dedupd"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build --release");
+    assert!(status.success(), "cargo build --release failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let bin = target.join("release/dedupd");
+    assert!(bin.exists(), "no {}", bin.display());
+    bin
+}
+
+/// Ids in publish order: every fifth repeats an earlier one.
+fn workload(n: usize) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::with_capacity(n);
+    for i in 0..n {
+        if i % 5 == 4 {
+            let back = 1 + (i * 7919) % i;
+            ids.push(ids[i - back].clone());
+        } else {
+            ids.push(format!("bench-{i}"));
+        }
+    }
+    ids
+}
+
+enum Relay<'a> {
+    Dedupd(&'a PathBuf),
+    Passthrough,
+    Shovel,
+}
+
+/// What one relay did.
+struct Figures {
+    elapsed: Duration,
+    relay_cpu: Option<f64>,
+    broker_cpu: f64,
+}
+
+async fn connect() -> Connection {
+    let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
+    tokio::time::timeout(Duration::from_secs(10), Connection::open(&args))
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 did not answer within 10 s")
+        .expect("cannot connect to RabbitMQ on 127.0.0.1:5672 (guest/guest)")
+}
+
+async fn ready(ch: &Channel, queue: &str) -> usize {
+    let (_, n, _) = ch
+        .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
+        .await
+        .unwrap()
+        .unwrap();
+    n as usize
+}
+
+/// Declares fresh queues, fills the source, runs `relay` until drained, cleans up.
+async fn run(relay: Relay<'_>, ids: &[String], expect_out: usize) -> Figures {
+    let conn = connect().await;
+    let ch = conn.open_channel(None).await.unwrap();
+    let base = format!("dedupd-bench-{:012x}", rand::random::<u64>() >> 16);
+    let (source, dest, out) = (
+        format!("{base}.in"),
+        format!("{base}.out"),
+        format!("{base}.out-q"),
+    );
+    // The source exactly as dedupd declares it, so that all three use the same queue.
+    let mut args = FieldTable::new();
+    args.insert(
+        "x-dead-letter-exchange".try_into().unwrap(),
+        FieldValue::from(format!("{source}.dlx")),
+    );
+    ch.queue_declare(
+        QueueDeclareArguments::new(&source)
+            .durable(true)
+            .arguments(args)
+            .finish(),
+    )
+    .await
+    .unwrap();
+    ch.exchange_declare(
+        ExchangeDeclareArguments::new(&dest, "fanout")
+            .durable(true)
+            .finish(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(QueueDeclareArguments::new(&out).durable(true).finish())
+        .await
+        .unwrap();
+    ch.queue_bind(QueueBindArguments::new(&out, &dest, ""))
+        .await
+        .unwrap();
+    fill(&ch, &source, ids).await;
+
+    let broker = broker_pid();
+    let broker_cpu = cpu_seconds(broker);
+    let data = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let (elapsed, relay_cpu) = match relay {
+        Relay::Dedupd(bin) => {
+            let mut child = Command::new(bin)
+                .env("DEDUPD_SOURCE_QUEUE", &source)
+                .env("DEDUPD_DEST_EXCHANGE", &dest)
+                .env("DEDUPD_DATA_DIR", data.path())
+                .env("DEDUPD_METRICS_ADDR", "off")
+                .env("DEDUPD_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("start dedupd");
+            let elapsed = drained(&ch, &source, &out, expect_out, start).await;
+            let cpu = cpu_seconds(child.id());
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            assert!(child.wait().unwrap().success(), "dedupd exit");
+            (elapsed, Some(cpu))
+        }
+        Relay::Passthrough => {
+            let relay = passthrough(source.clone(), dest.clone(), ids.len() as u64);
+            let elapsed = drained(&ch, &source, &out, expect_out, start).await;
+            relay.join().expect("passthrough relay");
+            (elapsed, None)
+        }
+        Relay::Shovel => {
+            let name = format!("{base}-shovel");
+            let definition = format!(
+                r#"{{"src-protocol":"amqp091","src-uri":"amqp://guest:guest@127.0.0.1","src-queue":"{source}","src-prefetch-count":{PREFETCH},"dest-protocol":"amqp091","dest-uri":"amqp://guest:guest@127.0.0.1","dest-exchange":"{dest}","ack-mode":"on-confirm"}}"#
+            );
+            rabbitmqctl(&["set_parameter", "shovel", &name, &definition]);
+            let elapsed = drained(&ch, &source, &out, expect_out, start).await;
+            rabbitmqctl(&["clear_parameter", "shovel", &name]);
+            (elapsed, None)
+        }
+    };
+    let broker_cpu = cpu_seconds(broker) - broker_cpu;
+    // Nothing more arrives once drained: the relay forwarded exactly what it should.
+    assert_eq!(ready(&ch, &out).await, expect_out, "{base}: destination count");
+
+    for q in [&source, &out, &format!("{source}.dead")] {
+        let _ = ch.queue_delete(QueueDeleteArguments::new(q)).await;
+    }
+    for x in [&dest, &format!("{source}.dlx")] {
+        let _ = ch.exchange_delete(ExchangeDeleteArguments::new(x)).await;
+    }
+    let _ = ch.close().await;
+    let _ = conn.close().await;
+    Figures {
+        elapsed,
+        relay_cpu,
+        broker_cpu,
+    }
+}
+
+/// Publishes the workload into `source` with confirms, and waits until the queue holds it.
+async fn fill(ch: &Channel, source: &str, ids: &[String]) {
+    ch.confirm_select(ConfirmSelectArguments::new(false))
+        .await
+        .unwrap();
+    let body = vec![b'x'; BODY];
+    for id in ids {
+        let props = BasicProperties::default()
+            .with_message_id(id)
+            .with_persistence(true)
+            .finish();
+        ch.basic_publish(props, body.clone(), BasicPublishArguments::new("", source))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + WAIT;
+    while ready(ch, source).await < ids.len() {
+        assert!(Instant::now() < deadline, "{source} never filled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `out` holds `n` messages and `source` none; the time since `start`.
+async fn drained(ch: &Channel, source: &str, out: &str, n: usize, start: Instant) -> Duration {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if ready(ch, out).await >= n && ready(ch, source).await == 0 {
+            return start.elapsed();
+        }
+        assert!(Instant::now() < deadline, "drain did not finish");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl on PATH");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+}
+
+/// The shovel plugin ships with RabbitMQ; enabling it is idempotent and needs no network.
+fn enable_shovel() {
+    let out = Command::new("rabbitmq-plugins")
+        .args(["enable", "rabbitmq_shovel"])
+        .output()
+        .expect("rabbitmq-plugins on PATH");
+    assert!(out.status.success(), "enable rabbitmq_shovel: {out:?}");
+}
+
+/// The broker's Erlang VM.
+fn broker_pid() -> u32 {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "beam.smp")
+        })
+        .expect("no beam.smp process: is RabbitMQ running here?")
+}
+
+/// User + system CPU seconds of `pid` so far, from /proc/<pid>/stat.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at state, field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    out.ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn print_table(n: usize, distinct: usize, rows: &[(&str, usize, Figures)]) {
+    println!();
+    println!(
+        "{n} persistent {BODY}-byte messages, {distinct} distinct ids, queued before start; prefetch {PREFETCH}"
+    );
+    println!();
+    println!("| relay | round | drain time | msg/s | relay CPU s | broker CPU s |");
+    println!("|---|---|---|---|---|---|");
+    let rate = |f: &Figures| n as f64 / f.elapsed.as_secs_f64();
+    for (name, round, f) in rows {
+        println!(
+            "| {name} | {round} | {:.2} s | {:.0} | {} | {:.2} |",
+            f.elapsed.as_secs_f64(),
+            rate(f),
+            f.relay_cpu
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            f.broker_cpu
+        );
+    }
+    let mean = |which: &str| {
+        let r: Vec<f64> = rows
+            .iter()
+            .filter(|(name, _, _)| *name == which)
+            .map(|(_, _, f)| rate(f))
+            .collect();
+        r.iter().sum::<f64>() / r.len() as f64
+    };
+    let (d, p, s) = (mean("dedupd"), mean("passthrough"), mean("shovel"));
+    println!();
+    println!(
+        "dedupd / shovel = {:.2} (goal >= 0.90), dedupd / passthrough = {:.2} (goal >= 0.95)",
+        d / s,
+        d / p
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The passthrough: dedupd's pipelining (manual acks, prefetch, confirms, `multiple` acks on
+// each confirm) with no store and no dedup.
+
+struct Confirms(mpsc::UnboundedSender<(u64, bool)>);
+
+#[async_trait::async_trait]
+impl ChannelCallback for Confirms {
+    async fn close(&mut self, _: &Channel, _: CloseChannel) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn cancel(&mut self, _: &Channel, _: Cancel) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn flow(&mut self, _: &Channel, active: bool) -> Result<bool, amqprs::error::Error> {
+        Ok(active)
+    }
+    async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
+        let _ = self.0.send((ack.delivery_tag(), ack.mutiple()));
+    }
+    async fn publish_nack(&mut self, _: &Channel, _: Nack) {
+        panic!("passthrough publish nacked");
+    }
+    async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {
+        panic!("passthrough publish returned");
+    }
+}
+
+/// Forwards `n` messages from `source` to `dest` on a current-thread runtime of its own (as
+/// dedupd runs), acking each confirmed range with `multiple`.
+fn passthrough(source: String, dest: String, n: u64) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let conn = connect().await;
+            let publish = conn.open_channel(None).await.unwrap();
+            let (tx, mut confirms) = mpsc::unbounded_channel();
+            publish.register_callback(Confirms(tx)).await.unwrap();
+            publish
+                .confirm_select(ConfirmSelectArguments::new(false))
+                .await
+                .unwrap();
+            let consume = conn.open_channel(None).await.unwrap();
+            consume
+                .basic_qos(BasicQosArguments::new(0, PREFETCH, false))
+                .await
+                .unwrap();
+            let (_, mut deliveries) = consume
+                .basic_consume_rx(
+                    BasicConsumeArguments::new(&source, "")
+                        .manual_ack(true)
+                        .finish(),
+                )
+                .await
+                .unwrap();
+            // Publish number -> delivery tag; both grow together, so ranges map to ranges.
+            let mut tags = BTreeMap::new();
+            let (mut seq, mut acked) = (0u64, 0u64);
+            while acked < n {
+                tokio::select! {
+                    Some(m) = deliveries.recv() => {
+                        seq += 1;
+                        tags.insert(seq, m.deliver.unwrap().delivery_tag());
+                        publish
+                            .basic_publish(
+                                m.basic_properties.unwrap(),
+                                m.content.unwrap(),
+                                BasicPublishArguments::new(&dest, "").mandatory(true).finish(),
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    Some((confirmed, multiple)) = confirms.recv() => {
+                        let tag = tags[&confirmed];
+                        if multiple {
+                            let rest = tags.split_off(&(confirmed + 1));
+                            acked += tags.len() as u64;
+                            tags = rest;
+                        } else {
+                            tags.remove(&confirmed);
+                            acked += 1;
+                        }
+                        consume.basic_ack(BasicAckArguments::new(tag, multiple)).await.unwrap();
+                    }
+                }
+            }
+            let _ = consume.close().await;
+            let _ = publish.close().await;
+            let _ = conn.close().await;
+        });
+    })
+}
