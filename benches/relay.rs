@@ -57,7 +57,11 @@ fn main() {
         for round in 1..=rounds {
             rows.push(("shovel", round, run(Relay::Shovel, &ids, n).await));
             rows.push(("passthrough", round, run(Relay::Passthrough, &ids, n).await));
-            rows.push(("dedupd", round, run(Relay::Dedupd(&bin), &ids, distinct).await));
+            rows.push((
+                "dedupd",
+                round,
+                run(Relay::Dedupd(&bin), &ids, distinct).await,
+            ));
         }
         print_table(n, distinct, &rows);
     });
@@ -210,7 +214,11 @@ async fn run(relay: Relay<'_>, ids: &[String], expect_out: usize) -> Figures {
     };
     let broker_cpu = cpu_seconds(broker) - broker_cpu;
     // Nothing more arrives once drained: the relay forwarded exactly what it should.
-    assert_eq!(ready(&ch, &out).await, expect_out, "{base}: destination count");
+    assert_eq!(
+        ready(&ch, &out).await,
+        expect_out,
+        "{base}: destination count"
+    );
 
     for q in [&source, &out, &format!("{source}.dead")] {
         let _ = ch.queue_delete(QueueDeleteArguments::new(q)).await;
