@@ -33,15 +33,18 @@ pub enum DeadLetterReason {
     Returned,
     /// No confirm within the confirm timeout.
     Timeout,
+    /// The AMQP client could not decode it (a non-UTF-8 message id, header or routing key).
+    Undecodable,
 }
 
 impl DeadLetterReason {
-    const ALL: [DeadLetterReason; 5] = [
+    const ALL: [DeadLetterReason; 6] = [
         DeadLetterReason::NoId,
         DeadLetterReason::BadId,
         DeadLetterReason::Nacked,
         DeadLetterReason::Returned,
         DeadLetterReason::Timeout,
+        DeadLetterReason::Undecodable,
     ];
 
     /// The label value in `/metrics`.
@@ -52,6 +55,7 @@ impl DeadLetterReason {
             DeadLetterReason::Nacked => "nacked",
             DeadLetterReason::Returned => "returned",
             DeadLetterReason::Timeout => "confirm_timeout",
+            DeadLetterReason::Undecodable => "undecodable",
         }
     }
 }

@@ -158,6 +158,7 @@ impl<'a> Session<'a> {
         events: mpsc::UnboundedReceiver<Event>,
     ) -> Result<(Session<'a>, mpsc::UnboundedReceiver<ConsumerMessage>), Failure> {
         let config = cx.config;
+        let metrics = cx.metrics;
         let io_failed = conn.listen_network_io_failure();
         tokio::pin!(io_failed);
         let opened = tokio::select! {
@@ -177,7 +178,7 @@ impl<'a> Session<'a> {
                         Ok(true)
                     );
                 if io_error {
-                    sweep_source(config).await;
+                    sweep_source(config, metrics).await;
                 }
                 Err(failure)
             }
@@ -310,7 +311,7 @@ impl<'a> Session<'a> {
                 }
                 io_error = &mut conn_lost => {
                     if io_error {
-                        sweep_source(self.cx.config).await;
+                        sweep_source(self.cx.config, self.cx.metrics).await;
                     }
                     return Err(Failure::Lost("connection lost".into()));
                 }
@@ -330,7 +331,7 @@ impl<'a> Session<'a> {
                     None => {
                         // The client library ends the stream when the connection dies; if it
                         // died decoding a delivery, that message is at the head of the queue.
-                        sweep_source(self.cx.config).await;
+                        sweep_source(self.cx.config, self.cx.metrics).await;
                         return Err(Failure::Lost("the consumer stopped".into()));
                     }
                 },
@@ -640,13 +641,18 @@ impl<'a> Session<'a> {
 /// After the connection died under the relay: dead-letters the messages at the head of the
 /// source queue that amqprs cannot decode (see [`quarantine`]), so that one such message cannot
 /// stop the relay for good.
-async fn sweep_source(config: &Config) {
+async fn sweep_source(config: &Config, metrics: &Metrics) {
     match quarantine::sweep(config).await {
-        Ok(swept) if swept.rejected > 0 => tracing::warn!(
-            rejected = swept.rejected,
-            inspected = swept.inspected,
-            "dead-lettered messages the AMQP client cannot decode"
-        ),
+        Ok(swept) if swept.rejected > 0 => {
+            for _ in 0..swept.rejected {
+                metrics.dead_lettered(DeadLetterReason::Undecodable);
+            }
+            tracing::warn!(
+                rejected = swept.rejected,
+                inspected = swept.inspected,
+                "dead-lettered messages the AMQP client cannot decode"
+            )
+        }
         Ok(swept) => tracing::debug!(
             inspected = swept.inspected,
             "no undecodable message at the head of the source queue"
