@@ -190,13 +190,17 @@ mod tests {
     use super::*;
     use crate::store::{StoreConfig, Verdict};
 
+    fn small_store(dir: &std::path::Path) -> Store {
+        let mut c = StoreConfig::new(dir);
+        c.expected_ids = 100;
+        c.cache_bytes = 4 << 20;
+        Store::open(c).unwrap()
+    }
+
     #[test]
     fn check_forget_and_stats_answer_like_the_endpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = StoreConfig::new(dir.path());
-        c.expected_ids = 100;
-        c.cache_bytes = 4 << 20;
-        let store = Store::open(c).unwrap();
+        let store = small_store(dir.path());
         let now = system_now_ms();
         let Verdict::New(claim) = store.claim(b"order-1", now).unwrap() else {
             panic!("new id expected");
@@ -220,10 +224,7 @@ mod tests {
     #[test]
     fn record_adds_new_ids_with_their_ttl_and_leaves_live_ones_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = StoreConfig::new(dir.path());
-        c.expected_ids = 100;
-        c.cache_bytes = 4 << 20;
-        let store = Store::open(c).unwrap();
+        let store = small_store(dir.path());
         let now = system_now_ms();
         let batch = || {
             vec![

@@ -135,10 +135,7 @@ impl Kv {
     ) -> Result<(SetOutcome, Ticket), Error> {
         let shared = &self.shared;
         shared.validate(key)?;
-        let _guard = shared.commit_lock.lock().expect("commit lock");
-        if shared.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
+        let _guard = shared.write_lock()?;
         let previous = self.get(key, now_ms)?;
         let allowed = match cond {
             Condition::Always => true,
@@ -178,7 +175,7 @@ impl Kv {
     pub fn delete_deferred(&self, key: &[u8], now_ms: u64) -> Result<(bool, Ticket), Error> {
         let shared = &self.shared;
         shared.validate(key)?;
-        let _guard = shared.commit_lock.lock().expect("commit lock");
+        let _guard = shared.write_lock()?;
         let live = self.get(key, now_ms)?.is_some();
         self.remove(key)?;
         Ok((live, self.ticket()))
@@ -209,7 +206,7 @@ impl Kv {
     ) -> Result<(bool, Ticket), Error> {
         let shared = &self.shared;
         shared.validate(key)?;
-        let _guard = shared.commit_lock.lock().expect("commit lock");
+        let _guard = shared.write_lock()?;
         let Some(current) = self.get(key, now_ms)? else {
             return Ok((false, self.ticket()));
         };

@@ -438,6 +438,16 @@ impl Shared {
         }
     }
 
+    /// The commit lock, for a write of either namespace; refused once the store is closed (its
+    /// snapshot is written then, and a later write would make it stale).
+    fn write_lock(&self) -> Result<std::sync::MutexGuard<'_, ()>, Error> {
+        let guard = self.commit_lock.lock().expect("commit lock");
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(guard)
+    }
+
     /// Makes every write applied so far durable (shared with concurrent writers).
     fn make_durable(&self, context: &'static str) -> Result<(), Error> {
         let ticket = self.flush.ticket();
@@ -651,10 +661,7 @@ impl Store {
             return Ok(());
         }
         let shared = &self.shared;
-        let guard = shared.commit_lock.lock().expect("commit lock");
-        if shared.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
+        let guard = shared.write_lock()?;
         // Filter first, sled second: an id may be in the filter and not yet on disk (a harmless
         // false positive), never the other way round.
         let mut rolled = false;
