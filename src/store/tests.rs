@@ -234,7 +234,10 @@ fn commit_after_close_is_refused() {
     // The key-value writes too: the snapshot is written, nothing may change under it.
     let kv = other.kv();
     assert!(matches!(kv.delete(b"a", T0), Err(Error::Closed)));
-    assert!(matches!(kv.expire(b"a", Expiry::Window, T0), Err(Error::Closed)));
+    assert!(matches!(
+        kv.expire(b"a", Expiry::Window, T0),
+        Err(Error::Closed)
+    ));
 }
 
 #[test]
