@@ -20,12 +20,14 @@ use std::time::{Duration, Instant};
 use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, Channel,
-    ConfirmSelectArguments, ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments,
-    QueueDeclareArguments, QueueDeleteArguments,
+    ConfirmSelectArguments, ExchangeDeleteArguments, QueueDeclareArguments, QueueDeleteArguments,
 };
-use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return};
 use tokio::sync::mpsc;
+
+#[path = "support/broker.rs"]
+mod broker;
+use broker::{bind_out, connect, ready};
 
 /// Body size, as in CALIBRATION.md.
 const BODY: usize = 256;
@@ -116,23 +118,6 @@ struct Figures {
     broker_cpu: f64,
 }
 
-async fn connect() -> Connection {
-    let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
-    tokio::time::timeout(Duration::from_secs(10), Connection::open(&args))
-        .await
-        .expect("RabbitMQ on 127.0.0.1:5672 did not answer within 10 s")
-        .expect("cannot connect to RabbitMQ on 127.0.0.1:5672 (guest/guest)")
-}
-
-async fn ready(ch: &Channel, queue: &str) -> usize {
-    let (_, n, _) = ch
-        .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
-        .await
-        .unwrap()
-        .unwrap();
-    n as usize
-}
-
 /// Declares fresh queues, fills the source, runs `relay` until drained, cleans up.
 async fn run(relay: Relay<'_>, ids: &[String], expect_out: usize) -> Figures {
     let conn = connect().await;
@@ -157,19 +142,7 @@ async fn run(relay: Relay<'_>, ids: &[String], expect_out: usize) -> Figures {
     )
     .await
     .unwrap();
-    ch.exchange_declare(
-        ExchangeDeclareArguments::new(&dest, "fanout")
-            .durable(true)
-            .finish(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(QueueDeclareArguments::new(&out).durable(true).finish())
-        .await
-        .unwrap();
-    ch.queue_bind(QueueBindArguments::new(&out, &dest, ""))
-        .await
-        .unwrap();
+    bind_out(&ch, &dest, &out).await;
     fill(&ch, &source, ids).await;
 
     let broker = broker_pid();

@@ -21,14 +21,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use amqprs::channel::{
-    BasicPublishArguments, Channel, ExchangeDeclareArguments, ExchangeDeleteArguments,
-    QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments,
+    BasicPublishArguments, ExchangeDeleteArguments, QueueDeleteArguments, QueuePurgeArguments,
 };
-use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::BasicProperties;
 use dedupd::shard::{self, Ring};
 use dedupd::Config;
 use rand::seq::SliceRandom;
+
+#[path = "support/broker.rs"]
+mod broker;
+use broker::{bind_out, connect, ready};
 
 /// Message body size, as in the relay throughput test and CALIBRATION.md.
 const BODY: usize = 256;
@@ -110,22 +112,6 @@ struct Measured {
     cpu_s: f64,
 }
 
-async fn connect() -> Connection {
-    let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
-    tokio::time::timeout(Duration::from_secs(10), Connection::open(&args))
-        .await
-        .expect("RabbitMQ on 127.0.0.1:5672 did not answer within 10 s")
-        .expect("cannot connect to RabbitMQ on 127.0.0.1:5672 (guest/guest)")
-}
-
-async fn ready(ch: &Channel, queue: &str) -> u32 {
-    ch.queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
-        .await
-        .unwrap()
-        .unwrap()
-        .1
-}
-
 async fn run(bin: &str, shards: u32, n: usize) -> Measured {
     let conn = connect().await;
     let ch = conn.open_channel(None).await.unwrap();
@@ -141,19 +127,7 @@ async fn run(bin: &str, shards: u32, n: usize) -> Measured {
     shard::declare(&config, &ring)
         .await
         .expect("declare the ring");
-    ch.exchange_declare(
-        ExchangeDeclareArguments::new(&dest, "fanout")
-            .durable(true)
-            .finish(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(QueueDeclareArguments::new(&out).durable(true).finish())
-        .await
-        .unwrap();
-    ch.queue_bind(QueueBindArguments::new(&out, &dest, ""))
-        .await
-        .unwrap();
+    bind_out(&ch, &dest, &out).await;
 
     // Fill: every fourth id twice, shuffled, from several connections.
     let distinct = n - n / 5;
@@ -193,7 +167,7 @@ async fn run(bin: &str, shards: u32, n: usize) -> Measured {
     let per_shard = loop {
         let mut counts = Vec::new();
         for q in ring.queues() {
-            counts.push(ready(&ch, &q).await);
+            counts.push(ready(&ch, &q).await as u32);
         }
         if counts.iter().sum::<u32>() as usize >= n {
             break counts;
@@ -216,10 +190,10 @@ async fn run(bin: &str, shards: u32, n: usize) -> Measured {
     );
     let deadline = Instant::now() + WAIT;
     let elapsed = loop {
-        let forwarded = ready(&ch, &out).await as usize;
+        let forwarded = ready(&ch, &out).await;
         let mut left = 0;
         for q in ring.queues() {
-            left += ready(&ch, &q).await;
+            left += ready(&ch, &q).await as u32;
         }
         if forwarded >= distinct && left == 0 {
             break start.elapsed();
@@ -245,7 +219,7 @@ async fn run(bin: &str, shards: u32, n: usize) -> Measured {
         let status = c.wait().unwrap();
         assert!(status.success(), "dedupd stopped with {status}");
     }
-    let forwarded = ready(&ch, &out).await as usize;
+    let forwarded = ready(&ch, &out).await;
     assert_eq!(forwarded, distinct, "every id once, no more");
 
     ch.queue_purge(QueuePurgeArguments::new(&out))
