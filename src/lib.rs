@@ -34,3 +34,8 @@ pub mod shutdown;
 
 pub use config::Config;
 pub use relay::run;
+
+/// The README's Rust examples, compiled by `cargo test` (doc tests) so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
