@@ -341,6 +341,22 @@ impl std::ops::Deref for Secret {
     }
 }
 
+impl Secret {
+    /// Whether `given` is this secret. Both are hashed (SHA-256) and the digests compared in
+    /// constant time, so neither the first differing byte nor the length shows in the timing.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        use sha2::{Digest, Sha256};
+        let (want, got) = (Sha256::digest(self.0.as_bytes()), Sha256::digest(given));
+        subtle::ConstantTimeEq::ct_eq(want.as_slice(), got.as_slice()).into()
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Secret {
+        Secret(s)
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")

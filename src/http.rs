@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub use crate::metrics::{DeadLetterReason, Metrics};
 
 use crate::admin::{self, Answer};
+use crate::config::Secret;
 use crate::shutdown::Shutdown;
 use crate::store::{system_now_ms, Store};
 
@@ -38,7 +39,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[derive(Clone)]
 pub enum AdminAccess {
     /// Requests bearing this token.
-    Token(String),
+    Token(Secret),
     /// Anyone who can connect: the endpoint listens on a loopback address only.
     Loopback,
     /// Nobody: no token, and the endpoint is reachable from other hosts.
@@ -58,9 +59,9 @@ impl std::fmt::Debug for AdminAccess {
 
 impl AdminAccess {
     /// The policy for an endpoint on `addr` with `token` configured; says once when admin is off.
-    pub fn new(token: Option<&str>, addr: std::net::SocketAddr) -> AdminAccess {
+    pub fn new(token: Option<&Secret>, addr: std::net::SocketAddr) -> AdminAccess {
         match token {
-            Some(t) => AdminAccess::Token(t.to_string()),
+            Some(t) => AdminAccess::Token(t.clone()),
             None if addr.ip().is_loopback() => AdminAccess::Loopback,
             None => {
                 tracing::warn!(
@@ -82,10 +83,7 @@ impl AdminAccess {
                 let given = authorization
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .unwrap_or("");
-                // Constant time: how much of a guess matched must not show in the timing.
-                let ok: bool =
-                    subtle::ConstantTimeEq::ct_eq(given.as_bytes(), token.as_bytes()).into();
-                (!ok).then_some(401)
+                (!token.matches(given.as_bytes())).then_some(401)
             }
         }
     }
@@ -275,7 +273,8 @@ mod tests {
         assert_eq!(AdminAccess::new(None, loopback).refuse(None), None);
         assert_eq!(AdminAccess::new(None, public).refuse(None), Some(403));
         // A token: required everywhere, compared whole.
-        let access = AdminAccess::new(Some("s3cret"), public);
+        let token = Secret::from("s3cret".to_string());
+        let access = AdminAccess::new(Some(&token), public);
         assert_eq!(access.refuse(None), Some(401));
         assert_eq!(access.refuse(Some("Bearer s3cre")), Some(401));
         assert_eq!(access.refuse(Some("Bearer s3cret!")), Some(401));

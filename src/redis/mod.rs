@@ -24,12 +24,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use crate::relay::Error as RelayError;
 use crate::shutdown::Shutdown;
 use crate::store::kv::Kv;
@@ -52,7 +51,7 @@ const MAX_CURSORS: usize = 10_000;
 #[derive(Clone)]
 pub struct Settings {
     /// Password clients must give (`AUTH` or `HELLO 3 AUTH default <pw>`); `None`: no auth.
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     /// Most connections at once; more are answered `ERR max number of clients reached`.
     pub max_clients: usize,
     /// Longest argument (key or value) accepted; longer ones get an error reply.
@@ -76,8 +75,8 @@ pub(crate) struct Server {
     kv: Kv,
     /// The store, for `INFO`'s figures.
     store: Store,
-    /// SHA-256 of the password, compared in constant time; `None`: no auth.
-    password: Option<[u8; 32]>,
+    /// The password clients must give; `None`: no auth.
+    password: Option<Secret>,
     /// See [`Settings::max_clients`].
     max_clients: usize,
     /// See [`Settings::max_value_bytes`].
@@ -106,9 +105,7 @@ impl Server {
         let Some(want) = &self.password else {
             return true;
         };
-        let got: [u8; 32] = Sha256::digest(pass).into();
-        // Constant time: no early exit on the first differing byte.
-        got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        want.matches(pass)
     }
 }
 
@@ -196,7 +193,7 @@ pub(crate) async fn spawn(
         .await
         .map_err(|source| RelayError::Redis { addr, source })?;
     let settings = Settings {
-        password: config.redis_password.as_deref().map(str::to_string),
+        password: config.redis_password.clone(),
         max_clients: config.redis_max_clients.get(),
         max_value_bytes: usize::try_from(config.redis_max_value).unwrap_or(usize::MAX),
     };
@@ -226,10 +223,7 @@ pub(crate) async fn serve(
     let server = Arc::new(Server {
         kv: store.kv(),
         store,
-        password: settings
-            .password
-            .as_ref()
-            .map(|p| Sha256::digest(p.as_bytes()).into()),
+        password: settings.password.clone(),
         max_clients: settings.max_clients,
         max_value_bytes: settings.max_value_bytes,
         port,

@@ -125,7 +125,7 @@ where
                 metrics: metrics.clone(),
                 store: store.clone(),
                 started: Instant::now(),
-                admin: http::AdminAccess::new(config.admin_token.as_deref(), addr),
+                admin: http::AdminAccess::new(config.admin_token.as_ref(), addr),
             };
             Some(tokio::spawn(http::serve(listener, state, stop.clone())))
         }
