@@ -25,8 +25,9 @@ pub(crate) const STRAGGLER_WAIT: Duration = Duration::from_millis(50);
 pub(crate) struct Unsettled {
     /// Deliveries still in flight, each with when it was received (for the latency histogram).
     tags: BTreeMap<u64, Instant>,
-    /// Deliveries done, whose ack waits for the older ones in flight; with when they were done.
-    deferred: BTreeMap<u64, Instant>,
+    /// Deliveries done, whose ack waits for the older ones in flight; with when they were
+    /// received and when they were done.
+    deferred: BTreeMap<u64, (Instant, Instant)>,
 }
 
 impl Unsettled {
@@ -57,8 +58,7 @@ impl Unsettled {
     pub(crate) fn ack(&mut self, tags: &mut Vec<u64>, now: Instant, all: bool) -> Vec<(u64, bool)> {
         for tag in tags.drain(..) {
             if let Some(received) = self.tags.remove(&tag) {
-                Metrics::acked_after(received.elapsed());
-                self.deferred.insert(tag, now);
+                self.deferred.insert(tag, (received, now));
             }
         }
         let mut out = Vec::new();
@@ -68,17 +68,21 @@ impl Unsettled {
         if let Some(&last) = run.keys().next_back() {
             out.push((last, run.len() > 1));
         }
+        let mut sent = run;
         let waited_enough = self
             .deferred
             .values()
+            .map(|(_, done)| done)
             .min()
             .is_some_and(|at| now.saturating_duration_since(*at) >= STRAGGLER_WAIT);
         if all || waited_enough {
-            out.extend(
-                std::mem::take(&mut self.deferred)
-                    .into_keys()
-                    .map(|t| (t, false)),
-            );
+            let singles = std::mem::take(&mut self.deferred);
+            out.extend(singles.keys().map(|&t| (t, false)));
+            sent.extend(singles);
+        }
+        // Delivery to ack: measured now that the acks are about to leave.
+        for (received, _) in sent.values() {
+            Metrics::acked_after(received.elapsed());
         }
         out
     }
