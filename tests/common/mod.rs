@@ -11,8 +11,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use amqprs::channel::{
-    BasicGetArguments, BasicPublishArguments, Channel, ExchangeDeclareArguments,
-    ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments,
+    BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicPublishArguments, Channel,
+    ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments,
+    QueueDeleteArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{BasicProperties, FieldTable, FieldValue};
@@ -115,19 +116,50 @@ impl Broker {
     }
 
     /// Takes every message now in `queue`.
+    ///
+    /// Through a consumer on a channel of its own, not `basic.get`: amqprs 2.1.5 can panic in its
+    /// dispatcher ("get responder must be registered") when a `get-ok` overtakes the
+    /// registration of its responder, which a tight `basic.get` loop on a busy machine hits.
+    /// Deliveries past the count taken at the start are left unacked and requeued on close.
     pub async fn drain(&self, queue: &str) -> Vec<(BasicProperties, Vec<u8>)> {
-        let mut out = Vec::new();
-        loop {
-            let got = self
-                .ch
-                .basic_get(BasicGetArguments::new(queue).no_ack(true).finish())
-                .await
-                .unwrap_or_else(|e| panic!("basic.get on {queue}: {e}"));
-            match got {
-                Some((_, props, body)) => out.push((props, body)),
-                None => return out,
-            }
+        let n = self.count(queue).await as usize;
+        if n == 0 {
+            return Vec::new();
         }
+        let ch = self
+            .conn
+            .open_channel(None)
+            .await
+            .expect("open a drain channel");
+        let (tag, mut rx) = ch
+            .basic_consume_rx(
+                BasicConsumeArguments::new(queue, "")
+                    .manual_ack(true)
+                    .finish(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("consume {queue}: {e}"));
+        let mut out = Vec::with_capacity(n);
+        let mut last = 0;
+        while out.len() < n {
+            let msg = tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{queue}: {} of {n} messages in {WAIT:?}", out.len()))
+                .unwrap_or_else(|| panic!("{queue}: the consumer was closed"));
+            let (Some(deliver), Some(props), Some(body)) =
+                (msg.deliver, msg.basic_properties, msg.content)
+            else {
+                panic!("{queue}: incomplete delivery");
+            };
+            last = deliver.delivery_tag();
+            out.push((props, body));
+        }
+        ch.basic_ack(BasicAckArguments::new(last, true))
+            .await
+            .unwrap_or_else(|e| panic!("ack the drain of {queue}: {e}"));
+        let _ = ch.basic_cancel(BasicCancelArguments::new(&tag)).await;
+        let _ = ch.close().await;
+        out
     }
 
     /// Ready messages in `queue`.
