@@ -380,24 +380,14 @@ async fn sigterm_exits_zero_and_loses_nothing() {
     let broker = Broker::connect().await;
     broker.bind_out().await;
     // Fill the source before the relay starts.
-    broker.declare_source().await;
     let n = 5000u64;
-    for i in 0..n {
-        broker
-            .publish(id_props(&format!("s-{i}")), format!("body {i}").as_bytes())
-            .await;
-    }
-    broker.wait_count(&broker.source, n as u32).await;
+    broker.fill_source("s", n).await;
 
     let data = tempfile::tempdir().unwrap();
     let mut relay = Relay::start(&broker, data.path(), &[]);
     relay.wait_healthy();
     // Stop it in the middle of the stream.
-    let deadline = Instant::now() + WAIT;
-    while relay.wait_settled(1).0 < 300 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    relay.wait_forwarded(300);
     let (status, log) = relay.terminate();
     assert!(status.success(), "exit {status}:\n{log}");
     assert!(log.contains("store closed"), "{log}");
@@ -558,14 +548,8 @@ async fn reconnects_after_losing_its_consumer_and_resumes() {
 async fn reconnects_after_the_broker_drops_the_connection_and_loses_nothing() {
     let broker = Broker::connect().await;
     broker.bind_out().await;
-    broker.declare_source().await;
     let n = 3000u64;
-    for i in 0..n {
-        broker
-            .publish(id_props(&format!("c-{i}")), format!("body {i}").as_bytes())
-            .await;
-    }
-    broker.wait_count(&broker.source, n as u32).await;
+    broker.fill_source("c", n).await;
     let data = tempfile::tempdir().unwrap();
     // A small prefetch slows the relay down, so the connection drops mid-stream.
     let mut relay = Relay::start(&broker, data.path(), &[("DEDUPD_PREFETCH", "4")]);
@@ -583,11 +567,7 @@ async fn reconnects_after_the_broker_drops_the_connection_and_loses_nothing() {
         .find(|l| l.contains(&marker))
         .and_then(|l| l.split_whitespace().next())
         .unwrap_or_else(|| panic!("no connection named {marker:?} in:\n{listed}"));
-    let deadline = Instant::now() + WAIT;
-    while relay.wait_settled(1).0 < 300 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    relay.wait_forwarded(300);
     let closed = Command::new("rabbitmqctl")
         .args(["close_connection", pid, "dedupd test: connection loss"])
         .output()
@@ -678,22 +658,12 @@ async fn library_run_relays_until_its_shutdown_future_resolves() {
 async fn kill_9_mid_stream_loses_nothing_and_measures_the_repeat_window() {
     let broker = Broker::connect().await;
     broker.bind_out().await;
-    broker.declare_source().await;
     let n = 5000u64;
-    for i in 0..n {
-        broker
-            .publish(id_props(&format!("k-{i}")), format!("body {i}").as_bytes())
-            .await;
-    }
-    broker.wait_count(&broker.source, n as u32).await;
+    broker.fill_source("k", n).await;
     let data = tempfile::tempdir().unwrap();
     let mut relay = Relay::start(&broker, data.path(), &[]);
     relay.wait_healthy();
-    let deadline = Instant::now() + WAIT;
-    while relay.wait_settled(1).0 < 500 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    relay.wait_forwarded(500);
     // SIGKILL: no drain, no ack, no flush beyond what was already durable.
     relay.child.kill().unwrap();
     relay.child.wait().unwrap();

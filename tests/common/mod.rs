@@ -103,6 +103,20 @@ impl Broker {
         self.declare_queue(&self.source, args).await;
     }
 
+    /// Declares the source as dedupd does and queues `n` persistent messages with ids
+    /// `<prefix>-<i>` and bodies `body <i>`, so a relay started afterwards finds a stream waiting.
+    pub async fn fill_source(&self, prefix: &str, n: u64) {
+        self.declare_source().await;
+        for i in 0..n {
+            self.publish(
+                id_props(&format!("{prefix}-{i}")),
+                format!("body {i}").as_bytes(),
+            )
+            .await;
+        }
+        self.wait_count(&self.source, n as u32).await;
+    }
+
     /// Publishes to the source queue through the default exchange.
     pub async fn publish(&self, props: BasicProperties, body: &[u8]) {
         self.ch
@@ -424,6 +438,15 @@ impl Relay {
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until at least `n` messages were forwarded: a point in the middle of a stream.
+    pub fn wait_forwarded(&self, n: u64) {
+        let deadline = Instant::now() + WAIT;
+        while self.wait_settled(1).0 < n {
+            assert!(Instant::now() < deadline, "fewer than {n} forwarded");
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 
