@@ -116,6 +116,23 @@ fn lost(what: &str) -> impl FnOnce(amqprs::error::Error) -> Failure + '_ {
     move |e| Failure::Lost(format!("{what}: {e}"))
 }
 
+/// Opens a channel for `role` (publish or consume) whose events go to the session's queue.
+async fn open_channel(
+    conn: &Connection,
+    role: &'static str,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<Channel, Failure> {
+    let channel = conn
+        .open_channel(None)
+        .await
+        .map_err(lost(&format!("opening the {role} channel")))?;
+    channel
+        .register_callback(ChannelEvents::new(role, events.clone()))
+        .await
+        .map_err(lost(&format!("registering {role} callbacks")))?;
+    Ok(channel)
+}
+
 /// What a session shares with the rest of the relay.
 pub(crate) struct Context<'a> {
     pub(crate) config: &'a Config,
@@ -192,27 +209,13 @@ impl<'a> Session<'a> {
         events: mpsc::UnboundedReceiver<Event>,
     ) -> Result<(Session<'a>, mpsc::UnboundedReceiver<ConsumerMessage>), Failure> {
         let config = cx.config;
-        let publish = conn
-            .open_channel(None)
-            .await
-            .map_err(lost("opening the publish channel"))?;
-        publish
-            .register_callback(ChannelEvents::new("publish", events_tx.clone()))
-            .await
-            .map_err(lost("registering publish callbacks"))?;
+        let publish = open_channel(conn, "publish", &events_tx).await?;
         publish
             .confirm_select(ConfirmSelectArguments::new(false))
             .await
             .map_err(lost("enabling publisher confirms"))?;
 
-        let consume = conn
-            .open_channel(None)
-            .await
-            .map_err(lost("opening the consume channel"))?;
-        consume
-            .register_callback(ChannelEvents::new("consume", events_tx.clone()))
-            .await
-            .map_err(lost("registering consume callbacks"))?;
+        let consume = open_channel(conn, "consume", &events_tx).await?;
         consume
             .basic_qos(BasicQosArguments::new(0, config.prefetch.get(), false))
             .await
