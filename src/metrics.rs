@@ -180,8 +180,8 @@ fn describe() {
     gauge!("dedupd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
-/// Registers every counter at zero, so dashboards and alerts find the series before the first
-/// event (a reconnect, a dead letter) instead of "no data".
+/// Registers every counter, gauge and histogram at zero, so dashboards and alerts find the series
+/// before the first event (a reconnect, a dead letter, a commit) instead of "no data".
 fn zero() {
     for outcome in ["forwarded", "duplicate", "dead_lettered"] {
         counter!("dedupd_messages_total", "outcome" => outcome).absolute(0);
@@ -198,6 +198,10 @@ fn zero() {
     }
     gauge!("dedupd_connected").set(0.0);
     gauge!("dedupd_publishes_in_flight").set(0.0);
+    // A registered histogram renders its buckets at zero count until the first observation.
+    for name in ["dedupd_commit_seconds", "dedupd_relay_seconds"] {
+        let _ = metrics::histogram!(name);
+    }
 }
 
 /// The relay's counters and health, shared by the relay (writer), the HTTP endpoint and the log
