@@ -42,6 +42,15 @@ pub enum Error {
         /// What was wrong with it.
         why: String,
     },
+    /// Nothing answers on the endpoint and there is no data dir to read: a read-only command
+    /// does not create one (the variable is likely wrong).
+    #[error("no dedupd answers on {addr} and there is no data dir at {}", dir.display())]
+    NoDataDir {
+        /// What was tried over HTTP (`off` if disabled).
+        addr: String,
+        /// `DEDUPD_DATA_DIR`.
+        dir: std::path::PathBuf,
+    },
     /// Nothing answers on the endpoint and the data dir is held (or cannot be opened).
     #[error("no dedupd answers on {addr} and the data dir cannot be opened directly: {source}")]
     Store {
@@ -69,6 +78,13 @@ pub fn run(config: &Config, request: &Request) -> Result<Answer, Error> {
     let tried = config
         .metrics_addr
         .map_or_else(|| "DEDUPD_METRICS_ADDR=off".into(), |a| a.to_string());
+    // Only recording an id may start a store; the others read (or forget) what is there.
+    if !matches!(request, Request::Record(..)) && !config.data_dir.is_dir() {
+        return Err(Error::NoDataDir {
+            addr: tried,
+            dir: config.data_dir.clone(),
+        });
+    }
     let store = Store::open(config.store_config()).map_err(|source| Error::Store {
         addr: tried,
         source,

@@ -1132,13 +1132,10 @@ pub fn markdown_table() -> String {
     out
 }
 
-/// The text `dedupd --help` prints.
+/// The configuration part of `dedupd --help` (the usage above it is the binary's).
 pub fn help() -> String {
     format!(
-        "dedupd {}: message-deduplication relay for RabbitMQ\n\n\
-         Usage: dedupd [--help | --version]\n\n\
-         Configured by environment variables only:\n\n{}",
-        env!("CARGO_PKG_VERSION"),
+        "Configured by DEDUPD_* environment variables only:\n\n{}",
         markdown_table()
     )
 }

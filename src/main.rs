@@ -42,7 +42,7 @@ impl MainError {
 }
 
 const USAGE: &str = "\
-usage: dedupd                 run the relay (configured by DEDUPD_* variables, below)
+Usage: dedupd                 run the relay (configured by DEDUPD_* variables, below)
        dedupd check <id>      is <id> inside the dedup window? (exit 0 yes, 1 no)
        dedupd forget <id>     forget <id>, so its next copy passes
        dedupd stats           the store's figures as JSON
@@ -55,7 +55,7 @@ usage: dedupd                 run the relay (configured by DEDUPD_* variables, b
        dedupd topology cut-over --old-shards N --new-exchange X [--entry dedupd.shard]
                               [--old-exchange E] [--old-queue-prefix P]
                               move the entry exchange to a new ring (see Scaling out)
-       dedupd --version
+       dedupd --help | --version
 
 check, forget, stats and import-redis ask the running service at DEDUPD_METRICS_ADDR
 (import-redis --into redis: at DEDUPD_REDIS_ADDR), or open DEDUPD_DATA_DIR directly when no
@@ -80,7 +80,11 @@ fn try_main() -> Result<ExitCode, MainError> {
     let request = match args.as_slice() {
         [] => None,
         ["-h" | "--help" | "help"] => {
-            print!("{USAGE}\n{}", config::help());
+            print!(
+                "dedupd {}: message-deduplication relay for RabbitMQ\n\n{USAGE}\n{}",
+                env!("CARGO_PKG_VERSION"),
+                config::help()
+            );
             return Ok(ExitCode::SUCCESS);
         }
         ["-V" | "--version"] => {

@@ -101,7 +101,21 @@ async fn metrics_count_what_was_published() {
         0.0,
         "zero counters are exposed"
     );
-    // The dashboard and the alerts only name series that /metrics really has.
+    let (status, _) = relay.terminate();
+    assert!(status.success());
+    broker.cleanup().await;
+}
+
+/// The dashboard and the alerts only name series that a fresh process's /metrics already has,
+/// before any traffic: a new install shows zeros, not "no data".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_process_exposes_every_series_contrib_names() {
+    let broker = Broker::connect().await;
+    broker.bind_out().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start(&broker, data.path(), &[]);
+    relay.wait_healthy();
+    let m = relay.metrics();
     let exposed: Vec<&str> = m.keys().map(|k| k.split('{').next().unwrap()).collect();
     for file in [
         "contrib/grafana/dedupd.json",
@@ -113,9 +127,13 @@ async fn metrics_count_what_was_published() {
         for name in names {
             assert!(
                 exposed.contains(&name.as_str()),
-                "{file} names {name}, which /metrics lacks"
+                "{file} names {name}, which a fresh /metrics lacks"
             );
         }
+    }
+    // The histograms are there at zero count before their first observation.
+    for name in ["dedupd_commit_seconds_count", "dedupd_relay_seconds_count"] {
+        assert_eq!(m.get(name), Some(&0.0), "{name}");
     }
     let (status, _) = relay.terminate();
     assert!(status.success());
@@ -176,6 +194,42 @@ async fn admin_commands_talk_to_the_service_then_to_the_data_dir() {
     assert_eq!(stats["live_ids"], 3);
     assert_eq!(stats["bloom"]["loaded_from"], "snapshot");
     broker.cleanup().await;
+}
+
+#[test]
+fn read_only_commands_never_create_a_data_dir() {
+    let scratch = tempfile::tempdir().unwrap();
+    let data = scratch.path().join("data");
+    for args in [&["stats"][..], &["check", "x"], &["forget", "x"]] {
+        // No service and no data dir: an error naming the dir, and still no dir.
+        let out = admin(&data, None, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&data.display().to_string()), "{stderr}");
+        assert!(!data.exists(), "{args:?} created {}", data.display());
+    }
+}
+
+#[test]
+fn help_prints_one_usage() {
+    let out = dedupd().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.to_lowercase().matches("usage:").count(), 1, "{text}");
+    for command in [
+        "check",
+        "forget",
+        "stats",
+        "config",
+        "import-redis",
+        "topology",
+    ] {
+        assert!(
+            text.contains(&format!("dedupd {command}")),
+            "{command}: {text}"
+        );
+    }
+    assert!(text.contains(&dedupd::config::markdown_table()));
 }
 
 #[test]
