@@ -63,6 +63,9 @@ pub(crate) const COMMANDS: &[Spec] = &[
     spec("psetex", 4, true, RW, (1, 1, 1), "string", "Sets both string value and expiration time in milliseconds of a key."),
     spec("get", 2, true, RO, (1, 1, 1), "string", "Returns the string value of a key."),
     spec("mget", -2, true, RO, (1, -1, 1), "string", "Atomically returns the string values of one or more keys."),
+    spec("getdel", 2, true, WF, (1, 1, 1), "string", "Returns the string value of a key after deleting the key."),
+    spec("getex", -2, true, WF, (1, 1, 1), "string", "Returns the string value of a key after setting its expiration time (PERSIST: the dedup window)."),
+    spec("getset", 3, true, RW, (1, 1, 1), "string", "Returns the previous string value of a key after setting it to a new value (expires after the dedup window)."),
     spec("del", -2, true, &["write"], (1, -1, 1), "generic", "Deletes one or more keys."),
     spec("unlink", -2, true, WF, (1, -1, 1), "generic", "Deletes one or more keys."),
     spec("exists", -2, true, RO, (1, -1, 1), "generic", "Determines whether one or more keys exist."),
@@ -170,6 +173,25 @@ fn store_command(
                 .collect::<Result<_, StoreError>>()?,
         ),
         "set" => return set(server, args, now_ms),
+        "getdel" => {
+            // Redis 7 order: read, then delete the key it read.
+            let Some(e) = kv.get(&args[1], now_ms)? else {
+                return Ok(Reply::Null);
+            };
+            let _ = kv.delete_deferred(&args[1], now_ms)?;
+            Reply::Bulk(e.value)
+        }
+        "getex" => return getex(server, args, now_ms),
+        "getset" => {
+            let (out, _) = kv.set_deferred(
+                &args[1],
+                &args[2],
+                Condition::Always,
+                Expiry::Window,
+                now_ms,
+            )?;
+            out.previous.map_or(Reply::Null, |e| Reply::Bulk(e.value))
+        }
         "setnx" => {
             let (out, _) = kv.set_deferred(
                 &args[1],
@@ -288,6 +310,54 @@ fn set(server: &Server, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreErr
     } else {
         Reply::Null
     })
+}
+
+/// `GETEX key [EX s|PX ms|EXAT s|PXAT ms|PERSIST]`, parsed as Redis 7 does: options first,
+/// then a missing key is nil whatever its expiry says, then the expiry is checked. `PERSIST`
+/// gives the key the dedup window (dedupd has no key without an expiry).
+fn getex(server: &Server, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreError> {
+    let mut persist = false;
+    // (unit in ms, absolute?, the number as given)
+    let mut expire: Option<(i64, bool, &[u8])> = None;
+    let mut i = 2;
+    while i < args.len() {
+        let opt = args[i].to_ascii_uppercase();
+        match (opt.as_slice(), args.get(i + 1)) {
+            (b"PERSIST", _) if expire.is_none() => persist = true,
+            (b"EX" | b"PX" | b"EXAT" | b"PXAT", Some(n)) if !persist => {
+                let unit: i64 = if opt[0] == b'E' { 1000 } else { 1 };
+                let absolute = opt.len() == 4;
+                if expire.is_some_and(|(u, a, _)| (u, a) != (unit, absolute)) {
+                    return Ok(syntax_error());
+                }
+                expire = Some((unit, absolute, n));
+                i += 1;
+            }
+            _ => return Ok(syntax_error()),
+        }
+        i += 1;
+    }
+    let kv = &server.kv;
+    let Some(current) = kv.get(&args[1], now_ms)? else {
+        return Ok(Reply::Null);
+    };
+    let expiry = match expire {
+        None if persist => Expiry::Window,
+        None => return Ok(Reply::Bulk(current.value)),
+        Some((unit, absolute, n)) => {
+            let Some(n) = parse_i64(n) else {
+                return Ok(not_an_integer());
+            };
+            let base = if absolute { 0 } else { now_ms };
+            match expire_at(n, unit, base).filter(|_| n > 0) {
+                Some(at) => Expiry::At(at),
+                None => return Ok(invalid_expire("getex")),
+            }
+        }
+    };
+    // An expiry already past deletes the key, as in Redis.
+    let _ = kv.expire_deferred(&args[1], expiry, now_ms)?;
+    Ok(Reply::Bulk(current.value))
 }
 
 /// `EXPIRE key n [NX|XX|GT|LT]` and its millisecond and absolute forms. Every dedupd key has
