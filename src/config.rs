@@ -106,7 +106,12 @@ pub const VARS: &[Var] = &[
     var(
         ID_SOURCE,
         "message_id",
-        "where the id comes from: `message_id`, `header:<name>` or `body-sha256`",
+        "where the id comes from: `message_id`, `header:<name>`, `json:<RFC 6901 pointer>` into a JSON body, `body-sha256`, or several of them joined by `+` (hashed together)",
+    ),
+    var(
+        ID_SCOPE,
+        "none",
+        "`routing_key` or `header:<name>`: the same id in two scopes is two ids (hashed with the scope); `none`: one scope",
     ),
     var(
         MISSING_ID,
@@ -218,6 +223,7 @@ const DECLARE: &str = "DEDUPD_DECLARE";
 const DATA_DIR: &str = "DEDUPD_DATA_DIR";
 const TTL: &str = "DEDUPD_TTL";
 const ID_SOURCE: &str = "DEDUPD_ID_SOURCE";
+const ID_SCOPE: &str = "DEDUPD_ID_SCOPE";
 const MISSING_ID: &str = "DEDUPD_MISSING_ID";
 const MAX_ID_BYTES: &str = "DEDUPD_MAX_ID_BYTES";
 const PREFETCH: &str = "DEDUPD_PREFETCH";
@@ -242,16 +248,91 @@ const REDIS_MAX_VALUE: &str = "DEDUPD_REDIS_MAX_VALUE";
 
 const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Where a message's id comes from.
+/// Where a message's id comes from: one part, or several that together make the id.
+///
+/// Never empty. One part is the id as it is; several are hashed together into one id of
+/// [`HASHED_ID_BYTES`], as is any id with a scope (see [`Config::ids_hashed`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdSource {
+pub struct IdSource {
+    parts: Vec<IdPart>,
+}
+
+/// One part of a message's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdPart {
     /// The AMQP `message_id` property.
     MessageId,
     /// A header of this name (string, byte array or integer value).
     Header(String),
     /// The SHA-256 of the body (32 raw bytes): every message has one.
     BodySha256,
+    /// The field of a JSON body at this RFC 6901 pointer (a string, or a number's JSON text).
+    Json(String),
 }
+
+impl IdSource {
+    /// An id of these parts.
+    ///
+    /// # Panics
+    ///
+    /// If `parts` is empty.
+    pub fn new(parts: Vec<IdPart>) -> IdSource {
+        assert!(!parts.is_empty(), "an id has at least one part");
+        IdSource { parts }
+    }
+
+    /// An id of this one part.
+    pub fn single(part: IdPart) -> IdSource {
+        IdSource { parts: vec![part] }
+    }
+
+    /// The parts, in the order they are hashed.
+    pub fn parts(&self) -> &[IdPart] {
+        &self.parts
+    }
+}
+
+impl fmt::Display for IdSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, part) in self.parts.iter().enumerate() {
+            if i > 0 {
+                f.write_str("+")?;
+            }
+            match part {
+                IdPart::MessageId => f.write_str("message_id")?,
+                IdPart::Header(h) => write!(f, "header:{h}")?,
+                IdPart::BodySha256 => f.write_str("body-sha256")?,
+                IdPart::Json(pointer) => write!(f, "json:{pointer}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which scope an id belongs to: the same id in two scopes is two ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdScope {
+    /// One scope for every message.
+    None,
+    /// The routing key the message was published with.
+    RoutingKey,
+    /// A header of this name (string, byte array or integer value); a message without it has no
+    /// usable id.
+    Header(String),
+}
+
+impl fmt::Display for IdScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdScope::None => f.write_str("none"),
+            IdScope::RoutingKey => f.write_str("routing_key"),
+            IdScope::Header(h) => write!(f, "header:{h}"),
+        }
+    }
+}
+
+/// Length of the ids of several parts or of a scope: a SHA-256 as 64 hex digits.
+pub const HASHED_ID_BYTES: usize = 64;
 
 /// What to do with a message that has no id (or an empty one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +369,8 @@ pub struct Config {
     pub ttl: Duration,
     /// `DEDUPD_ID_SOURCE`, default `message_id`: where the id comes from.
     pub id_source: IdSource,
+    /// `DEDUPD_ID_SCOPE`, default `none`: what makes the same id two ids.
+    pub id_scope: IdScope,
     /// `DEDUPD_MISSING_ID`, default `dead-letter`: what to do without an id.
     pub missing_id: MissingId,
     /// `DEDUPD_MAX_ID_BYTES`, default 256: longer ids are dead-lettered.
@@ -491,12 +574,25 @@ impl Config {
         })?;
         let ttl = vars.parse(TTL, "24h", |v| duration(v, false))?;
         let id_source = vars.parse(ID_SOURCE, "message_id", id_source)?;
+        let id_scope = vars.parse(ID_SCOPE, "none", id_scope)?;
         let missing_id = vars.parse(MISSING_ID, "dead-letter", missing_id)?;
+        // Hashed ids have a fixed length, which the limit must leave room for.
+        let hashed = id_source.parts().len() > 1 || id_scope != IdScope::None;
+        let min_id_bytes = if hashed { HASHED_ID_BYTES } else { 1 };
         let max_id_bytes = vars.parse(MAX_ID_BYTES, "256", |v| {
             v.parse::<NonZeroUsize>()
                 .ok()
-                .filter(|n| n.get() <= MAX_ID_LIMIT)
-                .ok_or_else(|| format!("a byte count from 1 to {MAX_ID_LIMIT}"))
+                .filter(|n| n.get() <= MAX_ID_LIMIT && n.get() >= min_id_bytes)
+                .ok_or_else(|| {
+                    if hashed {
+                        format!(
+                            "a byte count from {HASHED_ID_BYTES} to {MAX_ID_LIMIT}: with several \
+                             id parts or a scope, ids are {HASHED_ID_BYTES}-byte hex SHA-256 digests"
+                        )
+                    } else {
+                        format!("a byte count from 1 to {MAX_ID_LIMIT}")
+                    }
+                })
         })?;
         let prefetch = vars.parse(PREFETCH, "1000", |v| {
             v.parse::<NonZeroU16>()
@@ -594,6 +690,7 @@ impl Config {
             data_dir,
             ttl,
             id_source,
+            id_scope,
             missing_id,
             max_id_bytes,
             prefetch,
@@ -613,6 +710,12 @@ impl Config {
             redis_max_clients,
             redis_max_value,
         })
+    }
+
+    /// Whether ids are hashed: several parts, or a scope. Each is then the SHA-256 of its
+    /// length-prefixed parts, as [`HASHED_ID_BYTES`] hex digits.
+    pub fn ids_hashed(&self) -> bool {
+        self.id_source.parts().len() > 1 || self.id_scope != IdScope::None
     }
 
     /// The dead-letter exchange of the source queue: `<source>.dlx`.
@@ -647,14 +750,8 @@ impl Config {
             (DECLARE, self.declare.to_string()),
             (DATA_DIR, self.data_dir.display().to_string()),
             (TTL, dur(self.ttl)),
-            (
-                ID_SOURCE,
-                match &self.id_source {
-                    IdSource::MessageId => "message_id".into(),
-                    IdSource::Header(h) => format!("header:{h}"),
-                    IdSource::BodySha256 => "body-sha256".into(),
-                },
-            ),
+            (ID_SOURCE, self.id_source.to_string()),
+            (ID_SCOPE, self.id_scope.to_string()),
             (
                 MISSING_ID,
                 match self.missing_id {
@@ -841,15 +938,67 @@ fn duration(v: &str, zero_ok: bool) -> Result<Duration, String> {
 }
 
 fn id_source(v: &str) -> Result<IdSource, String> {
-    match v {
-        "message_id" => Ok(IdSource::MessageId),
-        "body-sha256" => Ok(IdSource::BodySha256),
-        _ => match v.strip_prefix("header:") {
-            Some(h) if !h.is_empty() && h.len() <= SHORT_STR_MAX => {
-                Ok(IdSource::Header(h.to_string()))
+    let expected = || {
+        "message_id, header:<name>, json:/<pointer> or body-sha256, or several of them joined \
+         by + (a header name or pointer cannot hold a +)"
+            .to_string()
+    };
+    let parts = v
+        .split('+')
+        .map(|part| match part {
+            "message_id" => Ok(IdPart::MessageId),
+            "body-sha256" => Ok(IdPart::BodySha256),
+            _ => {
+                if let Some(h) = part.strip_prefix("header:") {
+                    header_name(h).map(IdPart::Header).ok_or_else(expected)
+                } else if let Some(pointer) = part.strip_prefix("json:") {
+                    json_pointer(pointer).map(IdPart::Json)
+                } else {
+                    Err(expected())
+                }
             }
-            _ => Err("message_id, header:<name> or body-sha256".into()),
-        },
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if parts
+        .iter()
+        .enumerate()
+        .any(|(i, p)| parts[..i].contains(p))
+    {
+        return Err(format!("{} (each part once)", expected()));
+    }
+    Ok(IdSource::new(parts))
+}
+
+/// A header name: 1 to 255 bytes (an AMQP short string).
+fn header_name(h: &str) -> Option<String> {
+    (!h.is_empty() && h.len() <= SHORT_STR_MAX).then(|| h.to_string())
+}
+
+/// An RFC 6901 JSON pointer to a field: `/` then reference tokens separated by `/`, in which `~`
+/// is only ever `~0` (a `~`) or `~1` (a `/`).
+fn json_pointer(p: &str) -> Result<String, String> {
+    let bad_escape = p
+        .split('~')
+        .skip(1)
+        .any(|after| !after.starts_with('0') && !after.starts_with('1'));
+    if !p.starts_with('/') || bad_escape {
+        return Err(format!(
+            "json: followed by an RFC 6901 pointer like /order/id (starting with /, ~ only as \
+             ~0 or ~1), not {p:?}"
+        ));
+    }
+    Ok(p.to_string())
+}
+
+fn id_scope(v: &str) -> Result<IdScope, String> {
+    match v {
+        "none" => Ok(IdScope::None),
+        "routing_key" => Ok(IdScope::RoutingKey),
+        _ => v
+            .strip_prefix("header:")
+            .and_then(header_name)
+            .map(IdScope::Header)
+            .ok_or_else(|| "none, routing_key or header:<name>".into()),
     }
 }
 
@@ -1173,7 +1322,9 @@ mod tests {
         assert!(c.declare);
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.ttl, Duration::from_secs(86400));
-        assert_eq!(c.id_source, IdSource::MessageId);
+        assert_eq!(c.id_source, IdSource::single(IdPart::MessageId));
+        assert_eq!(c.id_scope, IdScope::None);
+        assert!(!c.ids_hashed());
         assert_eq!(c.missing_id, MissingId::DeadLetter);
         assert_eq!(c.max_id_bytes.get(), 256);
         assert_eq!(c.prefetch.get(), 1000);
@@ -1232,7 +1383,7 @@ mod tests {
         assert_eq!(c.dest_routing_key.as_deref(), Some(""));
         assert!(!c.declare);
         assert_eq!(c.ttl, Duration::from_secs(7 * 86400));
-        assert_eq!(c.id_source, IdSource::Header("x-id".into()));
+        assert_eq!(c.id_source, IdSource::single(IdPart::Header("x-id".into())));
         assert_eq!(c.missing_id, MissingId::BodySha256);
         assert_eq!(c.duplicates_exchange.as_deref(), Some("audit"));
         assert_eq!(c.metrics_addr, None);
@@ -1307,6 +1458,63 @@ mod tests {
         refused("DEDUPD_DECLARE", "maybe");
         refused("DEDUPD_METRICS_ADDR", "localhost");
         refused("DEDUPD_LOG", "dedupd=loud");
+    }
+
+    #[test]
+    fn composite_sources_and_scopes_parse() {
+        let c = parse(&[
+            (
+                "DEDUPD_ID_SOURCE",
+                "header:tenant+message_id+json:/order/id",
+            ),
+            ("DEDUPD_ID_SCOPE", "routing_key"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.id_source.parts(),
+            [
+                IdPart::Header("tenant".into()),
+                IdPart::MessageId,
+                IdPart::Json("/order/id".into())
+            ]
+        );
+        assert_eq!(c.id_scope, IdScope::RoutingKey);
+        assert!(c.ids_hashed());
+        let shown: BTreeMap<_, _> = c.effective().into_iter().collect();
+        assert_eq!(
+            shown["DEDUPD_ID_SOURCE"],
+            "header:tenant+message_id+json:/order/id"
+        );
+        assert_eq!(shown["DEDUPD_ID_SCOPE"], "routing_key");
+
+        let c = parse(&[("DEDUPD_ID_SOURCE", "json:/a~1b/~0c/0")]).unwrap();
+        assert_eq!(c.id_source.parts(), [IdPart::Json("/a~1b/~0c/0".into())]);
+        assert!(!c.ids_hashed(), "one part, no scope: the id as it is");
+        let c = parse(&[("DEDUPD_ID_SCOPE", "header:x-tenant")]).unwrap();
+        assert_eq!(c.id_scope, IdScope::Header("x-tenant".into()));
+        assert!(c.ids_hashed(), "a scope makes a hashed id");
+    }
+
+    #[test]
+    fn bad_composite_sources_and_scopes_are_refused() {
+        refused("DEDUPD_ID_SOURCE", "message_id+");
+        refused("DEDUPD_ID_SOURCE", "+message_id");
+        refused("DEDUPD_ID_SOURCE", "message_id+message_id");
+        refused("DEDUPD_ID_SOURCE", "header:a+uuid");
+        refused("DEDUPD_ID_SOURCE", "json:order/id");
+        refused("DEDUPD_ID_SOURCE", "json:");
+        refused("DEDUPD_ID_SOURCE", "json:/a~2");
+        refused("DEDUPD_ID_SOURCE", "json:/a~");
+        refused("DEDUPD_ID_SCOPE", "queue");
+        refused("DEDUPD_ID_SCOPE", "header:");
+        // Hashed ids are 64 bytes: a lower limit would refuse every one of them.
+        let err = parse(&[
+            ("DEDUPD_ID_SOURCE", "header:t+message_id"),
+            ("DEDUPD_MAX_ID_BYTES", "32"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("DEDUPD_MAX_ID_BYTES"), "{err}");
+        assert!(parse(&[("DEDUPD_MAX_ID_BYTES", "32")]).is_ok());
     }
 
     #[test]

@@ -56,7 +56,7 @@ use amqprs::connection::Connection;
 use amqprs::{FieldTable, FieldValue};
 use tokio::sync::mpsc;
 
-use crate::config::{Config, IdSource};
+use crate::config::{Config, IdPart, IdSource};
 use crate::relay::topology::{Topology, TopologyError};
 
 /// Default name of the ring exchange producers publish to.
@@ -78,10 +78,10 @@ const NAME_MAX: usize = 255;
 pub enum Error {
     /// `DEDUPD_ID_SOURCE=body-sha256`: the exchange cannot hash what dedupd would dedup on.
     #[error(
-        "cannot shard DEDUPD_ID_SOURCE=body-sha256: the consistent-hash exchange hashes a \
-         property or a header, never the body, so copies of one body would reach different \
-         shards; have producers set message_id (or a header) to the body's hash and shard on \
-         that, or run a single unsharded dedupd"
+        "cannot shard an id taken from the body alone (DEDUPD_ID_SOURCE=body-sha256 or json:): \
+         the consistent-hash exchange hashes a property or a header, never the body, so copies \
+         of one body would reach different shards; have producers set message_id (or a header) \
+         to the body's hash and shard on that, or run a single unsharded dedupd"
     )]
     BodySha256,
     /// A ring that cannot exist: no shards, too many, or names that do not fit AMQP.
@@ -184,11 +184,17 @@ impl HashOn {
     ///
     /// [`Error::BodySha256`]: the exchange cannot hash bodies.
     pub fn for_id_source(source: &IdSource) -> Result<HashOn, Error> {
-        match source {
-            IdSource::MessageId => Ok(HashOn::MessageId),
-            IdSource::Header(name) => Ok(HashOn::Header(name.clone())),
-            IdSource::BodySha256 => Err(Error::BodySha256),
-        }
+        // Of an id of several parts, the first the exchange can hash: every copy of an id has
+        // the same value there, so every copy still reaches the same shard.
+        source
+            .parts()
+            .iter()
+            .find_map(|part| match part {
+                IdPart::MessageId => Some(HashOn::MessageId),
+                IdPart::Header(name) => Some(HashOn::Header(name.clone())),
+                IdPart::BodySha256 | IdPart::Json(_) => None,
+            })
+            .ok_or(Error::BodySha256)
     }
 
     /// The exchange's arguments saying it.
@@ -522,6 +528,15 @@ mod tests {
             on.arguments().get(&"hash-header".try_into().unwrap()),
             Some(&FieldValue::from("x-id"))
         );
+        // Several parts: the first the exchange can hash, which every copy of an id shares.
+        let c = config(&[("DEDUPD_ID_SOURCE", "json:/id+header:tenant+message_id")]);
+        let on = HashOn::for_id_source(&c.id_source).unwrap();
+        assert_eq!(on.to_string(), "hash-header: tenant");
+        let c = config(&[("DEDUPD_ID_SOURCE", "json:/id+body-sha256")]);
+        assert!(matches!(
+            HashOn::for_id_source(&c.id_source),
+            Err(Error::BodySha256)
+        ));
     }
 
     #[tokio::test]

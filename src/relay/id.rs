@@ -1,9 +1,15 @@
-//! Which id a message carries, decided from its properties and body alone.
+//! Which id a message carries, decided from its routing key, properties and body alone.
+//!
+//! One part and no scope: the id is that part's bytes as they are (what `dedupd check` takes).
+//! Several parts, or a scope: the id is the SHA-256 of the scope and the parts, each
+//! length-prefixed so that no two different tuples hash the same bytes, written as 64 hex digits
+//! so it fits any id limit and an operator can still type it.
 
 use amqprs::{BasicProperties, FieldName, FieldValue};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::{IdSource, MissingId};
+use crate::config::{IdPart, IdScope, IdSource, MissingId, HASHED_ID_BYTES};
 
 /// What the relay does with a delivery, as far as its id says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,60 +22,145 @@ pub(crate) enum IdDecision {
     DeadLetter,
 }
 
-/// Extracts ids per the configured source and missing-id policy.
+/// Extracts ids per the configured source, scope and missing-id policy.
 #[derive(Debug, Clone)]
 pub(crate) struct IdExtractor {
-    source: Source,
+    parts: Vec<Part>,
+    scope: Scope,
     missing: MissingId,
+    /// Several parts or a scope: the id is [`hashed_id`] of them.
+    hashed: bool,
 }
 
 #[derive(Debug, Clone)]
-enum Source {
+enum Part {
     MessageId,
     /// The header name, prebuilt as the AMQP short string the field table is keyed by.
     Header(FieldName),
     BodySha256,
+    /// An RFC 6901 pointer into the body parsed as JSON.
+    Json(String),
+}
+
+#[derive(Debug, Clone)]
+enum Scope {
+    None,
+    RoutingKey,
+    Header(FieldName),
+}
+
+/// What a hashed id is the hash of: the parts as configured, or the body alone when the parts
+/// are missing and the policy falls back to the body's hash. The kind is hashed too, so the two
+/// can never meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    Parts = b'p',
+    BodyFallback = b'b',
+}
+
+/// Domain separation: these digests are ours, version 1 of the encoding.
+const HASH_DOMAIN: &[u8] = b"dedupd id v1\0";
+
+fn field_name(name: &str) -> FieldName {
+    name.try_into()
+        .expect("config limits header names to 255 bytes")
 }
 
 impl IdExtractor {
-    /// An extractor for `source` and `missing`.
+    /// An extractor for `source`, `scope` and `missing`.
     ///
     /// # Panics
     ///
     /// If a header name is over 255 bytes (config parsing refuses those).
-    pub(crate) fn new(source: &IdSource, missing: MissingId) -> IdExtractor {
-        let source = match source {
-            IdSource::MessageId => Source::MessageId,
-            IdSource::Header(name) => Source::Header(
-                name.as_str()
-                    .try_into()
-                    .expect("config limits header names to 255 bytes"),
-            ),
-            IdSource::BodySha256 => Source::BodySha256,
+    pub(crate) fn new(source: &IdSource, scope: &IdScope, missing: MissingId) -> IdExtractor {
+        let parts: Vec<Part> = source
+            .parts()
+            .iter()
+            .map(|part| match part {
+                IdPart::MessageId => Part::MessageId,
+                IdPart::Header(name) => Part::Header(field_name(name)),
+                IdPart::BodySha256 => Part::BodySha256,
+                IdPart::Json(pointer) => Part::Json(pointer.clone()),
+            })
+            .collect();
+        let scope = match scope {
+            IdScope::None => Scope::None,
+            IdScope::RoutingKey => Scope::RoutingKey,
+            IdScope::Header(name) => Scope::Header(field_name(name)),
         };
-        IdExtractor { source, missing }
-    }
-
-    /// What to do with a message of these properties and body.
-    pub(crate) fn decide(&self, props: &BasicProperties, body: &[u8]) -> IdDecision {
-        let id = match &self.source {
-            Source::MessageId => props.message_id().map(|s| s.as_bytes().to_vec()),
-            Source::Header(name) => props
-                .headers()
-                .and_then(|h| h.get(name))
-                .and_then(header_id),
-            Source::BodySha256 => Some(body_sha256(body)),
-        };
-        // An empty id is no id: it cannot tell two messages apart.
-        match id.filter(|id| !id.is_empty()) {
-            Some(id) => IdDecision::Claim(id),
-            None => match self.missing {
-                MissingId::DeadLetter => IdDecision::DeadLetter,
-                MissingId::Forward => IdDecision::ForwardUnchecked,
-                MissingId::BodySha256 => IdDecision::Claim(body_sha256(body)),
-            },
+        let hashed = parts.len() > 1 || !matches!(scope, Scope::None);
+        IdExtractor {
+            parts,
+            scope,
+            missing,
+            hashed,
         }
     }
+
+    /// What to do with a message published with `routing_key`, of these properties and body.
+    pub(crate) fn decide(
+        &self,
+        routing_key: &str,
+        props: &BasicProperties,
+        body: &[u8],
+    ) -> IdDecision {
+        let scope = match &self.scope {
+            Scope::None => Some(Vec::new()),
+            Scope::RoutingKey => Some(routing_key.as_bytes().to_vec()),
+            // An empty scope is no scope: like an empty id, it cannot tell messages apart.
+            Scope::Header(name) => header(props, name).filter(|s| !s.is_empty()),
+        };
+        // The body is parsed at most once, and only if a part asks for it.
+        let mut json: Option<Option<Value>> = None;
+        let mut parts = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            let value = match part {
+                Part::MessageId => props.message_id().map(|s| s.as_bytes().to_vec()),
+                Part::Header(name) => header(props, name),
+                Part::BodySha256 => Some(body_sha256(body)),
+                Part::Json(pointer) => json
+                    .get_or_insert_with(|| serde_json::from_slice(body).ok())
+                    .as_ref()
+                    .and_then(|doc| doc.pointer(pointer))
+                    .and_then(json_id),
+            };
+            // An empty part is no part: it cannot tell two messages apart.
+            match value.filter(|v| !v.is_empty()) {
+                Some(v) => parts.push(v),
+                None => return self.missing(scope.as_deref(), body),
+            }
+        }
+        match scope {
+            None => self.missing(None, body),
+            Some(_) if !self.hashed => IdDecision::Claim(parts.pop().expect("one part")),
+            Some(scope) => IdDecision::Claim(hashed_id(Kind::Parts, &scope, &parts)),
+        }
+    }
+
+    /// The decision for a message without a usable id (a part missing, or its scope).
+    fn missing(&self, scope: Option<&[u8]>, body: &[u8]) -> IdDecision {
+        match self.missing {
+            MissingId::DeadLetter => IdDecision::DeadLetter,
+            MissingId::Forward => IdDecision::ForwardUnchecked,
+            MissingId::BodySha256 if !self.hashed => IdDecision::Claim(body_sha256(body)),
+            // In the message's scope; a message without one gets the empty scope, which no
+            // scoped message has.
+            MissingId::BodySha256 => IdDecision::Claim(hashed_id(
+                Kind::BodyFallback,
+                scope.unwrap_or_default(),
+                &[body_sha256(body)],
+            )),
+        }
+    }
+}
+
+/// The value of header `name` as id bytes, if present and of a usable type.
+fn header(props: &BasicProperties, name: &FieldName) -> Option<Vec<u8>> {
+    props
+        .headers()
+        .and_then(|h| h.get(name))
+        .and_then(header_id)
 }
 
 /// The bytes of a header used as an id: strings and byte arrays as they are, integers in decimal.
@@ -87,6 +178,44 @@ fn header_id(value: &FieldValue) -> Option<Vec<u8>> {
         FieldValue::l(n) => n.to_string().into_bytes(),
         _ => return None,
     })
+}
+
+/// The bytes of a JSON field used as an id: a string's text, a number's JSON text. Other values
+/// (null, booleans, arrays, objects) are no id.
+fn json_id(value: &Value) -> Option<Vec<u8>> {
+    match value {
+        Value::String(s) => Some(s.as_bytes().to_vec()),
+        Value::Number(n) => Some(n.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// The bytes a hashed id is the hash of: the domain, the kind, then the scope and each part,
+/// every one of them preceded by its length (8 bytes, little-endian). Since each length says
+/// where its element ends, the bytes decode back to one tuple only: two different tuples never
+/// give the same bytes (a test decodes them back).
+fn encode(kind: Kind, scope: &[u8], parts: &[Vec<u8>]) -> Vec<u8> {
+    let len = parts.iter().map(|p| 8 + p.len()).sum::<usize>() + 8 + scope.len();
+    let mut out = Vec::with_capacity(HASH_DOMAIN.len() + 1 + len);
+    out.extend_from_slice(HASH_DOMAIN);
+    out.push(kind as u8);
+    for element in std::iter::once(scope).chain(parts.iter().map(Vec::as_slice)) {
+        out.extend_from_slice(&(element.len() as u64).to_le_bytes());
+        out.extend_from_slice(element);
+    }
+    out
+}
+
+/// The id of a scope and parts: SHA-256 of [`encode`], as lowercase hex.
+fn hashed_id(kind: Kind, scope: &[u8], parts: &[Vec<u8>]) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(encode(kind, scope, parts));
+    let mut id = Vec::with_capacity(HASHED_ID_BYTES);
+    for byte in digest {
+        id.push(HEX[usize::from(byte >> 4)]);
+        id.push(HEX[usize::from(byte & 0xf)]);
+    }
+    id
 }
 
 /// The SHA-256 of `body`, 32 raw bytes.
@@ -107,13 +236,25 @@ mod tests {
     }
 
     fn decide(source: IdSource, missing: MissingId, props: &BasicProperties) -> IdDecision {
-        IdExtractor::new(&source, missing).decide(props, b"body")
+        IdExtractor::new(&source, &IdScope::None, missing).decide("rk", props, b"body")
+    }
+
+    fn single(part: IdPart) -> IdSource {
+        IdSource::single(part)
+    }
+
+    fn message_id() -> IdSource {
+        single(IdPart::MessageId)
+    }
+
+    fn header_source(name: &str) -> IdSource {
+        single(IdPart::Header(name.into()))
     }
 
     #[test]
     fn message_id_is_the_default_source() {
         let props = BasicProperties::default().with_message_id("m-1").finish();
-        let got = decide(IdSource::MessageId, MissingId::DeadLetter, &props);
+        let got = decide(message_id(), MissingId::DeadLetter, &props);
         assert_eq!(got, IdDecision::Claim(b"m-1".to_vec()));
     }
 
@@ -123,15 +264,15 @@ mod tests {
         let empty = BasicProperties::default().with_message_id("").finish();
         for props in [&none, &empty] {
             assert_eq!(
-                decide(IdSource::MessageId, MissingId::DeadLetter, props),
+                decide(message_id(), MissingId::DeadLetter, props),
                 IdDecision::DeadLetter
             );
             assert_eq!(
-                decide(IdSource::MessageId, MissingId::Forward, props),
+                decide(message_id(), MissingId::Forward, props),
                 IdDecision::ForwardUnchecked
             );
             assert_eq!(
-                decide(IdSource::MessageId, MissingId::BodySha256, props),
+                decide(message_id(), MissingId::BodySha256, props),
                 IdDecision::Claim(body_sha256(b"body"))
             );
         }
@@ -139,7 +280,7 @@ mod tests {
 
     #[test]
     fn header_ids_of_each_usable_type() {
-        let source = IdSource::Header("x-id".into());
+        let source = header_source("x-id");
         let cases = [
             (FieldValue::from("abc"), b"abc".to_vec()),
             (
@@ -160,7 +301,7 @@ mod tests {
 
     #[test]
     fn header_of_unusable_type_or_other_name_is_no_id() {
-        let source = IdSource::Header("x-id".into());
+        let source = header_source("x-id");
         let boolean = props_with_header("x-id", FieldValue::t(true));
         let other = props_with_header("x-other", FieldValue::from("abc"));
         for props in [&boolean, &other] {
@@ -176,7 +317,7 @@ mod tests {
         #[test]
         fn message_id_is_taken_byte_for_byte(id in ".{0,100}") {
             let props = BasicProperties::default().with_message_id(&id).finish();
-            let got = decide(IdSource::MessageId, MissingId::DeadLetter, &props);
+            let got = decide(message_id(), MissingId::DeadLetter, &props);
             let want = if id.is_empty() {
                 IdDecision::DeadLetter
             } else {
@@ -188,7 +329,7 @@ mod tests {
         /// Integer headers of every width are their decimal text.
         #[test]
         fn integer_headers_are_decimal(n: i64) {
-            let source = IdSource::Header("x-id".into());
+            let source = header_source("x-id");
             let mut cases = vec![(FieldValue::l(n), n.to_string())];
             if let Ok(n) = i32::try_from(n) {
                 cases.push((FieldValue::I(n), n.to_string()));
@@ -206,7 +347,7 @@ mod tests {
         /// Byte-array headers are the id as they are, UTF-8 or not; empty is no id.
         #[test]
         fn byte_array_headers_are_taken_as_they_are(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
-            let source = IdSource::Header("x-id".into());
+            let source = header_source("x-id");
             let props = props_with_header("x-id", FieldValue::x(bytes.clone().try_into().unwrap()));
             let got = decide(source, MissingId::Forward, &props);
             let want = if bytes.is_empty() {
@@ -220,19 +361,284 @@ mod tests {
         /// Body hashes tell bodies apart and only bodies.
         #[test]
         fn body_sha256_depends_on_the_body_alone(a: Vec<u8>, b: Vec<u8>, id in "[a-z]{1,8}") {
-            let ids = IdExtractor::new(&IdSource::BodySha256, MissingId::DeadLetter);
+            let ids = IdExtractor::new(&single(IdPart::BodySha256), &IdScope::None, MissingId::DeadLetter);
             let with_id = BasicProperties::default().with_message_id(&id).finish();
             let plain = BasicProperties::default();
-            proptest::prop_assert_eq!(ids.decide(&with_id, &a), ids.decide(&plain, &a));
-            proptest::prop_assert_eq!(ids.decide(&plain, &a) == ids.decide(&plain, &b), a == b);
+            proptest::prop_assert_eq!(ids.decide("rk", &with_id, &a), ids.decide("other", &plain, &a));
+            proptest::prop_assert_eq!(ids.decide("rk", &plain, &a) == ids.decide("rk", &plain, &b), a == b);
         }
     }
 
     #[test]
     fn body_sha256_ignores_properties() {
         let props = BasicProperties::default().with_message_id("m-1").finish();
-        let got = decide(IdSource::BodySha256, MissingId::DeadLetter, &props);
+        let got = decide(single(IdPart::BodySha256), MissingId::DeadLetter, &props);
         assert_eq!(got, IdDecision::Claim(body_sha256(b"body")));
         assert_eq!(body_sha256(b"body").len(), 32);
+    }
+
+    // Composite ids, JSON fields and scopes.
+
+    fn extractor(source: &str, scope: &str, missing: MissingId) -> IdExtractor {
+        let config = crate::config::Config::from_vars([
+            ("DEDUPD_ID_SOURCE", source),
+            ("DEDUPD_ID_SCOPE", scope),
+        ])
+        .unwrap();
+        IdExtractor::new(&config.id_source, &config.id_scope, missing)
+    }
+
+    fn tenant_props(tenant: Option<&str>, id: Option<&str>) -> BasicProperties {
+        let mut headers = FieldTable::new();
+        if let Some(t) = tenant {
+            headers.insert("tenant".try_into().unwrap(), FieldValue::from(t));
+        }
+        let mut props = BasicProperties::default();
+        props.with_headers(headers);
+        if let Some(id) = id {
+            props.with_message_id(id);
+        }
+        props
+    }
+
+    /// The claimed id, or a panic naming what was decided instead.
+    fn claimed(decision: IdDecision) -> Vec<u8> {
+        match decision {
+            IdDecision::Claim(id) => id,
+            other => panic!("expected a claim, got {other:?}"),
+        }
+    }
+
+    /// Decodes [`encode`]'s bytes back into (kind, scope, parts); `None` if they are not such
+    /// bytes. Its existence is the proof that the encoding is injective.
+    fn decode(bytes: &[u8]) -> Option<(u8, Vec<u8>, Vec<Vec<u8>>)> {
+        let rest = bytes.strip_prefix(HASH_DOMAIN)?;
+        let (&kind, mut rest) = rest.split_first()?;
+        let mut elements = Vec::new();
+        while !rest.is_empty() {
+            let (len, tail) = rest.split_at_checked(8)?;
+            let len = usize::try_from(u64::from_le_bytes(len.try_into().ok()?)).ok()?;
+            let (element, tail) = tail.split_at_checked(len)?;
+            elements.push(element.to_vec());
+            rest = tail;
+        }
+        let mut elements = elements.into_iter();
+        let scope = elements.next()?;
+        Some((kind, scope, elements.collect()))
+    }
+
+    #[test]
+    fn parts_that_only_concatenate_alike_are_different_ids() {
+        // ("ab", "c") and ("a", "bc") concatenate to the same bytes; prefixed, they differ.
+        let x = |a: &str, b: &str| vec![a.as_bytes().to_vec(), b.as_bytes().to_vec()];
+        assert_ne!(
+            encode(Kind::Parts, b"", &x("ab", "c")),
+            encode(Kind::Parts, b"", &x("a", "bc"))
+        );
+        assert_ne!(
+            hashed_id(Kind::Parts, b"", &x("ab", "c")),
+            hashed_id(Kind::Parts, b"", &x("a", "bc"))
+        );
+        // A scope is not a part, and a body fallback is not an id of parts.
+        assert_ne!(
+            encode(Kind::Parts, b"t", &x("a", "b")),
+            encode(
+                Kind::Parts,
+                b"",
+                &[b"t".to_vec(), b"a".to_vec(), b"b".to_vec()]
+            )
+        );
+        assert_ne!(
+            encode(Kind::Parts, b"s", &[b"h".to_vec()]),
+            encode(Kind::BodyFallback, b"s", &[b"h".to_vec()])
+        );
+        let id = hashed_id(Kind::Parts, b"", &x("a", "b"));
+        assert_eq!(id.len(), HASHED_ID_BYTES);
+        assert!(id
+            .iter()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    }
+
+    proptest::proptest! {
+        /// The encoding decodes back to the tuple it came from, so two different tuples never
+        /// meet before hashing.
+        #[test]
+        fn encoding_decodes_back_to_its_tuple(
+            fallback: bool,
+            scope in proptest::collection::vec(proptest::num::u8::ANY, 0..20),
+            parts in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..20), 0..5),
+        ) {
+            let kind = if fallback { Kind::BodyFallback } else { Kind::Parts };
+            let got = decode(&encode(kind, &scope, &parts));
+            proptest::prop_assert_eq!(got, Some((kind as u8, scope, parts)));
+        }
+
+        /// Equal encodings only for equal tuples, however the bytes are split between parts.
+        #[test]
+        fn different_tuples_encode_differently(
+            a in proptest::collection::vec("[ab]{0,3}", 1..4),
+            b in proptest::collection::vec("[ab]{0,3}", 1..4),
+            sa in "[ab]{0,2}",
+            sb in "[ab]{0,2}",
+        ) {
+            let bytes = |v: &[String]| v.iter().map(|s| s.as_bytes().to_vec()).collect::<Vec<_>>();
+            let ea = encode(Kind::Parts, sa.as_bytes(), &bytes(&a));
+            let eb = encode(Kind::Parts, sb.as_bytes(), &bytes(&b));
+            proptest::prop_assert_eq!(ea == eb, (a, sa) == (b, sb));
+        }
+    }
+
+    #[test]
+    fn composite_id_changes_with_every_part() {
+        let ids = extractor("header:tenant+message_id", "none", MissingId::DeadLetter);
+        let id = |t, m| claimed(ids.decide("rk", &tenant_props(Some(t), Some(m)), b"{}"));
+        let a = id("t1", "order-1");
+        assert_eq!(a.len(), HASHED_ID_BYTES);
+        assert_eq!(a, id("t1", "order-1"), "same parts, same id");
+        assert_ne!(a, id("t2", "order-1"), "another tenant");
+        assert_ne!(a, id("t1", "order-2"), "another message id");
+        // The same concatenation split differently is another id.
+        assert_ne!(id("t1o", "rder-1"), a);
+        // Part order is the configuration's: reversed, another id.
+        let reversed = extractor("message_id+header:tenant", "none", MissingId::DeadLetter);
+        let b = claimed(reversed.decide("rk", &tenant_props(Some("t1"), Some("order-1")), b"{}"));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn composite_id_missing_a_part_follows_the_policy() {
+        let missing = [
+            tenant_props(None, Some("order-1")),
+            tenant_props(Some("t1"), None),
+            tenant_props(Some(""), Some("order-1")),
+        ];
+        for props in &missing {
+            let dead = extractor("header:tenant+message_id", "none", MissingId::DeadLetter);
+            assert_eq!(dead.decide("rk", props, b"x"), IdDecision::DeadLetter);
+            let forward = extractor("header:tenant+message_id", "none", MissingId::Forward);
+            assert_eq!(
+                forward.decide("rk", props, b"x"),
+                IdDecision::ForwardUnchecked
+            );
+            let body = extractor("header:tenant+message_id", "none", MissingId::BodySha256);
+            let id = claimed(body.decide("rk", props, b"x"));
+            assert_eq!(id.len(), HASHED_ID_BYTES, "hashed, within any limit");
+            assert_eq!(
+                id,
+                claimed(body.decide("rk", props, b"x")),
+                "the body decides"
+            );
+            assert_ne!(id, claimed(body.decide("rk", props, b"y")));
+        }
+    }
+
+    #[test]
+    fn json_field_is_the_id() {
+        let ids = extractor("json:/order/id", "none", MissingId::DeadLetter);
+        let props = BasicProperties::default();
+        let decide = |body: &str| ids.decide("rk", &props, body.as_bytes());
+        assert_eq!(
+            decide(r#"{"order":{"id":"o-7"}}"#),
+            IdDecision::Claim(b"o-7".to_vec())
+        );
+        assert_eq!(
+            decide(r#"{"order":{"id":42,"x":1}}"#),
+            IdDecision::Claim(b"42".to_vec())
+        );
+        assert_eq!(
+            decide(r#"{"order":{"id":-1.5}}"#),
+            IdDecision::Claim(b"-1.5".to_vec())
+        );
+        // Not JSON, no such field, a value that is no id: the missing-id policy.
+        for body in [
+            "not json",
+            r#"{"order":{"id":""}}"#,
+            r#"{"order":{}}"#,
+            r#"{"order":{"id":null}}"#,
+            r#"{"order":{"id":true}}"#,
+            r#"{"order":{"id":{"a":1}}}"#,
+            r#"["order"]"#,
+            "",
+        ] {
+            assert_eq!(decide(body), IdDecision::DeadLetter, "{body}");
+        }
+        // RFC 6901 escapes: ~1 is a /, ~0 a ~; array indices by number.
+        let ids = extractor("json:/a~1b/~0c/1", "none", MissingId::DeadLetter);
+        let body = br#"{"a/b":{"~c":["zero","one"]}}"#;
+        assert_eq!(
+            ids.decide("rk", &props, body),
+            IdDecision::Claim(b"one".to_vec())
+        );
+    }
+
+    #[test]
+    fn json_and_header_parts_combine() {
+        let ids = extractor("header:tenant+json:/id", "none", MissingId::Forward);
+        let props = tenant_props(Some("t1"), None);
+        let a = claimed(ids.decide("rk", &props, br#"{"id":"1"}"#));
+        assert_ne!(a, claimed(ids.decide("rk", &props, br#"{"id":"2"}"#)));
+        // The number 1 and the string "1" are the same text: the same id (documented).
+        assert_eq!(a, claimed(ids.decide("rk", &props, br#"{"id":1}"#)));
+        assert_eq!(
+            ids.decide("rk", &props, b"{}"),
+            IdDecision::ForwardUnchecked
+        );
+    }
+
+    #[test]
+    fn scope_makes_the_same_id_two_ids() {
+        let props = tenant_props(Some("t1"), Some("order-1"));
+        let by_key = extractor("message_id", "routing_key", MissingId::DeadLetter);
+        let eu = claimed(by_key.decide("eu", &props, b""));
+        assert_eq!(eu.len(), HASHED_ID_BYTES);
+        assert_eq!(eu, claimed(by_key.decide("eu", &props, b"other body")));
+        assert_ne!(eu, claimed(by_key.decide("us", &props, b"")));
+        // An empty routing key is a scope like any other.
+        assert_ne!(eu, claimed(by_key.decide("", &props, b"")));
+
+        let by_header = extractor("message_id", "header:tenant", MissingId::DeadLetter);
+        let t1 = claimed(by_header.decide("rk", &props, b""));
+        let t2 = tenant_props(Some("t2"), Some("order-1"));
+        assert_ne!(t1, claimed(by_header.decide("rk", &t2, b"")));
+        assert_eq!(
+            t1,
+            claimed(by_header.decide("other-rk", &props, b"")),
+            "routing key ignored"
+        );
+        // Scope "eu" with id "order-1" is not scope "" with a part "eu": kinds of element differ.
+        assert_ne!(t1, eu);
+    }
+
+    #[test]
+    fn message_without_its_scope_has_no_usable_id() {
+        let no_scope = tenant_props(None, Some("order-1"));
+        let empty_scope = tenant_props(Some(""), Some("order-1"));
+        for props in [&no_scope, &empty_scope] {
+            let dead = extractor("message_id", "header:tenant", MissingId::DeadLetter);
+            assert_eq!(dead.decide("rk", props, b"x"), IdDecision::DeadLetter);
+            let forward = extractor("message_id", "header:tenant", MissingId::Forward);
+            assert_eq!(
+                forward.decide("rk", props, b"x"),
+                IdDecision::ForwardUnchecked
+            );
+        }
+        // The body fallback without a scope: the same body is the same id, and not the id of a
+        // scoped message with that body.
+        let body = extractor("message_id", "header:tenant", MissingId::BodySha256);
+        let unscoped = claimed(body.decide("rk", &no_scope, b"x"));
+        assert_eq!(unscoped, claimed(body.decide("rk", &empty_scope, b"x")));
+        let scoped_no_id = tenant_props(Some("t1"), None);
+        assert_ne!(unscoped, claimed(body.decide("rk", &scoped_no_id, b"x")));
+    }
+
+    #[test]
+    fn one_part_without_scope_stays_the_raw_id() {
+        // Data dirs written before composite ids existed keep matching.
+        let ids = extractor("message_id", "none", MissingId::DeadLetter);
+        let props = tenant_props(Some("t1"), Some("order-1"));
+        assert_eq!(
+            ids.decide("rk", &props, b""),
+            IdDecision::Claim(b"order-1".to_vec())
+        );
     }
 }

@@ -189,7 +189,7 @@ async fn relay(
     workers: &Workers,
     mut stop: Shutdown,
 ) -> Result<(), Error> {
-    let ids = id::IdExtractor::new(&config.id_source, config.missing_id);
+    let ids = id::IdExtractor::new(&config.id_source, &config.id_scope, config.missing_id);
     let mut backoff = Backoff::default();
     let mut sessions = 0u64;
     tracing::info!(

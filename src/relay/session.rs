@@ -372,7 +372,11 @@ impl<'a> Session<'a> {
             body,
         };
         self.unsettled.received(delivery.tag);
-        match self.cx.ids.decide(&delivery.props, &delivery.body) {
+        match self
+            .cx
+            .ids
+            .decide(&delivery.routing_key, &delivery.props, &delivery.body)
+        {
             IdDecision::Claim(id) => self.to_claim.push((delivery, id)),
             IdDecision::ForwardUnchecked => self.forward(delivery, None).await?,
             IdDecision::DeadLetter => {
