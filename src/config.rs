@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::{NonZeroU16, NonZeroU64, NonZeroUsize};
+use std::num::{NonZeroU16, NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -124,6 +124,16 @@ pub const VARS: &[Var] = &[
         "1000",
         "consumer prefetch = most messages in flight (1 to 65535)",
     ),
+    var(
+        QUEUE_TYPE,
+        "classic",
+        "type of the source queue and `<source>.dead` when dedupd declares them: `classic` or `quorum` (replicated); an existing queue of the other type stops start-up",
+    ),
+    unset(
+        DELIVERY_LIMIT,
+        "20 with `quorum` (RabbitMQ 4's default)",
+        "deliveries of one message before the broker dead-letters it into `<source>.dead` (`quorum` only)",
+    ),
     unset(
         DUPLICATES_EXCHANGE,
         "off",
@@ -227,6 +237,8 @@ const ID_SCOPE: &str = "DEDUPD_ID_SCOPE";
 const MISSING_ID: &str = "DEDUPD_MISSING_ID";
 const MAX_ID_BYTES: &str = "DEDUPD_MAX_ID_BYTES";
 const PREFETCH: &str = "DEDUPD_PREFETCH";
+const QUEUE_TYPE: &str = "DEDUPD_QUEUE_TYPE";
+const DELIVERY_LIMIT: &str = "DEDUPD_DELIVERY_LIMIT";
 const DUPLICATES_EXCHANGE: &str = "DEDUPD_DUPLICATES_EXCHANGE";
 const CONFIRM_TIMEOUT: &str = "DEDUPD_CONFIRM_TIMEOUT";
 const SHUTDOWN_GRACE: &str = "DEDUPD_SHUTDOWN_GRACE";
@@ -345,6 +357,39 @@ pub enum MissingId {
     BodySha256,
 }
 
+/// The type of the source queue and of `<source>.dead`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// A classic queue: on one broker node.
+    Classic,
+    /// A quorum queue, replicated by the broker's Raft, with at-least-once dead-lettering.
+    Quorum {
+        /// `x-delivery-limit`: past this many returns the broker dead-letters a message.
+        delivery_limit: NonZeroU32,
+    },
+}
+
+impl QueueType {
+    /// The delivery limit RabbitMQ 4 gives quorum queues by default.
+    pub const DEFAULT_DELIVERY_LIMIT: NonZeroU32 = NonZeroU32::new(20).expect("non-zero");
+
+    /// The name `DEDUPD_QUEUE_TYPE` and `x-queue-type` use.
+    pub fn name(&self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum { .. } => "quorum",
+        }
+    }
+
+    /// The delivery limit, for a quorum queue.
+    pub fn delivery_limit(&self) -> Option<NonZeroU32> {
+        match self {
+            QueueType::Classic => None,
+            QueueType::Quorum { delivery_limit } => Some(*delivery_limit),
+        }
+    }
+}
+
 /// The relay's configuration. Built by [`Config::from_env`] or [`Config::from_vars`].
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -377,6 +422,8 @@ pub struct Config {
     pub max_id_bytes: NonZeroUsize,
     /// `DEDUPD_PREFETCH`, default 1000: most deliveries in flight.
     pub prefetch: NonZeroU16,
+    /// `DEDUPD_QUEUE_TYPE` and `DEDUPD_DELIVERY_LIMIT`, default classic: the source queue's type.
+    pub queue_type: QueueType,
     /// `DEDUPD_DUPLICATES_EXCHANGE`, default unset: where copies of duplicates go, if anywhere.
     pub duplicates_exchange: Option<String>,
     /// `DEDUPD_CONFIRM_TIMEOUT`, default 30 s: an unconfirmed publish fails after this.
@@ -598,6 +645,26 @@ impl Config {
             v.parse::<NonZeroU16>()
                 .map_err(|_| "a message count from 1 to 65535".into())
         })?;
+        let queue_type = vars.parse(QUEUE_TYPE, "classic", |v| match v {
+            "classic" | "quorum" => Ok(v == "quorum"),
+            _ => Err("classic or quorum".into()),
+        })?;
+        let delivery_limit = vars.parse_opt(DELIVERY_LIMIT, |v| {
+            if !queue_type {
+                return Err(format!(
+                    "no value: only a quorum queue has a delivery limit ({QUEUE_TYPE}=quorum)"
+                ));
+            }
+            v.parse::<NonZeroU32>()
+                .map_err(|_| "a number of deliveries from 1 to 4294967295".into())
+        })?;
+        let queue_type = if queue_type {
+            QueueType::Quorum {
+                delivery_limit: delivery_limit.unwrap_or(QueueType::DEFAULT_DELIVERY_LIMIT),
+            }
+        } else {
+            QueueType::Classic
+        };
         let duplicates_exchange = vars
             .parse_opt(DUPLICATES_EXCHANGE, |v| {
                 if v.is_empty() {
@@ -694,6 +761,7 @@ impl Config {
             missing_id,
             max_id_bytes,
             prefetch,
+            queue_type,
             duplicates_exchange,
             confirm_timeout,
             shutdown_grace,
@@ -763,6 +831,13 @@ impl Config {
             ),
             (MAX_ID_BYTES, self.max_id_bytes.to_string()),
             (PREFETCH, self.prefetch.to_string()),
+            (QUEUE_TYPE, self.queue_type.name().into()),
+            (
+                DELIVERY_LIMIT,
+                self.queue_type
+                    .delivery_limit()
+                    .map_or("(unset)".into(), |n| n.to_string()),
+            ),
             (DUPLICATES_EXCHANGE, or_unset(&self.duplicates_exchange)),
             (CONFIRM_TIMEOUT, dur(self.confirm_timeout)),
             (SHUTDOWN_GRACE, dur(self.shutdown_grace)),
@@ -1328,6 +1403,7 @@ mod tests {
         assert_eq!(c.missing_id, MissingId::DeadLetter);
         assert_eq!(c.max_id_bytes.get(), 256);
         assert_eq!(c.prefetch.get(), 1000);
+        assert_eq!(c.queue_type, QueueType::Classic);
         assert_eq!(c.duplicates_exchange, None);
         assert_eq!(c.confirm_timeout, Duration::from_secs(30));
         assert_eq!(c.shutdown_grace, Duration::from_secs(10));
@@ -1338,6 +1414,29 @@ mod tests {
         assert_eq!(c.cache_bytes, 64 << 20);
         assert_eq!(c.dead_letter_exchange(), "dedupd.in.dlx");
         assert_eq!(c.dead_letter_queue(), "dedupd.in.dead");
+    }
+
+    #[test]
+    fn quorum_takes_a_delivery_limit_of_20_unless_told() {
+        let c = parse(&[("DEDUPD_QUEUE_TYPE", "quorum")]).unwrap();
+        assert_eq!(c.queue_type.name(), "quorum");
+        assert_eq!(c.queue_type.delivery_limit().map(|n| n.get()), Some(20));
+        let c = parse(&[
+            ("DEDUPD_QUEUE_TYPE", "quorum"),
+            ("DEDUPD_DELIVERY_LIMIT", "2"),
+        ])
+        .unwrap();
+        assert_eq!(c.queue_type.delivery_limit().map(|n| n.get()), Some(2));
+        refused("DEDUPD_QUEUE_TYPE", "stream");
+        // A limit the broker would not apply is refused rather than ignored.
+        let line = refused("DEDUPD_DELIVERY_LIMIT", "5");
+        assert!(line.contains("DEDUPD_QUEUE_TYPE=quorum"), "{line}");
+        let err = parse(&[
+            ("DEDUPD_QUEUE_TYPE", "quorum"),
+            ("DEDUPD_DELIVERY_LIMIT", "0"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("DEDUPD_DELIVERY_LIMIT"), "{err}");
     }
 
     #[test]

@@ -35,16 +35,20 @@ pub enum DeadLetterReason {
     Timeout,
     /// The AMQP client could not decode it (a non-UTF-8 message id, header or routing key).
     Undecodable,
+    /// Returned to a quorum source at its last allowed delivery (`DEDUPD_DELIVERY_LIMIT`): the
+    /// broker dead-letters it, not dedupd.
+    DeliveryLimit,
 }
 
 impl DeadLetterReason {
-    const ALL: [DeadLetterReason; 6] = [
+    const ALL: [DeadLetterReason; 7] = [
         DeadLetterReason::NoId,
         DeadLetterReason::BadId,
         DeadLetterReason::Nacked,
         DeadLetterReason::Returned,
         DeadLetterReason::Timeout,
         DeadLetterReason::Undecodable,
+        DeadLetterReason::DeliveryLimit,
     ];
 
     /// The label value in `/metrics`.
@@ -56,6 +60,7 @@ impl DeadLetterReason {
             DeadLetterReason::Returned => "returned",
             DeadLetterReason::Timeout => "confirm_timeout",
             DeadLetterReason::Undecodable => "undecodable",
+            DeadLetterReason::DeliveryLimit => "delivery_limit",
         }
     }
 }

@@ -41,6 +41,11 @@ impl Unsettled {
         self.tags.len() + self.deferred.len()
     }
 
+    /// Whether `tag` is not settled at the broker yet (in flight, or its ack not sent).
+    pub(crate) fn holds(&self, tag: u64) -> bool {
+        self.tags.contains_key(&tag) || self.deferred.contains_key(&tag)
+    }
+
     /// Whether acks are waiting to be sent.
     pub(crate) fn has_deferred(&self) -> bool {
         !self.deferred.is_empty()

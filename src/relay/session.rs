@@ -164,6 +164,9 @@ pub(crate) struct Session<'a> {
     waiting: usize,
     /// Shutting down: acks are sent at once, not held for a `multiple` one.
     draining: bool,
+    /// Deliveries at the last delivery a quorum source allows them: if the session ends before
+    /// they are settled, the broker dead-letters them, and they are counted then.
+    last_chance: Vec<u64>,
 }
 
 impl<'a> Session<'a> {
@@ -244,6 +247,7 @@ impl<'a> Session<'a> {
             commits_out: 0,
             waiting: 0,
             draining: false,
+            last_chance: Vec::new(),
         };
         Ok((session, deliveries))
     }
@@ -256,6 +260,19 @@ impl<'a> Session<'a> {
         shutdown: Shutdown,
     ) -> Result<End, Failure> {
         let result = self.relay(conn, deliveries, shutdown).await;
+        // What goes back to the queue now and was at its last allowed delivery is dead-lettered
+        // by the broker, where dedupd would not see it.
+        for &tag in &self.last_chance {
+            if self.unsettled.holds(tag) {
+                tracing::warn!(
+                    tag,
+                    "returned at its last allowed delivery: the broker dead-letters it"
+                );
+                self.cx
+                    .metrics
+                    .dead_lettered(DeadLetterReason::DeliveryLimit);
+            }
+        }
         // Close the channels ourselves: left to their drop guards, amqprs closes them from
         // spawned tasks that may still be running when the runtime stops.
         for channel in [self.consume.clone(), self.publish.clone()] {
@@ -372,6 +389,11 @@ impl<'a> Session<'a> {
             body,
         };
         self.unsettled.received(delivery.tag);
+        if let Some(limit) = self.cx.config.queue_type.delivery_limit() {
+            if delivery_count(&delivery.props) >= u64::from(limit.get()) {
+                self.last_chance.push(delivery.tag);
+            }
+        }
         match self
             .cx
             .ids
@@ -668,6 +690,28 @@ async fn sweep_source(config: &Config, metrics: &Metrics) {
             %cause,
             "cannot look for undecodable messages at the head of the source queue"
         ),
+    }
+}
+
+/// How many times a quorum queue delivered this message before and had it returned: its
+/// `x-delivery-count` header, 0 when absent (a first delivery).
+fn delivery_count(props: &BasicProperties) -> u64 {
+    use amqprs::FieldValue;
+    let Some(value) = props
+        .headers()
+        .and_then(|h| h.get(&"x-delivery-count".try_into().expect("short")))
+    else {
+        return 0;
+    };
+    match value {
+        FieldValue::l(n) => u64::try_from(*n).unwrap_or(0),
+        FieldValue::I(n) => u64::try_from(*n).unwrap_or(0),
+        FieldValue::i(n) => u64::from(*n),
+        FieldValue::s(n) => u64::try_from(*n).unwrap_or(0),
+        FieldValue::u(n) => u64::from(*n),
+        FieldValue::b(n) => u64::try_from(*n).unwrap_or(0),
+        FieldValue::B(n) => u64::from(*n),
+        _ => 0,
     }
 }
 

@@ -1,8 +1,14 @@
 //! The broker objects dedupd uses: declared idempotently, or only checked with passive declares.
 //!
-//! - source queue: durable, `x-dead-letter-exchange = <source>.dlx`, no other arguments;
-//! - `<source>.dlx`: durable fanout exchange, with durable queue `<source>.dead` bound to it, so
-//!   every rejected message is kept;
+//! - source queue: durable, `x-dead-letter-exchange = <source>.dlx`, and no other arguments when
+//!   classic; when quorum (`DEDUPD_QUEUE_TYPE`) also `x-queue-type = quorum`, `x-delivery-limit`
+//!   and at-least-once dead-lettering (`x-dead-letter-strategy = at-least-once`, which the broker
+//!   allows only with `x-overflow = reject-publish`);
+//! - `<source>.dlx`: durable fanout exchange, with durable queue `<source>.dead` (of the same type)
+//!   bound to it, so every rejected message is kept;
+//!
+//! A queue is never redeclared: one that exists with other arguments (another type, say) stops
+//! start-up with an error naming it, because only deleting it would change it.
 //! - destination exchange: durable, of the configured type;
 //! - duplicates exchange (if configured): durable fanout.
 
@@ -14,7 +20,39 @@ use amqprs::{FieldTable, FieldValue};
 use tokio::sync::mpsc;
 
 use super::session::{ChannelEvents, Event};
-use crate::config::Config;
+use crate::config::{Config, QueueType};
+
+/// The source queue's arguments for `config`: the dead-letter exchange, and for a quorum queue its
+/// type, delivery limit and at-least-once dead-lettering.
+///
+/// A classic queue carries no `x-queue-type`: queues declared by earlier versions have none, and
+/// the broker compares the arguments of a redeclaration one by one.
+pub(crate) fn source_arguments(config: &Config) -> FieldTable {
+    let mut args = FieldTable::new();
+    insert(
+        &mut args,
+        "x-dead-letter-exchange",
+        config.dead_letter_exchange().as_str().into(),
+    );
+    if let QueueType::Quorum { delivery_limit } = config.queue_type {
+        insert(&mut args, "x-queue-type", "quorum".into());
+        // RabbitMQ decodes the limit as a long; the broker counts returns, not first deliveries.
+        insert(
+            &mut args,
+            "x-delivery-limit",
+            FieldValue::l(i64::from(delivery_limit.get())),
+        );
+        // Without it the broker drops a dead letter it cannot route or store (at-most-once);
+        // at-least-once keeps the message in the source until `<source>.dead` confirms it.
+        insert(&mut args, "x-dead-letter-strategy", "at-least-once".into());
+        insert(&mut args, "x-overflow", "reject-publish".into());
+    }
+    args
+}
+
+fn insert(args: &mut FieldTable, key: &str, value: FieldValue) {
+    args.insert(key.try_into().expect("short key"), value);
+}
 
 /// Why the topology is not in place.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +93,8 @@ pub(crate) async fn ensure(conn: &Connection, config: &Config) -> Result<(), Top
 /// A channel for declaring, which turns the broker's refusals into errors naming the piece.
 /// Also used by [`crate::shard`], so a shard's source queue is declared exactly as the relay's.
 pub(crate) struct Topology {
+    /// The connection, for a second channel when a refusal needs a closer look.
+    conn: Connection,
     channel: Channel,
     passive: bool,
     /// Where the channel's callback reports the broker closing it, with the reason.
@@ -80,6 +120,7 @@ impl Topology {
                 source,
             })?;
         Ok(Topology {
+            conn: conn.clone(),
             channel,
             passive,
             closed,
@@ -99,33 +140,72 @@ impl Topology {
     }
 
     /// The source queue of `config` with its dead-lettering: the exchange `<source>.dlx`, the
-    /// queue `<source>.dead` bound to it, and the source queue itself, durable, with the single
-    /// argument `x-dead-letter-exchange = <source>.dlx`.
+    /// queue `<source>.dead` bound to it, and the source queue itself, durable, with the
+    /// arguments of [`source_arguments`].
     pub(crate) async fn source(&mut self, config: &Config) -> Result<(), TopologyError> {
         let dlx = config.dead_letter_exchange();
         let dead = config.dead_letter_queue();
         self.exchange(&format!("dead-letter exchange '{dlx}'"), &dlx, "fanout")
             .await?;
+        let mut dead_args = FieldTable::new();
+        if let QueueType::Quorum { .. } = config.queue_type {
+            insert(&mut dead_args, "x-queue-type", "quorum".into());
+        }
         self.queue(
             &format!("dead-letter queue '{dead}'"),
             &dead,
-            FieldTable::new(),
+            dead_args,
+            config.queue_type,
         )
         .await?;
         if !self.passive {
             self.bind(&dead, &dlx).await?;
         }
+        let what = format!("source queue '{}'", config.source_queue);
+        match self
+            .queue(
+                &what,
+                &config.source_queue,
+                source_arguments(config),
+                config.queue_type,
+            )
+            .await
+        {
+            Err(TopologyError::Refused(why)) if !self.passive => {
+                Err(self.type_conflict(&what, config).await.unwrap_or(
+                    // Not the type: the broker's own reason names the argument that differs.
+                    TopologyError::Refused(why),
+                ))
+            }
+            result => result,
+        }
+    }
+
+    /// After the source queue was refused: whether it is of the other type. The broker reports
+    /// the first argument that differs in an order of its own (`x-overflow` before
+    /// `x-queue-type`), so a second declare on a fresh channel carries only the dead-letter
+    /// exchange and the type: if the queue is of the other type, that is what differs.
+    async fn type_conflict(&mut self, what: &str, config: &Config) -> Option<TopologyError> {
+        let mut probe = Topology::open(&self.conn, false).await.ok()?;
         let mut args = FieldTable::new();
-        args.insert(
-            "x-dead-letter-exchange".try_into().expect("short"),
-            FieldValue::from(dlx.as_str()),
+        insert(
+            &mut args,
+            "x-dead-letter-exchange",
+            config.dead_letter_exchange().as_str().into(),
         );
-        self.queue(
-            &format!("source queue '{}'", config.source_queue),
-            &config.source_queue,
-            args,
-        )
-        .await
+        if let QueueType::Quorum { .. } = config.queue_type {
+            insert(&mut args, "x-queue-type", "quorum".into());
+        }
+        let result = probe
+            .queue(what, &config.source_queue, args, config.queue_type)
+            .await;
+        probe.close().await;
+        match result {
+            Err(e @ TopologyError::Refused(_)) if e.to_string().contains("DEDUPD_QUEUE_TYPE") => {
+                Some(e)
+            }
+            _ => None,
+        }
     }
 
     async fn exchange(&mut self, what: &str, name: &str, kind: &str) -> Result<(), TopologyError> {
@@ -150,11 +230,14 @@ impl Topology {
         self.check(what, result)
     }
 
+    /// A durable queue with `args`, meant to be of type `kind`: an existing queue of another type
+    /// is refused with an error saying so.
     async fn queue(
         &mut self,
         what: &str,
         name: &str,
         args: FieldTable,
+        kind: QueueType,
     ) -> Result<(), TopologyError> {
         let args = QueueDeclareArguments::new(name)
             .durable(true)
@@ -162,7 +245,19 @@ impl Topology {
             .arguments(args)
             .finish();
         let result = self.channel.queue_declare(args).await.map(|_| ());
-        self.check(what, result)
+        self.check(what, result).map_err(|e| match e {
+            // RabbitMQ names the argument: "inequivalent arg 'x-queue-type' for queue ...".
+            TopologyError::Refused(why) if why.contains("'x-queue-type'") => {
+                TopologyError::Refused(format!(
+                    "{what} exists, but not as a {} queue (DEDUPD_QUEUE_TYPE={}); dedupd never \
+                     redeclares a queue: set DEDUPD_QUEUE_TYPE to the queue's type, or move its \
+                     messages to a new queue (README, \"Queue type\"): {why}",
+                    kind.name(),
+                    kind.name(),
+                ))
+            }
+            e => e,
+        })
     }
 
     async fn bind(&mut self, queue: &str, exchange: &str) -> Result<(), TopologyError> {
