@@ -9,8 +9,54 @@ use std::fmt::Write as _;
 use super::glob;
 use super::resp::{parse_i64, Reply};
 use super::{Client, Server};
-use crate::store::kv::{Condition, Expiry};
+use crate::store::kv::{Condition, Entry, Expiry, Kv, SetOutcome};
 use crate::store::Error as StoreError;
+
+/// Where a command reads and writes its keys: the store itself (each call atomic on its own,
+/// durable once the batch's last ticket is waited for) or a script's transaction.
+pub(crate) trait Keys {
+    /// As [`Kv::get`].
+    fn get(&mut self, key: &[u8], now_ms: u64) -> Result<Option<Entry>, StoreError>;
+    /// As [`Kv::set`], without waiting for durability.
+    fn set(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        cond: Condition,
+        expiry: Expiry,
+        now_ms: u64,
+    ) -> Result<SetOutcome, StoreError>;
+    /// As [`Kv::delete`], without waiting for durability.
+    fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, StoreError>;
+    /// As [`Kv::expire`], without waiting for durability.
+    fn expire(&mut self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, StoreError>;
+}
+
+/// The store itself: the caller waits for [`Kv::last_ticket`] before replying.
+impl Keys for &Kv {
+    fn get(&mut self, key: &[u8], now_ms: u64) -> Result<Option<Entry>, StoreError> {
+        Kv::get(self, key, now_ms)
+    }
+
+    fn set(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        cond: Condition,
+        expiry: Expiry,
+        now_ms: u64,
+    ) -> Result<SetOutcome, StoreError> {
+        Ok(self.set_deferred(key, value, cond, expiry, now_ms)?.0)
+    }
+
+    fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, StoreError> {
+        Ok(self.delete_deferred(key, now_ms)?.0)
+    }
+
+    fn expire(&mut self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, StoreError> {
+        Ok(self.expire_deferred(key, expiry, now_ms)?.0)
+    }
+}
 
 /// What the connection does after a command.
 #[derive(Debug, PartialEq, Eq)]
@@ -108,7 +154,12 @@ pub(crate) fn lookup(name: &[u8]) -> Option<&'static Spec> {
 }
 
 /// Runs one request for `client`, returning its reply and what to do next.
-pub(crate) fn execute(server: &Server, client: &mut Client, args: &[Vec<u8>]) -> (Reply, Flow) {
+pub(crate) fn execute(
+    server: &Server,
+    client: &mut Client,
+    args: &[Vec<u8>],
+    keys: &mut dyn Keys,
+) -> (Reply, Flow) {
     let Some(spec) = lookup(&args[0]) else {
         return (unknown_command(args), Flow::Continue);
     };
@@ -143,7 +194,7 @@ pub(crate) fn execute(server: &Server, client: &mut Client, args: &[Vec<u8>]) ->
         "command" => command_command(args),
         "info" => Reply::Verbatim(super::info::render(server, args)),
         "dbsize" => Reply::Int(server.kv.len() as i64),
-        _ => match store_command(server, spec.name, args, now_ms) {
+        _ => match store_command(server, keys, spec.name, args, now_ms) {
             Ok(reply) => reply,
             Err(e) => store_error(&e),
         },
@@ -153,11 +204,11 @@ pub(crate) fn execute(server: &Server, client: &mut Client, args: &[Vec<u8>]) ->
 
 fn store_command(
     server: &Server,
+    kv: &mut dyn Keys,
     name: &str,
     args: &[Vec<u8>],
     now_ms: u64,
 ) -> Result<Reply, StoreError> {
-    let kv = &server.kv;
     Ok(match name {
         "get" => kv
             .get(&args[1], now_ms)?
@@ -172,18 +223,18 @@ fn store_command(
                 })
                 .collect::<Result<_, StoreError>>()?,
         ),
-        "set" => return set(server, args, now_ms),
+        "set" => return set(kv, args, now_ms),
         "getdel" => {
             // Redis 7 order: read, then delete the key it read.
             let Some(e) = kv.get(&args[1], now_ms)? else {
                 return Ok(Reply::Null);
             };
-            let _ = kv.delete_deferred(&args[1], now_ms)?;
+            kv.delete(&args[1], now_ms)?;
             Reply::Bulk(e.value)
         }
-        "getex" => return getex(server, args, now_ms),
+        "getex" => return getex(kv, args, now_ms),
         "getset" => {
-            let (out, _) = kv.set_deferred(
+            let out = kv.set(
                 &args[1],
                 &args[2],
                 Condition::Always,
@@ -193,7 +244,7 @@ fn store_command(
             out.previous.map_or(Reply::Null, |e| Reply::Bulk(e.value))
         }
         "setnx" => {
-            let (out, _) = kv.set_deferred(
+            let out = kv.set(
                 &args[1],
                 &args[2],
                 Condition::IfAbsent,
@@ -210,7 +261,7 @@ fn store_command(
             let Some(at) = expire_at(n, unit, now_ms).filter(|_| n > 0) else {
                 return Ok(invalid_expire(name));
             };
-            let _ = kv.set_deferred(
+            kv.set(
                 &args[1],
                 &args[3],
                 Condition::Always,
@@ -222,7 +273,7 @@ fn store_command(
         "del" | "unlink" => {
             let mut removed = 0;
             for key in &args[1..] {
-                removed += i64::from(kv.delete_deferred(key, now_ms)?.0);
+                removed += i64::from(kv.delete(key, now_ms)?);
             }
             Reply::Int(removed)
         }
@@ -248,16 +299,14 @@ fn store_command(
                 })
             }
         },
-        "expire" | "pexpire" | "expireat" | "pexpireat" => {
-            return expire(server, name, args, now_ms)
-        }
+        "expire" | "pexpire" | "expireat" | "pexpireat" => return expire(kv, name, args, now_ms),
         "scan" => return scan(server, args, now_ms),
         other => unreachable!("{other} is not a store command"),
     })
 }
 
 /// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`, parsed as Redis 7 does.
-fn set(server: &Server, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreError> {
+fn set(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreError> {
     let mut cond = Condition::Always;
     let mut get = false;
     let mut keep = false;
@@ -300,9 +349,7 @@ fn set(server: &Server, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreErr
             }
         }
     };
-    let (out, _) = server
-        .kv
-        .set_deferred(&args[1], &args[2], cond, expiry, now_ms)?;
+    let out = kv.set(&args[1], &args[2], cond, expiry, now_ms)?;
     Ok(if get {
         out.previous.map_or(Reply::Null, |e| Reply::Bulk(e.value))
     } else if out.written {
@@ -315,7 +362,7 @@ fn set(server: &Server, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreErr
 /// `GETEX key [EX s|PX ms|EXAT s|PXAT ms|PERSIST]`, parsed as Redis 7 does: options first,
 /// then a missing key is nil whatever its expiry says, then the expiry is checked. `PERSIST`
 /// gives the key the dedup window (dedupd has no key without an expiry).
-fn getex(server: &Server, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreError> {
+fn getex(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreError> {
     let mut persist = false;
     // (unit in ms, absolute?, the number as given)
     let mut expire: Option<(i64, bool, &[u8])> = None;
@@ -337,7 +384,6 @@ fn getex(server: &Server, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreE
         }
         i += 1;
     }
-    let kv = &server.kv;
     let Some(current) = kv.get(&args[1], now_ms)? else {
         return Ok(Reply::Null);
     };
@@ -356,13 +402,18 @@ fn getex(server: &Server, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreE
         }
     };
     // An expiry already past deletes the key, as in Redis.
-    let _ = kv.expire_deferred(&args[1], expiry, now_ms)?;
+    kv.expire(&args[1], expiry, now_ms)?;
     Ok(Reply::Bulk(current.value))
 }
 
 /// `EXPIRE key n [NX|XX|GT|LT]` and its millisecond and absolute forms. Every dedupd key has
 /// an expiry (the window when none was given), so `NX` never applies and `XX` always does.
-fn expire(server: &Server, name: &str, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreError> {
+fn expire(
+    kv: &mut dyn Keys,
+    name: &str,
+    args: &[Vec<u8>],
+    now_ms: u64,
+) -> Result<Reply, StoreError> {
     let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
     for opt in &args[3..] {
         match opt.to_ascii_uppercase().as_slice() {
@@ -394,14 +445,13 @@ fn expire(server: &Server, name: &str, args: &[Vec<u8>], now_ms: u64) -> Result<
     let Some(at) = expire_at(n, unit, base) else {
         return Ok(invalid_expire(name));
     };
-    let kv = &server.kv;
     let Some(current) = kv.get(&args[1], now_ms)? else {
         return Ok(Reply::Int(0));
     };
     if nx || (gt && at <= current.expires_ms) || (lt && at >= current.expires_ms) {
         return Ok(Reply::Int(0));
     }
-    let (found, _) = kv.expire_deferred(&args[1], Expiry::At(at), now_ms)?;
+    let found = kv.expire(&args[1], Expiry::At(at), now_ms)?;
     Ok(Reply::Int(i64::from(found)))
 }
 

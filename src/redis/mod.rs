@@ -396,7 +396,7 @@ async fn run_batch(
 fn run_all(server: &Server, client: &mut Client, batch: &[Request], out: &mut Vec<u8>) -> Flow {
     for request in batch {
         let (reply, flow) = match request {
-            Request::Args(args) => command::execute(server, client, args),
+            Request::Args(args) => command::execute(server, client, args, &mut &server.kv),
             Request::Oversize(len) => (
                 Reply::err(format!(
                     "argument of {len} bytes is over the limit of {} bytes (DEDUPD_REDIS_MAX_VALUE)",
