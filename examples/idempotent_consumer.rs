@@ -106,12 +106,16 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .manual_ack(true)
         .finish();
     let (_tag, mut deliveries) = ch.basic_consume_rx(consume).await?;
+    // SIGINT or SIGTERM stops the loop between two messages.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    ctrlc::set_handler(move || on_signal.cancel())?;
     println!("consuming {queue}; Ctrl-C to stop");
 
     loop {
         let message = tokio::select! {
             m = deliveries.recv() => m,
-            _ = tokio::signal::ctrl_c() => None,
+            () = stop.cancelled() => None,
         };
         let Some(message) = message else { break };
         let (Some(deliver), Some(props), Some(body)) =

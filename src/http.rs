@@ -21,10 +21,9 @@ use percent_encoding::percent_decode_str;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-pub use crate::metrics::{DeadLetterReason, Metrics};
-
 use crate::admin::{self, Answer};
 use crate::config::Secret;
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{system_now_ms, Store};
 

@@ -19,7 +19,7 @@ enum MainError {
     #[error("cannot install the SIGINT/SIGTERM handler: {0}")]
     Signal(#[from] ctrlc::Error),
     #[error("{0}")]
-    Relay(#[from] dedupd::relay::Error),
+    Service(#[from] dedupd::service::Error),
     #[error("{0}")]
     Admin(#[from] cli::Error),
     #[error("{0}")]
@@ -141,8 +141,8 @@ fn try_main() -> Result<ExitCode, MainError> {
             ExitCode::from(1)
         });
     }
-    let shutdown = dedupd::shutdown::signal()?;
-    runtime()?.block_on(dedupd::run(config, shutdown))?;
+    let shutdown = dedupd::shutdown::on_signal()?;
+    runtime()?.block_on(dedupd::run(config, shutdown.cancelled_owned()))?;
     Ok(ExitCode::SUCCESS)
 }
 

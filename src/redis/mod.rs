@@ -29,7 +29,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::config::{Config, Secret};
-use crate::relay::Error as RelayError;
 use crate::shutdown::Shutdown;
 use crate::store::kv::Kv;
 use crate::store::Store;
@@ -177,21 +176,19 @@ pub(crate) struct Client {
     lib_ver: Option<Vec<u8>>,
 }
 
-/// Binds `addr` and serves the endpoint on it, with the settings of `config`, until `shutdown`
-/// fires; the task ends once open connections have finished.
+/// Binds `addr` and returns the endpoint serving on it, with the settings of `config`, until
+/// `shutdown` fires; it ends once open connections have finished.
 ///
 /// # Errors
 ///
 /// The address cannot be bound.
-pub(crate) async fn spawn(
+pub(crate) async fn bind(
     addr: SocketAddr,
     config: &Config,
     store: &Store,
     shutdown: Shutdown,
-) -> Result<tokio::task::JoinHandle<()>, RelayError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| RelayError::Redis { addr, source })?;
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let listener = TcpListener::bind(addr).await?;
     let settings = Settings {
         password: config.redis_password.clone(),
         max_clients: config.redis_max_clients.get(),
@@ -203,12 +200,7 @@ pub(crate) async fn spawn(
         window = ?config.ttl,
         "serving Redis clients"
     );
-    Ok(tokio::spawn(serve(
-        listener,
-        store.clone(),
-        settings,
-        shutdown,
-    )))
+    Ok(serve(listener, store.clone(), settings, shutdown))
 }
 
 /// Serves the endpoint on `listener` until `shutdown` fires, then lets open connections finish

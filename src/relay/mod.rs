@@ -1,8 +1,8 @@
 //! The relay: consume the source queue, claim each id, forward first-seen messages with
 //! publisher confirms, record them durably, then ack the source.
 //!
-//! [`run`] owns the process-long parts (the store, its threads, the HTTP endpoint) and a
-//! reconnect loop; each broker connection runs one [`session`] with the per-message protocol.
+//! [`run`] is the reconnect loop, started by the service with the store it opened; each broker
+//! connection runs one [`session`] with the per-message protocol.
 
 mod acks;
 mod confirms;
@@ -13,18 +13,15 @@ mod tls;
 pub(crate) mod topology;
 mod worker;
 
-use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqprs::connection::{Connection, OpenConnectionArguments};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::http::{self, Metrics};
-use crate::shutdown::{Shutdown, Trigger};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::store::{Error as StoreError, Store};
 use session::{ConnectionEvents, Context, End, Failure, Session};
 use topology::TopologyError;
@@ -38,148 +35,51 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
 /// Connection timeout when the URL gives none.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Period of the summary log line while messages flow.
-const SUMMARY_EVERY: Duration = Duration::from_secs(30);
 /// How long closing a connection may take before we give up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the relay stopped. Each says what failed, then why.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
-    /// The store did not open (another process holds the data dir, say).
-    #[error("cannot open the store: {0}")]
-    StoreOpen(#[source] StoreError),
     /// Claiming an id failed in the store.
     #[error("store claim failed: {0}")]
     Claim(#[source] StoreError),
     /// Recording confirmed ids failed: their messages are left unacked.
     #[error("store commit failed, forwarded messages left unacked: {0}")]
     Commit(#[source] Arc<StoreError>),
-    /// Closing the store failed (the next start rebuilds the filter; nothing is lost).
-    #[error("closing the store failed: {0}")]
-    StoreClose(#[source] StoreError),
     /// The store threads could not start.
     #[error("cannot start the store threads: {0}")]
     Threads(#[source] std::io::Error),
     /// The store threads stopped while the relay still needed them.
     #[error("the store threads stopped unexpectedly")]
     WorkersGone,
-    /// The HTTP endpoint could not listen.
-    #[error("cannot listen for /healthz and /metrics on {addr}: {source}")]
-    Metrics {
-        /// `DEDUPD_METRICS_ADDR`.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
     /// The broker refused the topology (missing with declaring off, or conflicting settings).
     #[error("topology: {0}")]
     Topology(String),
-    /// The Redis endpoint could not listen.
-    #[error("cannot listen for Redis clients on {addr}: {source}")]
-    Redis {
-        /// `DEDUPD_REDIS_ADDR`.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
 }
 
-/// Runs the relay with `config` until `shutdown` resolves, then drains and closes.
-///
-/// Opens the store, serves `/healthz` and `/metrics` if configured, and relays, reconnecting to
-/// the broker with capped exponential backoff whenever the connection drops. When `shutdown`
-/// resolves it stops consuming, finishes what is in flight within `DEDUPD_SHUTDOWN_GRACE`, closes
-/// the connection and closes the store (which persists the Bloom filter).
+/// Relays with `config` until `stop` fires, reconnecting to the broker with capped exponential
+/// backoff whenever the connection drops. On `stop` it stops consuming, finishes what is in
+/// flight within `DEDUPD_SHUTDOWN_GRACE`, closes the connection and stops its store threads; the
+/// store stays open (its owner, the service, closes it).
 ///
 /// # Errors
 ///
-/// The store does not open ([`Error::StoreOpen`] names the data dir), the metrics address is
-/// taken, the broker refuses the topology on the first connection, or the store fails.
-pub async fn run<F>(config: Config, shutdown: F) -> Result<(), Error>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "dedupd starting");
-    let store_config = config.store_config();
-    let store = tokio::task::spawn_blocking(move || Store::open(store_config))
+/// The store threads do not start, the broker refuses the topology on the first connection, or
+/// the store fails.
+pub(crate) async fn run(
+    config: &Config,
+    store: &Store,
+    metrics: &Metrics,
+    stop: Shutdown,
+) -> Result<(), Error> {
+    let workers = Workers::start(store).map_err(Error::Threads)?;
+    let result = relay(config, metrics, &workers, stop).await;
+    tokio::task::spawn_blocking(move || workers.stop())
         .await
-        .expect("store open does not panic")
-        .map_err(Error::StoreOpen)?;
-    let metrics = Arc::new(Metrics::new());
-    metrics.settings(
-        config.bloom_fp_rate,
-        config.ttl,
-        crate::store::system_now_ms(),
-    );
-    let (trigger, stop) = Trigger::new();
-    let trigger = Arc::new(trigger);
-
-    let http = match config.metrics_addr {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Metrics { addr, source })?;
-            tracing::info!(%addr, "serving /healthz and /metrics");
-            let state = http::State {
-                metrics: metrics.clone(),
-                store: store.clone(),
-                started: Instant::now(),
-                admin: http::AdminAccess::new(config.admin_token.as_ref(), addr),
-            };
-            Some(tokio::spawn(http::serve(listener, state, stop.clone())))
-        }
-        None => None,
-    };
-    let watcher = {
-        let trigger = trigger.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-            trigger.fire();
-        })
-    };
-    let watchdog = tokio::spawn(watchdog());
-    let summary = tokio::spawn(summary(metrics.clone(), store.clone(), stop.clone()));
-    let workers = Workers::start(&store).map_err(Error::Threads)?;
-    let redis = match config.redis_addr {
-        Some(addr) => Some(crate::redis::spawn(addr, &config, &store, stop.clone()).await?),
-        None => None,
-    };
-
-    let result = if config.relay {
-        relay(&config, &metrics, &workers, stop).await
-    } else {
-        // No broker: the store serves its endpoints alone, healthy while they listen.
-        tracing::info!("DEDUPD_RELAY=off: no broker connection, serving the store's endpoints");
-        metrics.set_healthy(true);
-        let mut stop = stop;
-        stop.fired().await;
-        Ok(())
-    };
-
-    // Whatever ended the relay, stop the rest in order: endpoint, threads, then the store.
-    trigger.fire();
-    watcher.abort();
-    watchdog.abort();
-    summary.abort();
-    metrics.set_healthy(false);
-    if let Some(http) = http {
-        let _ = http.await;
-    }
-    if let Some(redis) = redis {
-        let _ = redis.await;
-    }
-    let closed = tokio::task::spawn_blocking(move || {
-        workers.stop();
-        store.close()
-    })
-    .await
-    .expect("store close does not panic");
-    result?;
-    closed.map_err(Error::StoreClose)?;
-    tracing::info!("stopped");
-    Ok(())
+        .expect("stopping the store threads does not panic");
+    result
 }
 
 /// The reconnect loop: one session per connection until shutdown or a fatal error.
@@ -274,57 +174,6 @@ async fn relay(
                 }
             }
         }
-    }
-}
-
-/// Pings systemd's watchdog at half its period while the process runs (`WatchdogSec=`); returns
-/// at once when no watchdog is set.
-async fn watchdog() {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_micros(usec) / 2);
-    loop {
-        tick.tick().await;
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-    }
-}
-
-/// Every [`SUMMARY_EVERY`] while messages flow, one log line with the rates and the store size.
-async fn summary(metrics: Arc<Metrics>, store: Store, mut stop: Shutdown) {
-    let mut tick = tokio::time::interval(SUMMARY_EVERY);
-    tick.tick().await;
-    let totals = |m: &Metrics| {
-        (
-            m.forwarded_total(),
-            m.duplicate_total(),
-            m.dead_lettered_total(),
-        )
-    };
-    let mut last = totals(&metrics);
-    loop {
-        tokio::select! {
-            _ = stop.fired() => return,
-            _ = tick.tick() => {}
-        }
-        let now = totals(&metrics);
-        if now == last {
-            continue; // idle: nothing worth a line
-        }
-        let secs = SUMMARY_EVERY.as_secs_f64();
-        let store = store.clone();
-        let live_ids = tokio::task::spawn_blocking(move || store.stats().live_ids)
-            .await
-            .unwrap_or_default();
-        tracing::info!(
-            forwarded_per_s = format!("{:.1}", (now.0 - last.0) as f64 / secs),
-            duplicates = now.1 - last.1,
-            dead_lettered = now.2 - last.2,
-            live_ids,
-            "relay summary"
-        );
-        last = now;
     }
 }
 

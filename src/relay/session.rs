@@ -26,7 +26,7 @@ use super::quarantine;
 use super::worker::{ClaimJob, CommitJob, Workers};
 use super::Error;
 use crate::config::Config;
-use crate::http::{DeadLetterReason, Metrics};
+use crate::metrics::{DeadLetterReason, Metrics};
 use crate::shutdown::Shutdown;
 use crate::store::{Claim, Error as StoreError, Settled, Verdict};
 
