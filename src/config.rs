@@ -104,6 +104,16 @@ pub const VARS: &[Var] = &[
     var(DATA_DIR, "./data", "store directory (one dedupd per directory)"),
     var(TTL, "24h", "dedup window (`90s`, `15m`, `24h`, `7d`)"),
     var(
+        TTL_HEADER,
+        "x-dedup-ttl",
+        "header whose whole number of milliseconds sets that message's window instead of `DEDUPD_TTL`; not a positive integer, or over `DEDUPD_MAX_TTL`: dead-lettered; `off`: ignore it",
+    ),
+    unset(
+        MAX_TTL,
+        "`DEDUPD_TTL`",
+        "longest window a message's TTL header may ask for (`7d`, ...); at least `DEDUPD_TTL`",
+    ),
+    var(
         ID_SOURCE,
         "message_id",
         "where the id comes from: `message_id`, `header:<name>`, `json:<RFC 6901 pointer>` into a JSON body, `body-sha256`, or several of them joined by `+` (hashed together)",
@@ -232,6 +242,8 @@ const DEST_ROUTING_KEY: &str = "DEDUPD_DEST_ROUTING_KEY";
 const DECLARE: &str = "DEDUPD_DECLARE";
 const DATA_DIR: &str = "DEDUPD_DATA_DIR";
 const TTL: &str = "DEDUPD_TTL";
+const TTL_HEADER: &str = "DEDUPD_TTL_HEADER";
+const MAX_TTL: &str = "DEDUPD_MAX_TTL";
 const ID_SOURCE: &str = "DEDUPD_ID_SOURCE";
 const ID_SCOPE: &str = "DEDUPD_ID_SCOPE";
 const MISSING_ID: &str = "DEDUPD_MISSING_ID";
@@ -412,6 +424,11 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `DEDUPD_TTL`, default 24 h: the dedup window.
     pub ttl: Duration,
+    /// `DEDUPD_TTL_HEADER`, default `x-dedup-ttl`: the header setting a message's own window in
+    /// milliseconds; `None` when `off`.
+    pub ttl_header: Option<String>,
+    /// `DEDUPD_MAX_TTL`, default `DEDUPD_TTL`: the longest window a message may ask for.
+    pub max_ttl: Duration,
     /// `DEDUPD_ID_SOURCE`, default `message_id`: where the id comes from.
     pub id_source: IdSource,
     /// `DEDUPD_ID_SCOPE`, default `none`: what makes the same id two ids.
@@ -620,6 +637,27 @@ impl Config {
             }
         })?;
         let ttl = vars.parse(TTL, "24h", |v| duration(v, false))?;
+        let ttl_header = vars.parse(TTL_HEADER, "x-dedup-ttl", |v| match v {
+            "off" => Ok(None),
+            _ => header_name(v)
+                .map(Some)
+                .ok_or_else(|| "a header name of 1 to 255 bytes, or off".into()),
+        })?;
+        let max_ttl = vars
+            .parse_opt(MAX_TTL, |v| {
+                duration(v, false).and_then(|max| {
+                    if max < ttl {
+                        Err(format!(
+                            "a duration at least {TTL} ({}): the default window must fit under \
+                             the cap",
+                            humantime::format_duration(ttl)
+                        ))
+                    } else {
+                        Ok(max)
+                    }
+                })
+            })?
+            .unwrap_or(ttl);
         let id_source = vars.parse(ID_SOURCE, "message_id", id_source)?;
         let id_scope = vars.parse(ID_SCOPE, "none", id_scope)?;
         let missing_id = vars.parse(MISSING_ID, "dead-letter", missing_id)?;
@@ -756,6 +794,8 @@ impl Config {
             declare,
             data_dir,
             ttl,
+            ttl_header,
+            max_ttl,
             id_source,
             id_scope,
             missing_id,
@@ -800,6 +840,7 @@ impl Config {
     pub fn effective(&self) -> Vec<(&'static str, String)> {
         let dur = |d: Duration| humantime::format_duration(d).to_string();
         let or_unset = |v: &Option<String>| v.clone().unwrap_or_else(|| "(unset)".into());
+        let or_off = |v: &Option<String>| v.clone().unwrap_or_else(|| "off".into());
         vec![
             (AMQP_URL, self.amqp_url.to_string()),
             (AMQP_CA_FILE, path_or_unset(&self.amqp_tls.ca_file)),
@@ -818,6 +859,8 @@ impl Config {
             (DECLARE, self.declare.to_string()),
             (DATA_DIR, self.data_dir.display().to_string()),
             (TTL, dur(self.ttl)),
+            (TTL_HEADER, or_off(&self.ttl_header)),
+            (MAX_TTL, dur(self.max_ttl)),
             (ID_SOURCE, self.id_source.to_string()),
             (ID_SCOPE, self.id_scope.to_string()),
             (
@@ -1535,6 +1578,42 @@ mod tests {
     #[test]
     fn zero_ttl_is_refused() {
         refused("DEDUPD_TTL", "0s");
+    }
+
+    #[test]
+    fn ttl_header_and_its_cap_parse() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.ttl_header.as_deref(), Some("x-dedup-ttl"));
+        assert_eq!(
+            c.max_ttl, c.ttl,
+            "without a cap a header may only shorten the window"
+        );
+        let c = parse(&[
+            ("DEDUPD_TTL", "1h"),
+            ("DEDUPD_TTL_HEADER", "x-cache-ttl"),
+            ("DEDUPD_MAX_TTL", "7d"),
+        ])
+        .unwrap();
+        assert_eq!(c.ttl_header.as_deref(), Some("x-cache-ttl"));
+        assert_eq!(c.max_ttl, Duration::from_secs(7 * 86400));
+        let shown: BTreeMap<_, _> = c.effective().into_iter().collect();
+        assert_eq!(shown["DEDUPD_MAX_TTL"], "7days");
+        let c = parse(&[("DEDUPD_TTL_HEADER", "off")]).unwrap();
+        assert_eq!(c.ttl_header, None);
+        assert_eq!(
+            c.effective()
+                .iter()
+                .find(|(k, _)| *k == "DEDUPD_TTL_HEADER")
+                .unwrap()
+                .1,
+            "off"
+        );
+        refused("DEDUPD_TTL_HEADER", "");
+        refused("DEDUPD_TTL_HEADER", &"h".repeat(256));
+        refused("DEDUPD_MAX_TTL", "0s");
+        // A cap under the default window would make the default itself over the cap.
+        let line = refused("DEDUPD_MAX_TTL", "1h");
+        assert!(line.contains("DEDUPD_TTL"), "{line}");
     }
 
     #[test]

@@ -38,10 +38,14 @@ pub enum DeadLetterReason {
     /// Returned to a quorum source at its last allowed delivery (`DEDUPD_DELIVERY_LIMIT`): the
     /// broker dead-letters it, not dedupd.
     DeliveryLimit,
+    /// Its TTL header is not a positive whole number of milliseconds.
+    BadTtl,
+    /// Its TTL header asks for a window longer than `DEDUPD_MAX_TTL`.
+    TtlOverMax,
 }
 
 impl DeadLetterReason {
-    const ALL: [DeadLetterReason; 7] = [
+    const ALL: [DeadLetterReason; 9] = [
         DeadLetterReason::NoId,
         DeadLetterReason::BadId,
         DeadLetterReason::Nacked,
@@ -49,6 +53,8 @@ impl DeadLetterReason {
         DeadLetterReason::Timeout,
         DeadLetterReason::Undecodable,
         DeadLetterReason::DeliveryLimit,
+        DeadLetterReason::BadTtl,
+        DeadLetterReason::TtlOverMax,
     ];
 
     /// The label value in `/metrics`.
@@ -61,6 +67,8 @@ impl DeadLetterReason {
             DeadLetterReason::Timeout => "confirm_timeout",
             DeadLetterReason::Undecodable => "undecodable",
             DeadLetterReason::DeliveryLimit => "delivery_limit",
+            DeadLetterReason::BadTtl => "bad_ttl",
+            DeadLetterReason::TtlOverMax => "ttl_over_max",
         }
     }
 }

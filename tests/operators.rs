@@ -114,3 +114,126 @@ async fn composite_ids_with_a_json_field_dedupe_per_tuple_and_per_routing_key() 
         .await;
     broker.cleanup().await;
 }
+
+/// The window the relay recorded for `id`: its expiry minus its first sighting, in ms.
+fn recorded_window(relay: &Relay, id: &str) -> u64 {
+    let (status, body) = relay.get(&format!("/ids/{id}")).expect("endpoint answers");
+    assert_eq!(status, 200, "{id} not recorded: {body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    seen["expires_ms"].as_u64().unwrap() - seen["first_seen_ms"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_header_sets_each_window_and_a_bad_one_is_dead_lettered() {
+    let broker = Broker::connect().await;
+    broker.bind_out().await;
+    let data = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start(
+        &broker,
+        data.path(),
+        &[("DEDUPD_TTL", "1h"), ("DEDUPD_MAX_TTL", "2h")],
+    );
+    relay.wait_healthy();
+
+    let with_ttl = |id: &str, ttl: FieldValue| {
+        let mut table = FieldTable::new();
+        table.insert("x-dedup-ttl".try_into().unwrap(), ttl);
+        BasicProperties::default()
+            .with_message_id(id)
+            .with_headers(table)
+            .with_persistence(true)
+            .finish()
+    };
+    // Step by step, with the verdict each should get.
+    broker
+        .publish(with_ttl("w-short", FieldValue::l(1500)), b"1")
+        .await; // new, 1.5 s
+    broker
+        .publish(with_ttl("w-cap", FieldValue::from("7200000")), b"2")
+        .await; // new, the cap
+    broker.publish(id_props("w-plain"), b"3").await; // new, DEDUPD_TTL
+    broker
+        .publish(with_ttl("w-short", FieldValue::l(1500)), b"4")
+        .await; // duplicate
+    broker
+        .publish(with_ttl("w-over", FieldValue::l(7_200_001)), b"5")
+        .await; // dead: over
+    broker
+        .publish(with_ttl("w-text", FieldValue::from("soon")), b"6")
+        .await; // dead: bad
+    broker
+        .publish(with_ttl("w-zero", FieldValue::I(0)), b"7")
+        .await; // dead: bad
+    broker
+        .publish(with_ttl("w-float", FieldValue::d(5.0)), b"8")
+        .await; // dead: bad
+    assert_eq!(relay.wait_settled(8), (3, 1, 4));
+
+    assert_eq!(recorded_window(&relay, "w-short"), 1500);
+    assert_eq!(recorded_window(&relay, "w-cap"), 7_200_000);
+    assert_eq!(recorded_window(&relay, "w-plain"), 3_600_000);
+    assert_eq!(
+        bodies_of(&broker.drain(&broker.out).await),
+        [b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]
+    );
+    broker.wait_count(&broker.dead(), 4).await;
+    assert_eq!(
+        ids_of(&broker.drain(&broker.dead()).await),
+        ["w-float", "w-over", "w-text", "w-zero"]
+    );
+    let m = relay.metrics();
+    assert_eq!(
+        m["dedupd_dead_lettered_total{reason=\"ttl_over_max\"}"],
+        1.0
+    );
+    assert_eq!(m["dedupd_dead_lettered_total{reason=\"bad_ttl\"}"], 3.0);
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_header_name_is_configurable_and_can_be_off() {
+    let broker = Broker::connect().await;
+    broker.bind_out().await;
+    let data = tempfile::tempdir().unwrap();
+    // The peer plugin's header name, and the default one ignored.
+    let mut relay = Relay::start(
+        &broker,
+        data.path(),
+        &[("DEDUPD_TTL", "1h"), ("DEDUPD_TTL_HEADER", "x-cache-ttl")],
+    );
+    relay.wait_healthy();
+    broker
+        .publish(headers_with_id("a", &[("x-cache-ttl", "60000")]), b"a")
+        .await;
+    broker
+        .publish(headers_with_id("b", &[("x-dedup-ttl", "not read")]), b"b")
+        .await;
+    assert_eq!(relay.wait_settled(2), (2, 0, 0));
+    assert_eq!(recorded_window(&relay, "a"), 60_000);
+    assert_eq!(recorded_window(&relay, "b"), 3_600_000);
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("ttl_header=\"x-cache-ttl\""), "{log}");
+
+    // Off: no header is read, a malformed one passes with the default window.
+    let data = tempfile::tempdir().unwrap();
+    let mut relay = Relay::start(&broker, data.path(), &[("DEDUPD_TTL_HEADER", "off")]);
+    relay.wait_healthy();
+    broker
+        .publish(headers_with_id("c", &[("x-dedup-ttl", "garbage")]), b"c")
+        .await;
+    assert_eq!(relay.wait_settled(1), (1, 0, 0));
+    assert_eq!(recorded_window(&relay, "c"), 86_400_000);
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
+    broker.cleanup().await;
+}
+
+/// Properties with `message_id` and string headers, persistent.
+fn headers_with_id(id: &str, pairs: &[(&str, &str)]) -> BasicProperties {
+    let mut props = headers(pairs);
+    props.with_message_id(id);
+    props
+}

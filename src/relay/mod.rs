@@ -11,6 +11,7 @@ mod quarantine;
 mod session;
 mod tls;
 pub(crate) mod topology;
+mod window;
 mod worker;
 
 use std::sync::Arc;
@@ -90,6 +91,7 @@ async fn relay(
     mut stop: Shutdown,
 ) -> Result<(), Error> {
     let ids = id::IdExtractor::new(&config.id_source, &config.id_scope, config.missing_id);
+    let windows = window::Windows::new(config.ttl_header.as_deref(), config.ttl, config.max_ttl);
     let mut backoff = Backoff::default();
     let mut sessions = 0u64;
     tracing::info!(
@@ -98,6 +100,8 @@ async fn relay(
         destination = %config.dest_exchange,
         data_dir = %config.data_dir.display(),
         ttl = ?config.ttl,
+        ttl_header = config.ttl_header.as_deref().unwrap_or("off"),
+        max_ttl = ?config.max_ttl,
         "relay starting"
     );
     loop {
@@ -144,6 +148,7 @@ async fn relay(
             metrics,
             workers,
             ids: &ids,
+            windows: &windows,
         };
         let result = match Session::open(&conn, cx, events_tx, events_rx).await {
             Ok((session, deliveries)) => session.run(&conn, deliveries, stop.clone()).await,

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use super::confirms::{Confirms, Fingerprint, Outcome};
 use super::id::{IdDecision, IdExtractor};
 use super::quarantine;
+use super::window::Windows;
 use super::worker::{ClaimJob, CommitJob, Workers};
 use super::Error;
 use crate::config::Config;
@@ -48,6 +49,8 @@ pub(crate) struct Delivery {
     routing_key: String,
     props: BasicProperties,
     body: Vec<u8>,
+    /// How long its id stays a duplicate once recorded: `DEDUPD_TTL` or its TTL header's.
+    pub(super) window: Duration,
 }
 
 /// Everything that reaches a session's task from elsewhere.
@@ -139,6 +142,7 @@ pub(crate) struct Context<'a> {
     pub(crate) metrics: &'a Metrics,
     pub(crate) workers: &'a Workers,
     pub(crate) ids: &'a IdExtractor,
+    pub(crate) windows: &'a Windows,
 }
 
 /// A session's state, owned by its one task.
@@ -382,18 +386,25 @@ impl<'a> Session<'a> {
                 "incomplete delivery from the client library".into(),
             ));
         };
+        let tag = deliver.delivery_tag();
+        self.unsettled.received(tag);
+        if let Some(limit) = self.cx.config.queue_type.delivery_limit() {
+            if delivery_count(&props) >= u64::from(limit.get()) {
+                self.last_chance.push(tag);
+            }
+        }
+        // A window that cannot be read is never guessed at, whatever the id.
+        let window = match self.cx.windows.decide(&props) {
+            Ok(window) => window,
+            Err(reason) => return self.reject(tag, reason).await,
+        };
         let delivery = Delivery {
-            tag: deliver.delivery_tag(),
+            tag,
             routing_key: deliver.routing_key().clone(),
             props,
             body,
+            window,
         };
-        self.unsettled.received(delivery.tag);
-        if let Some(limit) = self.cx.config.queue_type.delivery_limit() {
-            if delivery_count(&delivery.props) >= u64::from(limit.get()) {
-                self.last_chance.push(delivery.tag);
-            }
-        }
         match self
             .cx
             .ids

@@ -55,7 +55,7 @@ impl Workers {
                             .items
                             .into_iter()
                             .map(|(delivery, id)| {
-                                let verdict = store.claim(&id, now);
+                                let verdict = store.claim_with_ttl(&id, delivery.window, now);
                                 (delivery, id, verdict)
                             })
                             .collect();
