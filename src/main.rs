@@ -24,6 +24,7 @@ enum MainError {
     Admin(#[from] cli::Error),
     #[error("{0}")]
     Import(#[from] import::Error),
+
     #[error("{0}")]
     Shard(#[from] dedupd::shard::Error),
 }
@@ -45,6 +46,9 @@ const USAGE: &str = "\
 Usage: dedupd                 run the relay (configured by DEDUPD_* variables, below)
        dedupd check <id>      is <id> inside the dedup window? (exit 0 yes, 1 no)
        dedupd forget <id>     forget <id>, so its next copy passes
+       dedupd id [--scope <scope>] <part>...
+                              the id recorded for a message of these parts (in DEDUPD_ID_SOURCE's
+                              order) in that scope: hashed ids, for check and forget
        dedupd stats           the store's figures as JSON
        dedupd config          the effective configuration, secrets masked
        dedupd import-redis <redis-url> [--match 'msg:*'] [--strip-prefix msg:] [--into relay|redis]
@@ -106,6 +110,18 @@ fn try_main() -> Result<ExitCode, MainError> {
             init_logging(&config);
             let report = runtime()?.block_on(command.run(&config))?;
             print!("{report}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        ["id", rest @ ..] => {
+            let config = Config::from_env()?;
+            let (scope, parts) = match rest {
+                ["--scope", scope, parts @ ..] => (Some(scope.as_bytes()), parts),
+                parts => (None, parts),
+            };
+            let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+            let id = dedupd::relay::id_of(&config, scope, &parts)
+                .map_err(|why| MainError::Usage(format!("dedupd id: {why}")))?;
+            println!("{}", String::from_utf8_lossy(&id));
             return Ok(ExitCode::SUCCESS);
         }
         ["import-redis", rest @ ..] => {

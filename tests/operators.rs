@@ -102,9 +102,21 @@ async fn composite_ids_with_a_json_field_dedupe_per_tuple_and_per_routing_key() 
     broker.wait_count(&broker.dead(), 2).await;
     let m = relay.metrics();
     assert_eq!(m["dedupd_dead_lettered_total{reason=\"no_id\"}"], 2.0);
-    // One record per forwarded tuple.
+    // One record per forwarded tuple, found from its parts with `dedupd id`.
     let (_, stats) = relay.get("/stats").unwrap();
     assert!(stats.contains("\"live_ids\":5"), "{stats}");
+    let id = dedupd()
+        .args(["id", "--scope", "us", "a", "1"])
+        .env("DEDUPD_ID_SOURCE", "header:tenant+json:/order/id")
+        .env("DEDUPD_ID_SCOPE", "routing_key")
+        .output()
+        .unwrap();
+    let id = String::from_utf8(id.stdout).unwrap();
+    assert_eq!(relay.get(&format!("/ids/{}", id.trim())).unwrap().0, 200);
+    let (status, _) = relay
+        .get("/ids/0000000000000000000000000000000000000000000000000000000000000000")
+        .unwrap();
+    assert_eq!(status, 404);
 
     let (status, log) = relay.terminate();
     assert!(status.success(), "{log}");
@@ -236,4 +248,37 @@ fn headers_with_id(id: &str, pairs: &[(&str, &str)]) -> BasicProperties {
     let mut props = headers(pairs);
     props.with_message_id(id);
     props
+}
+
+#[test]
+fn id_command_gives_the_hashed_id_of_parts() {
+    let id = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = dedupd();
+        cmd.arg("id").args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let composite = [
+        ("DEDUPD_ID_SOURCE", "header:tenant+json:/order/id"),
+        ("DEDUPD_ID_SCOPE", "routing_key"),
+    ];
+    let out = id(&composite, &["--scope", "eu", "a", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hashed = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(hashed.trim().len(), 64, "{hashed}");
+    // Another scope, another id; a wrong count of parts is a usage error (exit 2, one line).
+    let other = id(&composite, &["--scope", "us", "a", "1"]);
+    assert_ne!(String::from_utf8(other.stdout).unwrap(), hashed);
+    let bad = id(&composite, &["--scope", "eu", "a"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).lines().count(), 1);
+    // One part, no scope: the id as it is.
+    let plain = id(&[], &["order-42"]);
+    assert_eq!(String::from_utf8(plain.stdout).unwrap(), "order-42\n");
 }

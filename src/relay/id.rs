@@ -138,6 +138,39 @@ impl IdExtractor {
         }
     }
 
+    /// The id the relay records for a message of these part values (in the configured order) in
+    /// this scope (`None` when `DEDUPD_ID_SCOPE=none`): what `dedupd id` prints, so an operator
+    /// can `check` or `forget` a hashed id from its parts.
+    ///
+    /// # Errors
+    ///
+    /// Not as many parts as configured, a scope given or missing against the configuration, or
+    /// an empty value (which no message's id has).
+    pub(crate) fn id_of(&self, scope: Option<&[u8]>, parts: &[&[u8]]) -> Result<Vec<u8>, String> {
+        if parts.len() != self.parts.len() {
+            return Err(format!(
+                "DEDUPD_ID_SOURCE has {} part(s), {} given",
+                self.parts.len(),
+                parts.len()
+            ));
+        }
+        if parts.iter().any(|p| p.is_empty()) || scope.is_some_and(|s| s.is_empty()) {
+            return Err("an empty part or scope is no id".into());
+        }
+        let scope = match (&self.scope, scope) {
+            (Scope::None, None) => Vec::new(),
+            (Scope::None, Some(_)) => return Err("DEDUPD_ID_SCOPE is none: no --scope".into()),
+            (_, None) => return Err("DEDUPD_ID_SCOPE is set: give the message's --scope".into()),
+            (_, Some(scope)) => scope.to_vec(),
+        };
+        let parts: Vec<Vec<u8>> = parts.iter().map(|p| p.to_vec()).collect();
+        Ok(if self.hashed {
+            hashed_id(Kind::Parts, &scope, &parts)
+        } else {
+            parts.into_iter().next().expect("one part")
+        })
+    }
+
     /// The decision for a message without a usable id (a part missing, or its scope).
     fn missing(&self, scope: Option<&[u8]>, body: &[u8]) -> IdDecision {
         match self.missing {
@@ -629,6 +662,37 @@ mod tests {
         assert_eq!(unscoped, claimed(body.decide("rk", &empty_scope, b"x")));
         let scoped_no_id = tenant_props(Some("t1"), None);
         assert_ne!(unscoped, claimed(body.decide("rk", &scoped_no_id, b"x")));
+    }
+
+    #[test]
+    fn id_of_parts_is_the_id_of_a_message_with_them() {
+        let ids = extractor(
+            "header:tenant+message_id",
+            "routing_key",
+            MissingId::DeadLetter,
+        );
+        let props = tenant_props(Some("t1"), Some("order-1"));
+        let from_message = claimed(ids.decide("eu", &props, b""));
+        let scope: &[u8] = b"eu";
+        assert_eq!(
+            ids.id_of(Some(scope), &[b"t1", b"order-1"]),
+            Ok(from_message)
+        );
+        assert!(
+            ids.id_of(None, &[b"t1", b"order-1"]).is_err(),
+            "scope missing"
+        );
+        assert!(ids.id_of(Some(scope), &[b"t1"]).is_err(), "a part missing");
+        assert!(
+            ids.id_of(Some(scope), &[b"t1", b""]).is_err(),
+            "an empty part"
+        );
+        let plain = extractor("message_id", "none", MissingId::DeadLetter);
+        assert_eq!(plain.id_of(None, &[b"order-1"]), Ok(b"order-1".to_vec()));
+        assert!(
+            plain.id_of(Some(scope), &[b"order-1"]).is_err(),
+            "no scope here"
+        );
     }
 
     #[test]

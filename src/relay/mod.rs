@@ -39,6 +39,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing a connection may take before we give up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The id the relay records, under `config`'s `DEDUPD_ID_SOURCE` and `DEDUPD_ID_SCOPE`, for a
+/// message with these part values in this scope: what `dedupd id` prints, so that an id hashed
+/// from several parts can be checked or forgotten.
+///
+/// # Errors
+///
+/// The values do not match the configuration (count of parts, scope given or not), said in one
+/// line.
+pub fn id_of(config: &Config, scope: Option<&[u8]>, parts: &[&[u8]]) -> Result<Vec<u8>, String> {
+    id::IdExtractor::new(&config.id_source, &config.id_scope, config.missing_id).id_of(scope, parts)
+}
+
 /// Why the relay stopped. Each says what failed, then why.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
