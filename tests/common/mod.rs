@@ -2,6 +2,8 @@
 //! drain, cleanup) and a running `dedupd` process (metrics, health, signals).
 #![allow(dead_code)] // each test binary uses part of it
 
+pub mod cluster;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -38,11 +40,20 @@ pub struct Broker {
 
 impl Broker {
     pub async fn connect() -> Broker {
-        let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
+        Broker::connect_at(5672).await
+    }
+
+    /// As [`Broker::connect`], to the broker (a cluster node) on `port`.
+    pub async fn connect_at(port: u16) -> Broker {
+        let args = OpenConnectionArguments::new("127.0.0.1", port, "guest", "guest");
         let conn = tokio::time::timeout(Duration::from_secs(10), Connection::open(&args))
             .await
-            .expect("RabbitMQ on 127.0.0.1:5672 did not answer within 10 s: the relay tests need it")
-            .expect("cannot connect to RabbitMQ on 127.0.0.1:5672 (guest/guest): the relay tests need it");
+            .unwrap_or_else(|_| {
+                panic!("RabbitMQ on 127.0.0.1:{port} did not answer within 10 s: the tests need it")
+            })
+            .unwrap_or_else(|e| {
+                panic!("cannot connect to RabbitMQ on 127.0.0.1:{port} (guest/guest): {e}")
+            });
         let ch = conn.open_channel(None).await.expect("open channel");
         let tag: u64 = rand::random();
         let base = format!("dedupd-test-{tag:016x}");
