@@ -229,6 +229,11 @@ pub const VARS: &[Var] = &[
         "1M",
         "longest key or value a Redis command may carry; longer gets an error reply",
     ),
+    var(
+        REDIS_SCRIPT_TIMEOUT,
+        "5s",
+        "longest a Lua script (`EVAL`) may run; past it the script is killed and none of its writes apply",
+    ),
 ];
 
 const AMQP_URL: &str = "DEDUPD_AMQP_URL";
@@ -269,6 +274,7 @@ const REDIS_PASSWORD: &str = "DEDUPD_REDIS_PASSWORD";
 const REDIS_PASSWORD_FILE: &str = "DEDUPD_REDIS_PASSWORD_FILE";
 const REDIS_MAX_CLIENTS: &str = "DEDUPD_REDIS_MAX_CLIENTS";
 const REDIS_MAX_VALUE: &str = "DEDUPD_REDIS_MAX_VALUE";
+const REDIS_SCRIPT_TIMEOUT: &str = "DEDUPD_REDIS_SCRIPT_TIMEOUT";
 
 const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -473,6 +479,9 @@ pub struct Config {
     pub redis_max_clients: NonZeroUsize,
     /// `DEDUPD_REDIS_MAX_VALUE`, default 1 MiB: longest key or value in a Redis command.
     pub redis_max_value: u64,
+    /// `DEDUPD_REDIS_SCRIPT_TIMEOUT`, default 5 s (Redis' `busy-reply-threshold`): longest a
+    /// Lua script may run before it is killed and its writes undone.
+    pub redis_script_timeout: Duration,
 }
 
 /// A password or token: usable as a `&str`, but its `Debug` never shows it, so a `{:?}` of the
@@ -783,6 +792,8 @@ impl Config {
                 .map_err(|_| "a positive number of connections like 10000".into())
         })?;
         let redis_max_value = vars.parse(REDIS_MAX_VALUE, "1M", size)?;
+        let redis_script_timeout =
+            vars.parse(REDIS_SCRIPT_TIMEOUT, "5s", |v| duration(v, false))?;
 
         Ok(Config {
             amqp_url,
@@ -817,6 +828,7 @@ impl Config {
             redis_password,
             redis_max_clients,
             redis_max_value,
+            redis_script_timeout,
         })
     }
 
@@ -921,6 +933,7 @@ impl Config {
             ),
             (REDIS_MAX_CLIENTS, self.redis_max_clients.to_string()),
             (REDIS_MAX_VALUE, self.redis_max_value.to_string()),
+            (REDIS_SCRIPT_TIMEOUT, dur(self.redis_script_timeout)),
         ]
     }
 
@@ -1541,6 +1554,7 @@ mod tests {
         assert_eq!(c.redis_password, None);
         assert_eq!(c.redis_max_clients.get(), 10_000);
         assert_eq!(c.redis_max_value, 1 << 20);
+        assert_eq!(c.redis_script_timeout, Duration::from_secs(5));
         let c = parse(&[
             ("DEDUPD_RELAY", "off"),
             ("DEDUPD_REDIS_ADDR", "0.0.0.0:6380"),
@@ -1559,6 +1573,7 @@ mod tests {
         refused("DEDUPD_RELAY", "maybe");
         refused("DEDUPD_REDIS_ADDR", "localhost");
         refused("DEDUPD_REDIS_MAX_CLIENTS", "0");
+        refused("DEDUPD_REDIS_SCRIPT_TIMEOUT", "0s");
     }
 
     #[test]

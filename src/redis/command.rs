@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use super::glob;
 use super::resp::{parse_i64, Reply};
+use super::script::Outcome;
 use super::{Client, Server};
 use crate::store::kv::{Condition, Entry, Expiry, Kv, SetOutcome};
 use crate::store::Error as StoreError;
@@ -90,15 +91,16 @@ const RO: &[&str] = &["readonly", "fast"];
 const RW: &[&str] = &["write", "denyoom"];
 const WF: &[&str] = &["write", "fast"];
 const CONN: &[&str] = &["noscript", "loading", "stale", "fast"];
+const SCRIPT: &[&str] = &["noscript", "skip_monitor", "no_mandatory_keys", "stale"];
 
 /// Every command served, in `COMMAND` order.
 pub(crate) const COMMANDS: &[Spec] = &[
-    spec("ping", -1, false, CONN, (0, 0, 0), "connection", "Returns the server's liveliness response."),
-    spec("echo", 2, false, CONN, (0, 0, 0), "connection", "Returns the given string."),
+    spec("ping", -1, false, &["fast"], (0, 0, 0), "connection", "Returns the server's liveliness response."),
+    spec("echo", 2, false, &["fast"], (0, 0, 0), "connection", "Returns the given string."),
     spec("quit", -1, false, CONN, (0, 0, 0), "connection", "Closes the connection."),
     spec("hello", -1, false, CONN, (0, 0, 0), "connection", "Handshakes with the Redis server."),
     spec("auth", -2, false, CONN, (0, 0, 0), "connection", "Authenticates the connection."),
-    spec("select", 2, false, CONN, (0, 0, 0), "connection", "Changes the selected database (dedupd has database 0 only)."),
+    spec("select", 2, false, &["loading", "stale", "fast"], (0, 0, 0), "connection", "Changes the selected database (dedupd has database 0 only)."),
     spec("client", -2, false, CONN, (0, 0, 0), "connection", "CLIENT SETNAME, GETNAME, SETINFO and ID."),
     spec("command", -1, false, &["loading", "stale"], (0, 0, 0), "server", "Returns detailed information about all commands."),
     spec("info", -1, true, &["loading", "stale"], (0, 0, 0), "server", "Returns information and statistics about the server."),
@@ -123,6 +125,11 @@ pub(crate) const COMMANDS: &[Spec] = &[
     spec("expireat", -3, true, WF, (1, 1, 1), "generic", "Sets the expiration time of a key to a Unix timestamp."),
     spec("pexpireat", -3, true, WF, (1, 1, 1), "generic", "Sets the expiration time of a key to a Unix milliseconds timestamp."),
     spec("scan", -2, true, &["readonly"], (0, 0, 0), "generic", "Iterates over the key names in the database."),
+    spec("eval", -3, true, SCRIPT, (0, 0, 0), "scripting", "Executes a server-side Lua script, atomically and all or nothing."),
+    spec("evalsha", -3, true, SCRIPT, (0, 0, 0), "scripting", "Executes a server-side Lua script by SHA1 digest."),
+    spec("eval_ro", -3, true, &["noscript", "skip_monitor", "no_mandatory_keys", "stale", "readonly"], (0, 0, 0), "scripting", "Executes a read-only server-side Lua script."),
+    spec("evalsha_ro", -3, true, &["noscript", "skip_monitor", "no_mandatory_keys", "stale", "readonly"], (0, 0, 0), "scripting", "Executes a read-only server-side Lua script by SHA1 digest."),
+    spec("script", -2, true, &["noscript"], (0, 0, 0), "scripting", "SCRIPT LOAD, EXISTS, FLUSH and KILL."),
 ];
 
 #[allow(clippy::too_many_arguments)]
@@ -173,6 +180,42 @@ pub(crate) fn execute(
             Flow::Continue,
         );
     }
+    run(server, client, spec, args, keys)
+}
+
+/// Runs `args` for a script's `redis.call`: Redis' checks for scripts (unknown command, arity,
+/// commands a script may not call, writes from a read-only script), then the command on `keys`.
+pub(crate) fn execute_in_script(
+    server: &Server,
+    client: &mut Client,
+    args: &[Vec<u8>],
+    keys: &mut dyn Keys,
+    read_only: bool,
+) -> Reply {
+    let Some(spec) = lookup(&args[0]) else {
+        return Reply::err("Unknown Redis command called from script");
+    };
+    let n = args.len() as i64;
+    if (spec.arity > 0 && n != spec.arity) || n < -spec.arity {
+        return Reply::err("Wrong number of args calling Redis command from script");
+    }
+    if spec.flags.contains(&"noscript") {
+        return Reply::err("This Redis command is not allowed from script");
+    }
+    if read_only && spec.flags.contains(&"write") {
+        return Reply::err("Write commands are not allowed from read-only scripts.");
+    }
+    run(server, client, spec, args, keys).0
+}
+
+/// Runs a command whose arity and permission were checked.
+fn run(
+    server: &Server,
+    client: &mut Client,
+    spec: &Spec,
+    args: &[Vec<u8>],
+    keys: &mut dyn Keys,
+) -> (Reply, Flow) {
     server.counters.commands(1);
     let now_ms = crate::store::system_now_ms();
     let reply = match spec.name {
@@ -194,6 +237,12 @@ pub(crate) fn execute(
         "command" => command_command(args),
         "info" => Reply::Verbatim(super::info::render(server, args)),
         "dbsize" => Reply::Int(server.kv.len() as i64),
+        "eval" | "evalsha" | "eval_ro" | "evalsha_ro" => {
+            match server.scripts.eval(server, spec.name, args, keys) {
+                Outcome::Done(reply) | Outcome::Failed(reply) => reply,
+            }
+        }
+        "script" => server.scripts.script_command(args),
         _ => match store_command(server, keys, spec.name, args, now_ms) {
             Ok(reply) => reply,
             Err(e) => store_error(&e),

@@ -17,6 +17,7 @@ mod glob;
 pub mod import;
 mod info;
 mod resp;
+mod script;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -55,6 +56,8 @@ pub struct Settings {
     pub max_clients: usize,
     /// Longest argument (key or value) accepted; longer ones get an error reply.
     pub max_value_bytes: usize,
+    /// Longest a Lua script may run before it is killed (and its writes undone).
+    pub script_timeout: Duration,
 }
 
 impl std::fmt::Debug for Settings {
@@ -64,6 +67,7 @@ impl std::fmt::Debug for Settings {
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("max_clients", &self.max_clients)
             .field("max_value_bytes", &self.max_value_bytes)
+            .field("script_timeout", &self.script_timeout)
             .finish()
     }
 }
@@ -92,6 +96,8 @@ pub(crate) struct Server {
     counters: Counters,
     /// SCAN cursors handed out.
     cursors: Cursors,
+    /// The Lua VM and its script cache.
+    scripts: script::Scripts,
 }
 
 impl Server {
@@ -193,6 +199,7 @@ pub(crate) async fn bind(
         password: config.redis_password.clone(),
         max_clients: config.redis_max_clients.get(),
         max_value_bytes: usize::try_from(config.redis_max_value).unwrap_or(usize::MAX),
+        script_timeout: config.redis_script_timeout,
     };
     tracing::info!(
         %addr,
@@ -224,6 +231,7 @@ pub(crate) async fn serve(
         next_id: AtomicU64::new(1),
         counters: Counters::default(),
         cursors: Cursors::default(),
+        scripts: script::Scripts::new(settings.script_timeout),
     });
     // Each connection holds a sender; once all are dropped, `recv` returns `None`.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);

@@ -281,6 +281,8 @@ fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
 pub(crate) enum Reply {
     /// `+OK`.
     Simple(&'static str),
+    /// `+text`: a status a script made (`redis.status_reply`, `{ok = ...}`).
+    Status(String),
     /// `-ERR ...`: the text includes its code (`ERR`, `NOAUTH`...).
     Error(String),
     /// `:n`.
@@ -295,6 +297,10 @@ pub(crate) enum Reply {
     Map(Vec<(Reply, Reply)>),
     /// A RESP3 set (`~n`), an array in RESP2.
     Set(Vec<Reply>),
+    /// A RESP3 boolean (`#t`), `:1` / `:0` in RESP2.
+    Bool(bool),
+    /// A RESP3 double (`,1.5`) as printed, a bulk string in RESP2.
+    Double(String),
     /// A RESP3 verbatim text string (`=n txt:...`), a bulk string in RESP2.
     Verbatim(String),
 }
@@ -317,6 +323,15 @@ impl Reply {
             Reply::Simple(s) => {
                 out.push(b'+');
                 out.extend_from_slice(s.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Reply::Status(s) => {
+                out.push(b'+');
+                // A status is one line, like an error.
+                out.extend(
+                    s.bytes()
+                        .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+                );
                 out.extend_from_slice(b"\r\n");
             }
             Reply::Error(e) => {
@@ -358,6 +373,16 @@ impl Reply {
                 out.extend_from_slice(b"\r\n");
             }
             Reply::Verbatim(text) => bulk(out, text.as_bytes()),
+            Reply::Bool(b) if resp3 => {
+                out.extend_from_slice(if *b { b"#t\r\n" } else { b"#f\r\n" })
+            }
+            Reply::Bool(b) => header(out, b':', i64::from(*b)),
+            Reply::Double(text) if resp3 => {
+                out.push(b',');
+                out.extend_from_slice(text.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Reply::Double(text) => bulk(out, text.as_bytes()),
         }
     }
 }
@@ -484,5 +509,9 @@ mod tests {
         assert_eq!(enc(Reply::Verbatim("a".into()), 3), "=5\r\ntxt:a\r\n");
         assert_eq!(enc(Reply::Verbatim("a".into()), 2), "$1\r\na\r\n");
         assert_eq!(enc(Reply::err("x\r\ny"), 2), "-ERR x  y\r\n");
+        assert_eq!(enc(Reply::Bool(true), 3), "#t\r\n");
+        assert_eq!(enc(Reply::Bool(false), 2), ":0\r\n");
+        assert_eq!(enc(Reply::Double("1.5".into()), 3), ",1.5\r\n");
+        assert_eq!(enc(Reply::Double("1.5".into()), 2), "$3\r\n1.5\r\n");
     }
 }
