@@ -726,3 +726,108 @@ fn relay_off_needs_no_broker() {
         endpoint.log()
     );
 }
+
+/// redis-py (`tests/clients/redis_py_scripts.py`): its `Lock` (acquire, extend, release, a
+/// release or extend by the wrong owner refused) and `register_script` (EVALSHA, EVAL on
+/// NOSCRIPT, pipelined), over RESP2 and RESP3, unchanged. CI installs redis-py (`.ci/run`).
+#[test]
+fn redis_py_lock_and_register_script_work_unchanged() {
+    let data = tempfile::tempdir().unwrap();
+    let endpoint = Endpoint::start(data.path(), &[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/redis_py_scripts.py");
+    for resp in ["2", "3"] {
+        let out = Command::new("python3")
+            .arg(&script)
+            .env("DEDUPD_PORT", endpoint.port.to_string())
+            .env("RESP", resp)
+            .output()
+            .expect("python3 runs (CI installs it with redis-py: pip install redis)");
+        assert!(
+            out.status.success(),
+            "redis-py over RESP{resp} failed:\n{}\n{}\ndedupd log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            endpoint.log()
+        );
+    }
+}
+
+#[test]
+fn script_writes_survive_kill_9_right_after_the_reply() {
+    let data = tempfile::tempdir().unwrap();
+    let endpoint = Endpoint::start(data.path(), &[]);
+    let mut con = endpoint.connect("");
+    // One script writes 500 keys; its reply means all of them are durable.
+    let written: i64 = redis::cmd("EVAL")
+        .arg(
+            "for i = 1, tonumber(ARGV[1]) do \
+               redis.call('set', KEYS[1] .. i, i, 'NX', 'EX', 3600) \
+             end \
+             return tonumber(ARGV[1])",
+        )
+        .arg(1)
+        .arg("msg:")
+        .arg(500)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(written, 500);
+    endpoint.kill9();
+
+    let endpoint = Endpoint::start(data.path(), &[]);
+    let mut con = endpoint.connect("");
+    let mut exists = redis::cmd("EXISTS");
+    for i in 1..=500 {
+        exists.arg(format!("msg:{i}"));
+    }
+    let n: i64 = exists.query(&mut con).unwrap();
+    assert_eq!(
+        n, 500,
+        "every write of the acknowledged script is there after kill -9"
+    );
+}
+
+#[test]
+fn script_kill_and_flush() {
+    let data = tempfile::tempdir().unwrap();
+    let endpoint = Endpoint::start(data.path(), &[("DEDUPD_REDIS_SCRIPT_TIMEOUT", "60s")]);
+    let mut con = endpoint.connect("");
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg("return 1")
+        .query(&mut con)
+        .unwrap();
+    let flushed: String = redis::cmd("SCRIPT").arg("FLUSH").query(&mut con).unwrap();
+    assert_eq!(flushed, "OK");
+    let exists: Vec<i64> = redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(&sha)
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(exists, vec![0]);
+    // A script that never ends, killed from another connection.
+    let mut busy = endpoint.connect("");
+    let runner = std::thread::spawn(move || {
+        redis::cmd("EVAL")
+            .arg("while true do end")
+            .arg(0)
+            .query::<redis::Value>(&mut busy)
+            .unwrap_err()
+            .to_string()
+    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match redis::cmd("SCRIPT").arg("KILL").query::<String>(&mut con) {
+            Ok(ok) => {
+                assert_eq!(ok, "OK");
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some("NOTBUSY"), "{e}");
+                assert!(Instant::now() < deadline, "the script never ran");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let err = runner.join().unwrap();
+    assert!(err.contains("Script killed"), "{err}");
+}
