@@ -133,27 +133,8 @@ impl Kv {
         expiry: Expiry,
         now_ms: u64,
     ) -> Result<(SetOutcome, Ticket), Error> {
-        let shared = &self.shared;
-        shared.validate(key)?;
-        let _guard = shared.write_lock()?;
-        let previous = self.get(key, now_ms)?;
-        let allowed = match cond {
-            Condition::Always => true,
-            Condition::IfAbsent => previous.is_none(),
-            Condition::IfPresent => previous.is_some(),
-        };
-        if allowed {
-            let expires_ms = self.expiry_of(expiry, previous.as_ref(), now_ms);
-            self.write(key, value, now_ms, expires_ms, now_ms)?;
-        }
-        // A refused NX/XX still gets a ticket: what it saw may be a write not yet durable.
-        Ok((
-            SetOutcome {
-                written: allowed,
-                previous,
-            },
-            self.ticket(),
-        ))
+        let (outcome, ticket) = self.batch(|tx| tx.set(key, value, cond, expiry, now_ms))?;
+        Ok((outcome?, ticket))
     }
 
     /// Deletes `key`; durable when it returns. Returns whether a live key was removed.
@@ -173,12 +154,8 @@ impl Kv {
     ///
     /// As [`Kv::delete`].
     pub fn delete_deferred(&self, key: &[u8], now_ms: u64) -> Result<(bool, Ticket), Error> {
-        let shared = &self.shared;
-        shared.validate(key)?;
-        let _guard = shared.write_lock()?;
-        let live = self.get(key, now_ms)?.is_some();
-        self.remove(key)?;
-        Ok((live, self.ticket()))
+        let (removed, ticket) = self.batch(|tx| tx.delete(key, now_ms))?;
+        Ok((removed?, ticket))
     }
 
     /// Gives a live `key` a new expiry (one in the past deletes it); durable when it returns.
@@ -204,16 +181,31 @@ impl Kv {
         expiry: Expiry,
         now_ms: u64,
     ) -> Result<(bool, Ticket), Error> {
-        let shared = &self.shared;
-        shared.validate(key)?;
-        let _guard = shared.write_lock()?;
-        let Some(current) = self.get(key, now_ms)? else {
-            return Ok((false, self.ticket()));
+        let (found, ticket) = self.batch(|tx| tx.expire(key, expiry, now_ms))?;
+        Ok((found?, ticket))
+    }
+
+    /// Runs `f` under the store's write lock: its reads and writes through the [`Txn`] are
+    /// atomic against every other write of the store (relay commits included). Returns what
+    /// `f` returned and a ticket covering its writes: wait on it with [`Kv::wait_durable`]
+    /// before telling anyone they are stored. Writes made through `tx` are visible to readers
+    /// as they are made; [`Txn::rollback_to`] takes them back.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] once the store is closed (`f` is not run then).
+    pub fn batch<R>(&self, f: impl FnOnce(&mut Txn<'_>) -> R) -> Result<(R, Ticket), Error> {
+        let guard = self.shared.write_lock()?;
+        let mut tx = Txn {
+            kv: self,
+            _guard: guard,
+            undo: Vec::new(),
         };
-        let expires_ms = self.expiry_of(expiry, Some(&current), now_ms);
-        // The set time stays: only the expiry moves (a past one removes the key).
-        self.write(key, &current.value, current.set_ms, expires_ms, now_ms)?;
-        Ok((true, self.ticket()))
+        let out = f(&mut tx);
+        drop(tx);
+        // A batch that wrote nothing still gets a ticket: what it read may be a write of
+        // another batch not yet durable.
+        Ok((out, self.ticket()))
     }
 
     /// Returns once every write up to `ticket` is durable (one flush covers many tickets).
@@ -335,6 +327,125 @@ impl Kv {
             .is_some()
         {
             shared.kv.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Reads and writes of one [`Kv::batch`], under the store's write lock.
+pub struct Txn<'a> {
+    kv: &'a Kv,
+    _guard: std::sync::MutexGuard<'a, ()>,
+    /// For each write, the key and its live entry before it: what [`Txn::rollback_to`] restores.
+    undo: Vec<(Vec<u8>, Option<Entry>)>,
+}
+
+/// A point in a [`Txn`] to roll back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Savepoint(usize);
+
+impl std::fmt::Debug for Txn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Txn")
+            .field("writes", &self.undo.len())
+            .finish()
+    }
+}
+
+impl Txn<'_> {
+    /// As [`Kv::get`], seeing this batch's own writes.
+    ///
+    /// # Errors
+    ///
+    /// As [`Kv::get`].
+    pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Entry>, Error> {
+        self.kv.get(key, now_ms)
+    }
+
+    /// As [`Kv::set`] (durable once the batch's ticket is).
+    ///
+    /// # Errors
+    ///
+    /// As [`Kv::set`].
+    pub fn set(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        cond: Condition,
+        expiry: Expiry,
+        now_ms: u64,
+    ) -> Result<SetOutcome, Error> {
+        self.kv.shared.validate(key)?;
+        let previous = self.get(key, now_ms)?;
+        let allowed = match cond {
+            Condition::Always => true,
+            Condition::IfAbsent => previous.is_none(),
+            Condition::IfPresent => previous.is_some(),
+        };
+        if allowed {
+            let expires_ms = self.kv.expiry_of(expiry, previous.as_ref(), now_ms);
+            self.undo.push((key.to_vec(), previous.clone()));
+            self.kv.write(key, value, now_ms, expires_ms, now_ms)?;
+        }
+        Ok(SetOutcome {
+            written: allowed,
+            previous,
+        })
+    }
+
+    /// As [`Kv::delete`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Kv::delete`].
+    pub fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, Error> {
+        self.kv.shared.validate(key)?;
+        let previous = self.get(key, now_ms)?;
+        let live = previous.is_some();
+        if live {
+            self.undo.push((key.to_vec(), previous));
+        }
+        self.kv.remove(key)?;
+        Ok(live)
+    }
+
+    /// As [`Kv::expire`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Kv::expire`].
+    pub fn expire(&mut self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, Error> {
+        self.kv.shared.validate(key)?;
+        let Some(current) = self.get(key, now_ms)? else {
+            return Ok(false);
+        };
+        let expires_ms = self.kv.expiry_of(expiry, Some(&current), now_ms);
+        self.undo.push((key.to_vec(), Some(current.clone())));
+        // The set time stays: only the expiry moves (a past one removes the key).
+        self.kv
+            .write(key, &current.value, current.set_ms, expires_ms, now_ms)?;
+        Ok(true)
+    }
+
+    /// The point to come back to with [`Txn::rollback_to`].
+    pub fn savepoint(&self) -> Savepoint {
+        Savepoint(self.undo.len())
+    }
+
+    /// Undoes every write made through this batch since `savepoint`, newest first: each key
+    /// gets back the entry it had then (or none).
+    ///
+    /// # Errors
+    ///
+    /// A sled error while restoring.
+    pub fn rollback_to(&mut self, savepoint: Savepoint) -> Result<(), Error> {
+        while self.undo.len() > savepoint.0 {
+            let (key, before) = self.undo.pop().expect("len checked");
+            match before {
+                // The entry was live when the write replaced it: restore it as it was.
+                Some(e) => self.kv.write(&key, &e.value, e.set_ms, e.expires_ms, 0)?,
+                None => self.kv.remove(&key)?,
+            }
         }
         Ok(())
     }

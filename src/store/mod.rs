@@ -23,6 +23,7 @@
 mod compactor;
 mod filter;
 pub mod kv;
+mod log;
 mod record;
 mod space;
 
@@ -49,6 +50,8 @@ const SNAPSHOT_FILE: &str = "bloom.snapshot";
 const SNAPSHOT_TOKEN_KEY: &[u8] = b"bloom_snapshot_token";
 /// Layout version of `bloom.snapshot`.
 const SNAPSHOT_VERSION: u32 = 2;
+/// Key in the `meta` tree holding the last replication-log offset applied (u64 big-endian).
+const APPLIED_OFFSET_KEY: &[u8] = b"applied_log_offset";
 
 /// Errors of the store. Each says what failed, then why.
 #[derive(Debug, thiserror::Error)]
@@ -704,6 +707,126 @@ impl Store {
             shared.wake_compactor();
         }
         Ok(())
+    }
+
+    /// As [`Store::commit`], and returns the batch as a log segment: self-contained and
+    /// versioned (the ids and their windows), for the active instance to append to the
+    /// replication stream and for standbys to [`Store::apply_logged`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::commit`].
+    pub fn commit_logged(&self, claims: Vec<Claim>, now_ms: u64) -> Result<Vec<u8>, Error> {
+        let segment = log::encode(
+            now_ms,
+            claims.iter().map(|c| log::LogEntry {
+                id: &c.id,
+                ttl_ms: c.ttl_ms,
+            }),
+        );
+        self.commit(claims, now_ms)?;
+        Ok(segment)
+    }
+
+    /// Applies a log segment written by another instance's [`Store::commit_logged`], and
+    /// records `offset` (its position in the stream) with it; both are durable on return.
+    /// Applying a segment twice is harmless. Ids whose window has passed at `now_ms` are
+    /// skipped. Returns the number of ids applied.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Corrupt`] / [`Error::UnknownFormat`] for a segment that does not decode (nothing
+    /// is applied then), a refused id, a sled error, or [`Error::Closed`].
+    pub fn apply_logged(&self, segment: &[u8], offset: u64, now_ms: u64) -> Result<usize, Error> {
+        let (commit_ms, entries) = log::decode(segment)?;
+        for e in &entries {
+            self.shared.validate(e.id)?;
+        }
+        let shared = &self.shared;
+        let guard = shared.write_lock()?;
+        let mut index: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut applied = 0;
+        let mut added = 0;
+        let mut rolled = false;
+        for e in &entries {
+            let seen = Seen {
+                first_seen_ms: commit_ms,
+                expires_ms: commit_ms.saturating_add(e.ttl_ms),
+            };
+            if !seen.is_live(now_ms) {
+                continue;
+            }
+            rolled |= shared
+                .relay
+                .filters
+                .write()
+                .expect("filter lock")
+                .insert(digest(e.id), seen.expires_ms);
+            let previous = shared
+                .relay
+                .tree
+                .insert(e.id, record::encode(seen))
+                .map_err(shared.sled_err("apply"))?;
+            added += u64::from(previous.is_none());
+            record::push_index_id(index.entry(seen.expires_ms).or_default(), e.id);
+            applied += 1;
+        }
+        let earlier = shared
+            .relay
+            .write_index(&shared.db, index)
+            .map_err(shared.sled_err("apply"))?;
+        shared
+            .meta
+            .insert(APPLIED_OFFSET_KEY, &offset.to_be_bytes())
+            .map_err(shared.sled_err("apply"))?;
+        drop(guard);
+        shared.make_durable("apply flush")?;
+        shared.relay.live.fetch_add(added, Ordering::Relaxed);
+        if earlier || rolled {
+            shared.wake_compactor();
+        }
+        Ok(applied)
+    }
+
+    /// The stream offset of the last log segment applied by [`Store::apply_logged`], if any.
+    ///
+    /// # Errors
+    ///
+    /// A sled error.
+    pub fn applied_offset(&self) -> Result<Option<u64>, Error> {
+        let shared = &self.shared;
+        let value = shared
+            .meta
+            .get(APPLIED_OFFSET_KEY)
+            .map_err(shared.sled_err("read offset"))?;
+        Ok(value.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok().map(u64::from_be_bytes)))
+    }
+
+    /// Forgets every relay id (all become new), durable on return. Returns how many records
+    /// there were. Claims in flight are not touched: their commits still record them.
+    ///
+    /// # Errors
+    ///
+    /// A sled error or [`Error::Closed`].
+    pub fn forget_all(&self) -> Result<u64, Error> {
+        let shared = &self.shared;
+        let guard = shared.write_lock()?;
+        let records = shared.relay.tree.len() as u64;
+        shared
+            .relay
+            .tree
+            .clear()
+            .map_err(shared.sled_err("forget all"))?;
+        shared
+            .relay
+            .expiry
+            .clear()
+            .map_err(shared.sled_err("forget all"))?;
+        shared.relay.live.store(0, Ordering::Relaxed);
+        drop(guard);
+        shared.make_durable("forget all flush")?;
+        tracing::info!(dir = %shared.dir.display(), forgotten = records, "forgot every relay id");
+        Ok(records)
     }
 
     /// Forgets `id` (it becomes new). Returns whether a record was there. Durable on return.

@@ -550,3 +550,103 @@ fn kv_deferred_writes_are_durable_after_one_wait() {
     assert!(store.kv().get(b"p-49", T0).unwrap().is_some());
     assert!(store.kv().get(b"p-0", T0).unwrap().is_none());
 }
+
+#[test]
+fn kv_batch_rolls_back_to_a_savepoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let kv = store.kv();
+    kv_set(&store, b"kept", b"1", Condition::Always, Expiry::Window);
+    kv_set(
+        &store,
+        b"changed",
+        b"old",
+        Condition::Always,
+        Expiry::Window,
+    );
+    let (seen, ticket) = kv
+        .batch(|tx| {
+            tx.set(b"a", b"1", Condition::Always, Expiry::Window, T0)
+                .unwrap();
+            let sp = tx.savepoint();
+            tx.set(b"b", b"2", Condition::Always, Expiry::Window, T0)
+                .unwrap();
+            tx.set(b"changed", b"new", Condition::Always, Expiry::Window, T0)
+                .unwrap();
+            assert!(tx.delete(b"kept", T0).unwrap());
+            // Inside the batch its own writes are visible.
+            let seen = tx.get(b"changed", T0).unwrap().map(|e| e.value);
+            tx.rollback_to(sp).unwrap();
+            seen
+        })
+        .unwrap();
+    kv.wait_durable(ticket).unwrap();
+    assert_eq!(seen.as_deref(), Some(&b"new"[..]));
+    // Before the savepoint: kept. After it: all undone, earlier values back.
+    assert_eq!(kv.get(b"a", T0).unwrap().unwrap().value, b"1");
+    assert_eq!(kv.get(b"b", T0).unwrap(), None);
+    assert_eq!(kv.get(b"changed", T0).unwrap().unwrap().value, b"old");
+    assert_eq!(kv.get(b"kept", T0).unwrap().unwrap().value, b"1");
+    // And so it stays after a crash.
+    drop(kv);
+    drop(store);
+    let store = open(dir.path());
+    let kv = store.kv();
+    assert_eq!(kv.get(b"b", T0).unwrap(), None);
+    assert_eq!(kv.get(b"changed", T0).unwrap().unwrap().value, b"old");
+    assert_eq!(kv.get(b"kept", T0).unwrap().unwrap().value, b"1");
+}
+
+#[test]
+fn forget_all_makes_every_id_new_and_stays_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for id in [&b"a"[..], b"b", b"c"] {
+        commit_one(&store, id, T0);
+    }
+    store
+        .kv()
+        .set(b"k", b"v", Condition::Always, Expiry::Window, T0)
+        .unwrap();
+    assert_eq!(store.forget_all().unwrap(), 3);
+    assert!(!is_duplicate(&store, b"a", T0));
+    assert_eq!(store.stats().live_ids, 0);
+    // The Redis endpoint's keys are another namespace: untouched.
+    assert!(store.kv().get(b"k", T0).unwrap().is_some());
+    drop(store);
+    let store = open(dir.path());
+    assert!(!is_duplicate(&store, b"c", T0));
+}
+
+#[test]
+fn logged_commit_applies_on_another_store_with_its_offset() {
+    let active_dir = tempfile::tempdir().unwrap();
+    let standby_dir = tempfile::tempdir().unwrap();
+    let active = open(active_dir.path());
+    let standby = open(standby_dir.path());
+    assert_eq!(standby.applied_offset().unwrap(), None);
+    let claims = vec![claim_new(&active, b"a", T0), claim_new(&active, b"b", T0)];
+    let segment = active.commit_logged(claims, T0).unwrap();
+    assert!(is_duplicate(&active, b"a", T0));
+    // Applied twice (a redelivered stream message): the same state.
+    assert_eq!(standby.apply_logged(&segment, 7, T0 + 1).unwrap(), 2);
+    assert_eq!(standby.apply_logged(&segment, 7, T0 + 1).unwrap(), 2);
+    assert_eq!(standby.applied_offset().unwrap(), Some(7));
+    // The window runs from the active's commit, not from when the standby applied it.
+    match standby.claim(b"a", T0 + 2).unwrap() {
+        Verdict::Duplicate(seen) => assert_eq!(seen.expires_ms, T0 + TTL.as_millis() as u64),
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    assert!(!is_duplicate(&standby, b"c", T0));
+    // Past the window nothing is applied.
+    let late = T0 + TTL.as_millis() as u64;
+    assert_eq!(standby.apply_logged(&segment, 8, late).unwrap(), 0);
+    // Offset and ids survive a crash.
+    drop(standby);
+    let standby = open(standby_dir.path());
+    assert_eq!(standby.applied_offset().unwrap(), Some(8));
+    assert!(is_duplicate(&standby, b"b", T0 + 3));
+    // Garbage is refused, nothing applied.
+    assert!(standby.apply_logged(b"\x01\x10junk", 9, T0).is_err());
+    assert_eq!(standby.applied_offset().unwrap(), Some(8));
+}
