@@ -9,8 +9,9 @@
 //! them repeating an earlier id, into a fresh source queue; start the relay; time until the
 //! source is empty and the destination holds everything the relay forwards (dedupd: each id
 //! once; passthrough and shovel: every message). CPU seconds come from /proc: the relay process
-//! (dedupd), and the broker's `beam.smp`. `RELAY_BENCH_ROUNDS` (default 1) repeats the three,
-//! interleaved, and the table shows each round.
+//! (dedupd) or thread (passthrough), and the broker's `beam.smp`. `RELAY_BENCH_ROUNDS` (default 1) repeats the three,
+//! interleaved, and the table shows each round. `RELAY_BENCH_ONLY=dedupd` (or any
+//! comma-separated subset of `shovel,passthrough,dedupd`) runs only those.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let n: usize = env_or("RELAY_BENCH_N", 50_000);
     let rounds: usize = env_or("RELAY_BENCH_ROUNDS", 1);
+    // A comma-separated subset of `shovel,passthrough,dedupd`, to measure one alone; all by default.
+    let only = std::env::var("RELAY_BENCH_ONLY").unwrap_or_default();
     let bin = dedupd_release();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -57,13 +60,19 @@ fn main() {
         };
         let mut rows = Vec::new();
         for round in 1..=rounds {
-            rows.push(("shovel", round, run(Relay::Shovel, &ids, n).await));
-            rows.push(("passthrough", round, run(Relay::Passthrough, &ids, n).await));
-            rows.push((
-                "dedupd",
-                round,
-                run(Relay::Dedupd(&bin), &ids, distinct).await,
-            ));
+            if only.is_empty() || only.contains("shovel") {
+                rows.push(("shovel", round, run(Relay::Shovel, &ids, n).await));
+            }
+            if only.is_empty() || only.contains("passthrough") {
+                rows.push(("passthrough", round, run(Relay::Passthrough, &ids, n).await));
+            }
+            if only.is_empty() || only.contains("dedupd") {
+                rows.push((
+                    "dedupd",
+                    round,
+                    run(Relay::Dedupd(&bin), &ids, distinct).await,
+                ));
+            }
         }
         print_table(n, distinct, &rows);
     });
@@ -171,8 +180,8 @@ async fn run(relay: Relay<'_>, ids: &[String], expect_out: usize) -> Figures {
         Relay::Passthrough => {
             let relay = passthrough(source.clone(), dest.clone(), ids.len() as u64);
             let elapsed = drained(&ch, &source, &out, expect_out, start).await;
-            relay.join().expect("passthrough relay");
-            (elapsed, None)
+            let cpu = relay.join().expect("passthrough relay");
+            (elapsed, Some(cpu))
         }
         Relay::Shovel => {
             let name = format!("{base}-shovel");
@@ -273,7 +282,17 @@ fn broker_pid() -> u32 {
 
 /// User + system CPU seconds of `pid` so far, from /proc/<pid>/stat.
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system CPU seconds of the calling thread so far.
+fn thread_cpu_seconds() -> f64 {
+    stat_cpu_seconds("/proc/thread-self/stat")
+}
+
+/// User + system CPU seconds from a /proc `stat` file.
+fn stat_cpu_seconds(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap();
     // Fields after the command name (which may hold spaces) start at state, field 3.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();
@@ -294,17 +313,22 @@ fn print_table(n: usize, distinct: usize, rows: &[(&str, usize, Figures)]) {
         "{n} persistent {BODY}-byte messages, {distinct} distinct ids, queued before start; prefetch {PREFETCH}"
     );
     println!();
-    println!("| relay | round | drain time | msg/s | relay CPU s | broker CPU s |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| relay | round | drain time | msg/s | relay CPU s | relay CPU s per 50 000 | relay CPU µs/msg | broker CPU s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     let rate = |f: &Figures| n as f64 / f.elapsed.as_secs_f64();
+    // dedupd's process and the passthrough's thread; the shovel runs inside the broker.
+    let or_dash = |c: Option<f64>, fmt: fn(f64) -> String| c.map(fmt).unwrap_or_else(|| "-".into());
     for (name, round, f) in rows {
+        let per_msg = f.relay_cpu.map(|c| c / n as f64);
         println!(
-            "| {name} | {round} | {:.2} s | {:.0} | {} | {:.2} |",
+            "| {name} | {round} | {:.2} s | {:.0} | {} | {} | {} | {:.2} |",
             f.elapsed.as_secs_f64(),
             rate(f),
-            f.relay_cpu
-                .map(|c| format!("{c:.2}"))
-                .unwrap_or_else(|| "-".into()),
+            or_dash(f.relay_cpu, |c| format!("{c:.2}")),
+            or_dash(per_msg, |c| format!("{:.2}", c * 50_000.0)),
+            or_dash(per_msg, |c| format!("{:.1}", c * 1e6)),
             f.broker_cpu
         );
     }
@@ -314,15 +338,31 @@ fn print_table(n: usize, distinct: usize, rows: &[(&str, usize, Figures)]) {
             .filter(|(name, _, _)| *name == which)
             .map(|(_, _, f)| rate(f))
             .collect();
-        r.iter().sum::<f64>() / r.len() as f64
+        (!r.is_empty()).then(|| r.iter().sum::<f64>() / r.len() as f64)
     };
-    let (d, p, s) = (mean("dedupd"), mean("passthrough"), mean("shovel"));
     println!();
-    println!(
-        "dedupd / shovel = {:.2} (goal >= 0.90), dedupd / passthrough = {:.2} (goal >= 0.95)",
-        d / s,
-        d / p
-    );
+    if let (Some(d), Some(p), Some(s)) = (mean("dedupd"), mean("passthrough"), mean("shovel")) {
+        println!(
+            "dedupd / shovel = {:.2} (goal >= 0.90), dedupd / passthrough = {:.2} (goal >= 0.95)",
+            d / s,
+            d / p
+        );
+    }
+    let cpu_per_msg = |which: &str| {
+        let c: Vec<f64> = rows
+            .iter()
+            .filter(|(name, _, _)| *name == which)
+            .filter_map(|(_, _, f)| f.relay_cpu)
+            .map(|c| c / n as f64 * 1e6)
+            .collect();
+        (!c.is_empty()).then(|| c.iter().sum::<f64>() / c.len() as f64)
+    };
+    if let Some(d) = cpu_per_msg("dedupd") {
+        let floor = cpu_per_msg("passthrough")
+            .map(|p| format!(", passthrough {p:.1} µs"))
+            .unwrap_or_default();
+        println!("CPU per message: dedupd {d:.1} µs (goal <= 15){floor}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -354,9 +394,11 @@ impl ChannelCallback for Confirms {
 }
 
 /// Forwards `n` messages from `source` to `dest` on a current-thread runtime of its own (as
-/// dedupd runs), acking each confirmed range with `multiple`.
-fn passthrough(source: String, dest: String, n: u64) -> std::thread::JoinHandle<()> {
+/// dedupd runs), acking each confirmed range with `multiple`; returns the CPU seconds its thread
+/// used (every task of its runtime, amqprs' included, runs on it).
+fn passthrough(source: String, dest: String, n: u64) -> std::thread::JoinHandle<f64> {
     std::thread::spawn(move || {
+        let cpu_before = thread_cpu_seconds();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -418,5 +460,6 @@ fn passthrough(source: String, dest: String, n: u64) -> std::thread::JoinHandle<
             let _ = publish.close().await;
             let _ = conn.close().await;
         });
+        thread_cpu_seconds() - cpu_before
     })
 }
