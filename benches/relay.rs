@@ -84,8 +84,12 @@ fn env_or(var: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The release `dedupd`: built here (a no-op when `cargo bench` just built it).
+/// The release `dedupd`: built here (a no-op when `cargo bench` just built it), or the binary
+/// `RELAY_BENCH_DEDUPD` names (to measure another build, a baseline say, in the same run).
 fn dedupd_release() -> PathBuf {
+    if let Ok(bin) = std::env::var("RELAY_BENCH_DEDUPD") {
+        return PathBuf::from(bin);
+    }
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["build", "--release", "--bin", "dedupd"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
