@@ -15,8 +15,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::metrics::Metrics;
-
 /// Longest a finished delivery waits for older ones before it is acked on its own.
 pub(crate) const STRAGGLER_WAIT: Duration = Duration::from_millis(50);
 
@@ -31,9 +29,9 @@ pub(crate) struct Unsettled {
 }
 
 impl Unsettled {
-    /// Records a delivery received.
-    pub(crate) fn received(&mut self, tag: u64) {
-        self.tags.insert(tag, Instant::now());
+    /// Records a delivery received at `now`.
+    pub(crate) fn received(&mut self, tag: u64, now: Instant) {
+        self.tags.insert(tag, now);
     }
 
     /// Number of deliveries not settled at the broker yet.
@@ -59,8 +57,15 @@ impl Unsettled {
     /// Marks `tags` done (tags not in flight are ignored) and returns the acks to send now, as
     /// `(tag, multiple)`: one `multiple` ack for every done delivery older than the oldest one
     /// still in flight; the others wait, unless `all` or the oldest of them waited
-    /// [`STRAGGLER_WAIT`], in which case they are acked singly.
-    pub(crate) fn ack(&mut self, tags: &mut Vec<u64>, now: Instant, all: bool) -> Vec<(u64, bool)> {
+    /// [`STRAGGLER_WAIT`], in which case they are acked singly. `latency` is told, for every
+    /// delivery acked, how long it took from receipt to `now`.
+    pub(crate) fn ack(
+        &mut self,
+        tags: &mut Vec<u64>,
+        now: Instant,
+        all: bool,
+        mut latency: impl FnMut(Duration),
+    ) -> Vec<(u64, bool)> {
         for tag in tags.drain(..) {
             if let Some(received) = self.tags.remove(&tag) {
                 self.deferred.insert(tag, (received, now));
@@ -87,7 +92,7 @@ impl Unsettled {
         }
         // Delivery to ack: measured now that the acks are about to leave.
         for (received, _) in sent.values() {
-            Metrics::acked_after(received.elapsed());
+            latency(now.saturating_duration_since(*received));
         }
         out
     }
@@ -100,13 +105,13 @@ mod tests {
     fn unsettled(tags: impl IntoIterator<Item = u64>) -> Unsettled {
         let mut u = Unsettled::default();
         for t in tags {
-            u.received(t);
+            u.received(t, Instant::now());
         }
         u
     }
 
     fn ack(u: &mut Unsettled, tags: &[u64], at: Instant) -> Vec<(u64, bool)> {
-        u.ack(&mut tags.to_vec(), at, false)
+        u.ack(&mut tags.to_vec(), at, false, |_| {})
     }
 
     #[test]
@@ -149,7 +154,7 @@ mod tests {
         let mut u = unsettled(1..=3);
         let t = Instant::now();
         assert_eq!(
-            u.ack(&mut vec![3], t, true),
+            u.ack(&mut vec![3], t, true, |_| {}),
             vec![(3, false)],
             "shutting down: nothing waits"
         );

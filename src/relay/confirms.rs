@@ -19,6 +19,10 @@ use xxhash_rust::xxh3::Xxh3;
 pub(crate) struct Fingerprint(u64);
 
 impl Fingerprint {
+    /// For a publish that cannot come back (not `mandatory`): no return is matched to it.
+    /// (A real fingerprint equal to it is as likely as any other 64-bit collision.)
+    pub(crate) const NONE: Fingerprint = Fingerprint(0);
+
     /// The fingerprint of a message published (or returned) with these values.
     pub(crate) fn of(
         exchange: &str,

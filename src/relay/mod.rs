@@ -7,6 +7,7 @@
 mod acks;
 mod confirms;
 mod id;
+mod protocol;
 mod quarantine;
 mod session;
 mod tls;

@@ -1,14 +1,14 @@
-//! One broker connection's worth of relaying: the per-message protocol, pipelined.
+//! One broker connection's worth of relaying: the driver of the [`protocol`](super::protocol).
 //!
-//! A single task owns all the state of a session (no locks): deliveries come in from the consumer,
-//! claims go to the store's claim thread in batches, first-seen messages are published with
-//! confirms, confirmed claims go to the commit thread, and the source is acked once the commit is
-//! durable. Everything that settles a delivery comes back to this task as an [`Event`].
+//! A single task owns a session (no locks). It turns what arrives (deliveries from the consumer,
+//! publisher confirms and returns from the channel callbacks, verdicts and commits from the store
+//! threads, the tick, shutdown) into protocol events, and carries out the actions the protocol
+//! answers with (claim and commit jobs to the store threads, publishes, acks, rejects) in their
+//! order. Every decision is the protocol's; this file only does the I/O.
 //!
 //! When the session ends for any reason, its state is dropped: claims not yet committed are
 //! released (dropping a `Claim` does that), and the broker redelivers every unacked message.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use amqprs::callbacks::{ChannelCallback, ConnectionCallback};
@@ -20,16 +20,17 @@ use amqprs::connection::Connection;
 use amqprs::{Ack, BasicProperties, Cancel, Close, CloseChannel, Nack, Return};
 use tokio::sync::mpsc;
 
-use super::confirms::{Confirms, Fingerprint, Outcome};
-use super::id::{IdDecision, IdExtractor};
+use super::confirms::Fingerprint;
+use super::id::IdExtractor;
+use super::protocol::{self, Action, Protocol, Settings, Stop, Target};
 use super::quarantine;
 use super::window::Windows;
-use super::worker::{ClaimJob, CommitJob, Workers};
+use super::worker::{ClaimJob, CommitJob, Reply, Workers};
 use super::Error;
 use crate::config::Config;
 use crate::metrics::{DeadLetterReason, Metrics};
 use crate::shutdown::Shutdown;
-use crate::store::{Claim, Error as StoreError, Settled, Verdict};
+use crate::store::{self, Claim, Settled, Waiter};
 
 /// Most deliveries taken from the consumer before the batch goes to the claim thread.
 const CLAIM_BATCH: usize = 256;
@@ -40,20 +41,20 @@ const IO_FAILURE_WAIT: Duration = Duration::from_millis(200);
 /// How long closing a channel may take before we stop waiting (a dead connection never answers).
 const CHANNEL_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A delivery from the source queue, carried through the protocol.
+/// A source delivery's message as the protocol carries it: moved from the consumer to the
+/// publish, never copied.
 #[derive(Debug)]
-pub(crate) struct Delivery {
-    /// Its tag on the consume channel.
-    tag: u64,
+pub(crate) struct Message {
     /// The routing key it was published with.
     routing_key: String,
     props: BasicProperties,
     body: Vec<u8>,
-    /// How long its id stays a duplicate once recorded: `DEDUPD_TTL` or its TTL header's.
-    pub(super) window: Duration,
 }
 
-/// Everything that reaches a session's task from elsewhere.
+type SessionProtocol = Protocol<Message, Claim, Waiter>;
+type ProtocolEvent = protocol::Event<Message, Claim, Waiter>;
+
+/// What reaches a session's task from the channel callbacks and the in-flight waiters.
 #[derive(Debug)]
 pub(crate) enum Event {
     /// Publisher confirm.
@@ -72,29 +73,8 @@ pub(crate) enum Event {
     ConsumerCancelled,
     /// The broker closed the connection.
     ConnectionClosed { code: u16, text: String },
-    /// Verdicts of a claim job.
-    Claimed(Vec<(Delivery, Vec<u8>, Result<Verdict, StoreError>)>),
-    /// Outcome of a commit job.
-    Committed {
-        tags: Vec<u64>,
-        result: Result<(), Arc<StoreError>>,
-    },
     /// The claim a delivery was waiting for settled.
-    Settled {
-        /// Boxed: a delivery is large and this event is rare next to confirms.
-        delivery: Box<Delivery>,
-        id: Vec<u8>,
-        settled: Settled,
-    },
-}
-
-/// A publish waiting for its confirm, and what to do with its source delivery then.
-#[derive(Debug)]
-enum Publish {
-    /// A first-seen message (or one without id, `claim: None`) sent to the destination.
-    Forward { tag: u64, claim: Option<Claim> },
-    /// The audit copy of a duplicate.
-    Copy { tag: u64 },
+    Settled { tag: u64, settled: Settled },
 }
 
 /// How a session ended without failing.
@@ -113,6 +93,15 @@ pub(crate) enum Failure {
     Lost(String),
     /// Something reconnecting cannot fix.
     Fatal(Error),
+}
+
+impl From<Stop> for Failure {
+    fn from(stop: Stop) -> Failure {
+        Failure::Fatal(match stop {
+            Stop::Claim(e) => Error::Claim(e),
+            Stop::Commit(e) => Error::Commit(e),
+        })
+    }
 }
 
 fn lost(what: &str) -> impl FnOnce(amqprs::error::Error) -> Failure + '_ {
@@ -145,7 +134,7 @@ pub(crate) struct Context<'a> {
     pub(crate) windows: &'a Windows,
 }
 
-/// A session's state, owned by its one task.
+/// A session: its channels, the protocol, and the queues its events come in on.
 pub(crate) struct Session<'a> {
     cx: Context<'a>,
     consume: Channel,
@@ -153,24 +142,12 @@ pub(crate) struct Session<'a> {
     consumer_tag: String,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
-    /// Source deliveries neither acked nor rejected.
-    unsettled: super::acks::Unsettled,
-    confirms: Confirms<Publish>,
-    /// Tags to ack at the end of this turn of the loop (together, so `multiple` can cover them).
-    to_ack: Vec<u64>,
-    /// Deliveries to send to the claim thread at the end of this turn.
-    to_claim: Vec<(Delivery, Vec<u8>)>,
-    /// Claim jobs sent and not answered.
-    claims_out: usize,
-    /// Commit jobs sent and not answered.
-    commits_out: usize,
-    /// Deliveries waiting for another delivery's claim to settle.
-    waiting: usize,
-    /// Shutting down: acks are sent at once, not held for a `multiple` one.
-    draining: bool,
-    /// Deliveries at the last delivery a quorum source allows them: if the session ends before
-    /// they are settled, the broker dead-letters them, and they are counted then.
-    last_chance: Vec<u64>,
+    /// Where the store threads answer this session's jobs.
+    replies_tx: mpsc::UnboundedSender<Reply>,
+    replies: mpsc::UnboundedReceiver<Reply>,
+    protocol: SessionProtocol,
+    /// The last value given to the publishes-in-flight gauge, to set it only when it moves.
+    publishes_in_flight: usize,
 }
 
 impl<'a> Session<'a> {
@@ -236,6 +213,11 @@ impl<'a> Session<'a> {
             )
             .await
             .map_err(lost("starting to consume"))?;
+        let (replies_tx, replies) = mpsc::unbounded_channel();
+        let settings = Settings {
+            confirm_timeout: config.confirm_timeout,
+            copy_duplicates: config.duplicates_exchange.is_some(),
+        };
         let session = Session {
             cx,
             consume,
@@ -243,15 +225,10 @@ impl<'a> Session<'a> {
             consumer_tag,
             events_tx,
             events,
-            unsettled: Default::default(),
-            confirms: Confirms::default(),
-            to_ack: Vec::new(),
-            to_claim: Vec::new(),
-            claims_out: 0,
-            commits_out: 0,
-            waiting: 0,
-            draining: false,
-            last_chance: Vec::new(),
+            replies_tx,
+            replies,
+            protocol: Protocol::new(settings),
+            publishes_in_flight: 0,
         };
         Ok((session, deliveries))
     }
@@ -266,16 +243,14 @@ impl<'a> Session<'a> {
         let result = self.relay(conn, deliveries, shutdown).await;
         // What goes back to the queue now and was at its last allowed delivery is dead-lettered
         // by the broker, where dedupd would not see it.
-        for &tag in &self.last_chance {
-            if self.unsettled.holds(tag) {
-                tracing::warn!(
-                    tag,
-                    "returned at its last allowed delivery: the broker dead-letters it"
-                );
-                self.cx
-                    .metrics
-                    .dead_lettered(DeadLetterReason::DeliveryLimit);
-            }
+        for tag in self.protocol.unsettled_last_chances() {
+            tracing::warn!(
+                tag,
+                "returned at its last allowed delivery: the broker dead-letters it"
+            );
+            self.cx
+                .metrics
+                .dead_lettered(DeadLetterReason::DeliveryLimit);
         }
         // Close the channels ourselves: left to their drop guards, amqprs closes them from
         // spawned tasks that may still be running when the runtime stops.
@@ -306,17 +281,16 @@ impl<'a> Session<'a> {
         );
 
         loop {
-            if grace.is_some() && !consuming && self.idle() {
+            if grace.is_some() && !consuming && self.protocol.idle() {
                 return Ok(End::Drained);
             }
-            tokio::select! {
+            let event = tokio::select! {
                 biased;
                 _ = shutdown.fired(), if grace.is_none() => {
                     grace = Some(tokio::time::Instant::now() + self.cx.config.shutdown_grace);
-                    self.draining = true;
                     self.cx.metrics.set_healthy(false);
                     tracing::info!(
-                        in_flight = self.unsettled.len(),
+                        in_flight = self.protocol.unsettled(),
                         grace = ?self.cx.config.shutdown_grace,
                         "shutting down: no new deliveries, finishing those in flight"
                     );
@@ -325,10 +299,11 @@ impl<'a> Session<'a> {
                         .basic_cancel(BasicCancelArguments::new(&self.consumer_tag))
                         .await
                         .map_err(lost("cancelling the consumer"))?;
+                    Some(protocol::Event::Shutdown)
                 }
                 _ = sleep_until(grace), if grace.is_some() => {
                     tracing::warn!(
-                        unsettled = self.unsettled.len(),
+                        unsettled = self.protocol.unsettled(),
                         "grace period over; unsettled messages go back to the source queue"
                     );
                     return Ok(End::GraceExpired);
@@ -339,19 +314,35 @@ impl<'a> Session<'a> {
                     }
                     return Err(Failure::Lost("connection lost".into()));
                 }
-                Some(event) = self.events.recv() => self.on_event(event, grace.is_some()).await?,
+                Some(event) = self.events.recv() => self.on_event(event, grace.is_some())?,
+                Some(reply) = self.replies.recv() => Some(match reply {
+                    Reply::Claimed(verdicts) => protocol::Event::Claimed(
+                        verdicts
+                            .into_iter()
+                            .map(|(tag, id, verdict)| (tag, id, verdict.map(verdict_of)))
+                            .collect(),
+                    ),
+                    Reply::Committed { tags, result } => {
+                        protocol::Event::Committed { tags, result }
+                    }
+                }),
                 message = deliveries.recv(), if consuming => match message {
                     Some(message) => {
-                        self.on_delivery(message).await?;
+                        let now = Instant::now();
+                        self.on_delivery(message, now)?;
                         // Take what else is already here, so claims go in batches.
-                        while self.to_claim.len() < CLAIM_BATCH {
+                        for _ in 1..CLAIM_BATCH {
                             match deliveries.try_recv() {
-                                Ok(message) => self.on_delivery(message).await?,
+                                Ok(message) => self.on_delivery(message, now)?,
                                 Err(_) => break,
                             }
                         }
+                        None
                     }
-                    None if grace.is_some() => consuming = false,
+                    None if grace.is_some() => {
+                        consuming = false;
+                        None
+                    }
                     None => {
                         // The client library ends the stream when the connection dies; if it
                         // died decoding a delivery, that message is at the head of the queue.
@@ -359,23 +350,19 @@ impl<'a> Session<'a> {
                         return Err(Failure::Lost("the consumer stopped".into()));
                     }
                 },
-                _ = tick.tick() => self.expire().await?,
+                _ = tick.tick() => Some(protocol::Event::Tick),
+            };
+            let now = Instant::now();
+            if let Some(event) = event {
+                self.protocol.step(event, now)?;
             }
-            self.flush().await?;
+            self.protocol.end_turn(now);
+            self.carry_out().await?;
         }
     }
 
-    /// Nothing in flight: every delivery received is settled or about to be acked.
-    fn idle(&self) -> bool {
-        self.to_claim.is_empty()
-            && self.claims_out == 0
-            && self.waiting == 0
-            && self.confirms.is_empty()
-            && self.commits_out == 0
-            && !self.unsettled.has_deferred()
-    }
-
-    async fn on_delivery(&mut self, mut message: ConsumerMessage) -> Result<(), Failure> {
+    /// Hands a delivery to the protocol, its id decided and its fingerprint taken.
+    fn on_delivery(&mut self, mut message: ConsumerMessage, now: Instant) -> Result<(), Failure> {
         let (Some(deliver), Some(props), Some(body)) = (
             message.deliver.take(),
             message.basic_properties.take(),
@@ -386,85 +373,62 @@ impl<'a> Session<'a> {
                 "incomplete delivery from the client library".into(),
             ));
         };
+        let config = self.cx.config;
         let tag = deliver.delivery_tag();
-        self.unsettled.received(tag);
-        if let Some(limit) = self.cx.config.queue_type.delivery_limit() {
-            if delivery_count(&props) >= u64::from(limit.get()) {
-                self.last_chance.push(tag);
-            }
-        }
+        let last_chance = config
+            .queue_type
+            .delivery_limit()
+            .is_some_and(|limit| delivery_count(&props) >= u64::from(limit.get()));
         // A window that cannot be read is never guessed at, whatever the id.
         let window = match self.cx.windows.decide(&props) {
             Ok(window) => window,
-            Err(reason) => return self.reject(tag, reason).await,
-        };
-        let delivery = Delivery {
-            tag,
-            routing_key: deliver.routing_key().clone(),
-            props,
-            body,
-            window,
-        };
-        match self
-            .cx
-            .ids
-            .decide(&delivery.routing_key, &delivery.props, &delivery.body)
-        {
-            IdDecision::Claim(id) => self.to_claim.push((delivery, id)),
-            IdDecision::ForwardUnchecked => self.forward(delivery, None).await?,
-            IdDecision::DeadLetter => {
-                self.reject(delivery.tag, DeadLetterReason::NoId).await?;
+            Err(reason) => {
+                let event = protocol::Event::Refused {
+                    tag,
+                    reason,
+                    last_chance,
+                };
+                return Ok(self.protocol.step(event, now)?);
             }
-        }
+        };
+        let routing_key = deliver.routing_key();
+        let id = self.cx.ids.decide(routing_key, &props, &body);
+        // What a return of its forward would carry, to match the two.
+        let fingerprint = Fingerprint::of(
+            &config.dest_exchange,
+            config.dest_routing_key.as_deref().unwrap_or(routing_key),
+            props.message_id().map(String::as_str),
+            &body,
+        );
+        let event = protocol::Event::Delivered {
+            tag,
+            id,
+            window,
+            fingerprint,
+            last_chance,
+            message: Message {
+                routing_key: routing_key.clone(),
+                props,
+                body,
+            },
+        };
+        self.protocol.step(event, now)?;
         Ok(())
     }
 
-    async fn on_event(&mut self, event: Event, draining: bool) -> Result<(), Failure> {
-        match event {
-            Event::Claimed(verdicts) => {
-                self.claims_out -= 1;
-                for (delivery, id, verdict) in verdicts {
-                    self.on_verdict(delivery, id, verdict).await?;
-                }
-            }
-            Event::PubAck { tag, multiple } => {
-                let settled = self.confirms.acked(tag, multiple);
-                self.on_confirms(settled).await?;
-            }
-            Event::PubNack { tag, multiple } => {
-                let settled = self.confirms.nacked(tag, multiple);
-                self.on_confirms(settled).await?;
-            }
-            Event::PubReturn(fingerprint) => self.confirms.returned(fingerprint),
-            Event::Committed { tags, result } => {
-                self.commits_out -= 1;
-                if let Err(e) = result {
-                    // The ids are not recorded, so the messages must not be acked; they were
-                    // forwarded already. Stop: the broker redelivers them to the next run, which
-                    // is the crash window the README describes.
-                    return Err(Failure::Fatal(Error::Commit(e)));
-                }
-                self.cx.metrics.forwarded(tags.len() as u64, 0);
-                self.to_ack.extend(tags);
-            }
-            Event::Settled {
-                delivery,
-                id,
-                settled,
-            } => {
-                self.waiting -= 1;
-                match settled {
-                    Settled::Committed => self.duplicate(*delivery).await?,
-                    // The first copy failed: this one is new again.
-                    Settled::Released => self.to_claim.push((*delivery, id)),
-                }
-            }
+    /// Turns a callback's event into a protocol event, or ends the session.
+    fn on_event(&mut self, event: Event, draining: bool) -> Result<Option<ProtocolEvent>, Failure> {
+        Ok(Some(match event {
+            Event::PubAck { tag, multiple } => protocol::Event::Acked { seq: tag, multiple },
+            Event::PubNack { tag, multiple } => protocol::Event::Nacked { seq: tag, multiple },
+            Event::PubReturn(fingerprint) => protocol::Event::Returned(fingerprint),
+            Event::Settled { tag, settled } => protocol::Event::Settled { tag, settled },
             Event::ChannelClosed { role, code, text } => {
                 return Err(Failure::Lost(format!(
                     "the broker closed the {role} channel: {code} {text}"
                 )))
             }
-            Event::ConsumerCancelled if draining => {}
+            Event::ConsumerCancelled if draining => return Ok(None),
             Event::ConsumerCancelled => {
                 return Err(Failure::Lost(
                     "the broker cancelled the consumer (source queue deleted?)".into(),
@@ -475,206 +439,121 @@ impl<'a> Session<'a> {
                     "the broker closed the connection: {code} {text}"
                 )))
             }
-        }
-        Ok(())
+        }))
     }
 
-    async fn on_verdict(
-        &mut self,
-        delivery: Delivery,
-        id: Vec<u8>,
-        verdict: Result<Verdict, StoreError>,
-    ) -> Result<(), Failure> {
-        match verdict {
-            Ok(Verdict::New(claim)) => self.forward(delivery, Some(claim)).await,
-            Ok(Verdict::Duplicate(_)) => self.duplicate(delivery).await,
-            Ok(Verdict::InFlight(waiter)) => {
-                // Another delivery of this id is being forwarded: wait for its outcome without
-                // holding up the others.
-                self.waiting += 1;
-                let tx = self.events_tx.clone();
-                tokio::spawn(async move {
-                    let settled = waiter.settled().await;
-                    let _ = tx.send(Event::Settled {
-                        delivery: Box::new(delivery),
-                        id,
-                        settled,
-                    });
-                });
-                Ok(())
-            }
-            Err(e @ (StoreError::IdTooLong { .. } | StoreError::EmptyId { .. })) => {
-                tracing::warn!(tag = delivery.tag, cause = %e, "id refused, dead-lettering");
-                self.reject(delivery.tag, DeadLetterReason::BadId).await
-            }
-            Err(e) => Err(Failure::Fatal(Error::Claim(e))),
-        }
-    }
-
-    /// Publishes a delivery to the destination, unchanged, with `mandatory` so an unroutable one
-    /// comes back instead of vanishing.
-    async fn forward(&mut self, delivery: Delivery, claim: Option<Claim>) -> Result<(), Failure> {
-        let config = self.cx.config;
-        let routing_key = config
-            .dest_routing_key
-            .as_deref()
-            .unwrap_or(&delivery.routing_key);
-        let fingerprint = Fingerprint::of(
-            &config.dest_exchange,
-            routing_key,
-            delivery.props.message_id().map(String::as_str),
-            &delivery.body,
-        );
-        let args = BasicPublishArguments::new(&config.dest_exchange, routing_key)
-            .mandatory(true)
-            .finish();
-        self.publish
-            .basic_publish(delivery.props, delivery.body, args)
-            .await
-            .map_err(lost("publishing"))?;
-        let item = Publish::Forward {
-            tag: delivery.tag,
-            claim,
-        };
-        self.confirms
-            .published(fingerprint, Instant::now() + config.confirm_timeout, item);
-        self.cx.metrics.set_publishes_in_flight(self.confirms.len());
-        Ok(())
-    }
-
-    /// A duplicate: acked, after its audit copy is confirmed if there is a duplicates exchange.
-    async fn duplicate(&mut self, delivery: Delivery) -> Result<(), Failure> {
-        let Some(exchange) = &self.cx.config.duplicates_exchange else {
-            self.cx.metrics.duplicates(1);
-            self.to_ack.push(delivery.tag);
-            return Ok(());
-        };
-        let fingerprint = Fingerprint::of(
-            exchange,
-            &delivery.routing_key,
-            delivery.props.message_id().map(String::as_str),
-            &delivery.body,
-        );
-        // Not mandatory: an audit exchange nobody listens to is the operator's choice.
-        let args = BasicPublishArguments::new(exchange, &delivery.routing_key);
-        self.publish
-            .basic_publish(delivery.props, delivery.body, args)
-            .await
-            .map_err(lost("publishing a duplicate's copy"))?;
-        let deadline = Instant::now() + self.cx.config.confirm_timeout;
-        self.confirms
-            .published(fingerprint, deadline, Publish::Copy { tag: delivery.tag });
-        Ok(())
-    }
-
-    async fn on_confirms(&mut self, settled: Vec<(Publish, Outcome)>) -> Result<(), Failure> {
-        let mut tags = Vec::new();
-        let mut claims = Vec::new();
-        for (publish, outcome) in settled {
-            match (publish, outcome) {
-                (Publish::Forward { tag, claim }, Outcome::Confirmed) => match claim {
-                    Some(claim) => {
-                        tags.push(tag);
-                        claims.push(claim);
-                    }
-                    None => {
-                        self.cx.metrics.forwarded(1, 1);
-                        self.to_ack.push(tag);
-                    }
-                },
-                (Publish::Forward { tag, claim }, failed) => {
-                    // Release first, so a copy waiting on this id is processed anew.
-                    drop(claim);
-                    let reason = if failed == Outcome::Returned {
-                        DeadLetterReason::Returned
-                    } else {
-                        DeadLetterReason::Nacked
+    /// Carries out the protocol's actions in order, then reports its totals to the metrics.
+    async fn carry_out(&mut self) -> Result<(), Failure> {
+        let Session {
+            cx,
+            consume,
+            publish,
+            events_tx,
+            replies_tx,
+            protocol,
+            ..
+        } = self;
+        let config = cx.config;
+        for action in protocol.actions() {
+            match action {
+                Action::Claim(items) => {
+                    let job = ClaimJob {
+                        items,
+                        reply: replies_tx.clone(),
                     };
-                    self.reject(tag, reason).await?;
-                }
-                (Publish::Copy { tag }, outcome) => {
-                    if outcome == Outcome::Confirmed {
-                        self.cx.metrics.duplicate_copied();
-                    } else {
-                        tracing::warn!(tag, ?outcome, "copy of a duplicate not accepted");
+                    if !cx.workers.claim(job) {
+                        return Err(Failure::Fatal(Error::WorkersGone));
                     }
-                    self.cx.metrics.duplicates(1);
-                    self.to_ack.push(tag);
                 }
-            }
-        }
-        self.cx.metrics.set_publishes_in_flight(self.confirms.len());
-        if !claims.is_empty() {
-            let job = CommitJob {
-                tags,
-                claims,
-                reply: self.events_tx.clone(),
-            };
-            if !self.cx.workers.commit(job) {
-                return Err(Failure::Fatal(Error::WorkersGone));
-            }
-            self.commits_out += 1;
-        }
-        Ok(())
-    }
-
-    /// Fails the publishes that waited past the confirm timeout.
-    async fn expire(&mut self) -> Result<(), Failure> {
-        for publish in self.confirms.expired(Instant::now()) {
-            match publish {
-                Publish::Forward { tag, claim } => {
-                    drop(claim);
-                    self.reject(tag, DeadLetterReason::Timeout).await?;
+                Action::Await { tag, waiter } => {
+                    let tx = events_tx.clone();
+                    tokio::spawn(async move {
+                        let settled = waiter.settled().await;
+                        let _ = tx.send(Event::Settled { tag, settled });
+                    });
                 }
-                Publish::Copy { tag } => {
-                    tracing::warn!(tag, "copy of a duplicate not confirmed in time");
-                    self.cx.metrics.duplicates(1);
-                    self.to_ack.push(tag);
+                Action::Publish { message, target } => {
+                    let Message {
+                        routing_key,
+                        props,
+                        body,
+                    } = message;
+                    // The arguments built from owned strings: the routing key moves, only the
+                    // exchange name is copied.
+                    let args = match target {
+                        Target::Destination => BasicPublishArguments {
+                            exchange: config.dest_exchange.clone(),
+                            routing_key: config.dest_routing_key.clone().unwrap_or(routing_key),
+                            mandatory: true,
+                            immediate: false,
+                        },
+                        // Not mandatory: an audit exchange nobody listens to is the operator's
+                        // choice.
+                        Target::Duplicates => BasicPublishArguments {
+                            exchange: config.duplicates_exchange.clone().unwrap_or_default(),
+                            routing_key,
+                            mandatory: false,
+                            immediate: false,
+                        },
+                    };
+                    publish
+                        .basic_publish(props, body, args)
+                        .await
+                        .map_err(lost("publishing"))?;
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// Rejects a delivery without requeue: the source queue's dead-letter exchange keeps it.
-    async fn reject(&mut self, tag: u64, reason: DeadLetterReason) -> Result<(), Failure> {
-        if !self.unsettled.rejected(tag) {
-            return Ok(());
-        }
-        tracing::debug!(tag, reason = reason.label(), "dead-lettering");
-        self.consume
-            .basic_reject(BasicRejectArguments::new(tag, false))
-            .await
-            .map_err(lost("rejecting"))?;
-        self.cx.metrics.dead_lettered(reason);
-        Ok(())
-    }
-
-    /// Sends what this turn of the loop collected: one claim job, and the acks.
-    async fn flush(&mut self) -> Result<(), Failure> {
-        if !self.to_claim.is_empty() {
-            let job = ClaimJob {
-                items: std::mem::take(&mut self.to_claim),
-                reply: self.events_tx.clone(),
-            };
-            if !self.cx.workers.claim(job) {
-                return Err(Failure::Fatal(Error::WorkersGone));
-            }
-            self.claims_out += 1;
-        }
-        if !self.to_ack.is_empty() || self.unsettled.has_deferred() {
-            // Draining, nothing is worth waiting for: every ack goes now.
-            let acks = self
-                .unsettled
-                .ack(&mut self.to_ack, Instant::now(), self.draining);
-            for (tag, multiple) in acks {
-                self.consume
+                Action::Commit { tags, claims } => {
+                    let job = CommitJob {
+                        tags,
+                        claims,
+                        reply: replies_tx.clone(),
+                    };
+                    if !cx.workers.commit(job) {
+                        return Err(Failure::Fatal(Error::WorkersGone));
+                    }
+                }
+                Action::Ack { tag, multiple } => consume
                     .basic_ack(BasicAckArguments::new(tag, multiple))
                     .await
-                    .map_err(lost("acking"))?;
+                    .map_err(lost("acking"))?,
+                Action::Reject { tag, reason } => {
+                    tracing::debug!(tag, reason = reason.label(), "dead-lettering");
+                    consume
+                        .basic_reject(BasicRejectArguments::new(tag, false))
+                        .await
+                        .map_err(lost("rejecting"))?;
+                    cx.metrics.dead_lettered(reason);
+                }
             }
         }
+        let tally = protocol.take_tally();
+        if tally.forwarded > 0 {
+            cx.metrics
+                .forwarded(tally.forwarded, tally.forwarded_without_id);
+        }
+        if tally.duplicates > 0 {
+            cx.metrics.duplicates(tally.duplicates);
+        }
+        for _ in 0..tally.copies {
+            cx.metrics.duplicate_copied();
+        }
+        for latency in protocol.latencies() {
+            Metrics::acked_after(latency);
+        }
+        let in_flight = protocol.publishes_in_flight();
+        if in_flight != self.publishes_in_flight {
+            self.publishes_in_flight = in_flight;
+            self.cx.metrics.set_publishes_in_flight(in_flight);
+        }
         Ok(())
+    }
+}
+
+/// The store's verdict as the protocol takes it.
+fn verdict_of(verdict: store::Verdict) -> protocol::Verdict<Claim, Waiter> {
+    match verdict {
+        store::Verdict::New(claim) => protocol::Verdict::New(claim),
+        store::Verdict::Duplicate(_) => protocol::Verdict::Duplicate,
+        store::Verdict::InFlight(waiter) => protocol::Verdict::InFlight(waiter),
     }
 }
 

@@ -7,25 +7,37 @@
 
 use std::sync::Arc;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::session::{Delivery, Event};
 use crate::metrics::Metrics;
-use crate::store::{system_now_ms, Claim, Store};
+use crate::store::{system_now_ms, Claim, Error as StoreError, Store, Verdict};
 
-/// Ids to claim, each with its delivery; the verdicts go back on `reply`.
+/// Ids to claim, each with the delivery tag it is for and its window; the verdicts go back on
+/// `reply`.
 pub(crate) struct ClaimJob {
-    pub(crate) items: Vec<(Delivery, Vec<u8>)>,
-    pub(crate) reply: mpsc::UnboundedSender<Event>,
+    pub(crate) items: Vec<(u64, Vec<u8>, Duration)>,
+    pub(crate) reply: mpsc::UnboundedSender<Reply>,
 }
 
 /// Claims whose publishes were confirmed, to record durably; then `tags` may be acked.
 pub(crate) struct CommitJob {
     pub(crate) tags: Vec<u64>,
     pub(crate) claims: Vec<Claim>,
-    pub(crate) reply: mpsc::UnboundedSender<Event>,
+    pub(crate) reply: mpsc::UnboundedSender<Reply>,
+}
+
+/// What the threads answer.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// The verdicts of a [`ClaimJob`], in its order, each with its tag and id.
+    Claimed(Vec<(u64, Vec<u8>, Result<Verdict, StoreError>)>),
+    /// A [`CommitJob`] is durable (or failed): its `tags`.
+    Committed {
+        tags: Vec<u64>,
+        result: Result<(), Arc<StoreError>>,
+    },
 }
 
 /// Handles on the two store threads. They exit when this is stopped or dropped.
@@ -54,14 +66,14 @@ impl Workers {
                         let verdicts = job
                             .items
                             .into_iter()
-                            .map(|(delivery, id)| {
-                                let verdict = store.claim_with_ttl(&id, delivery.window, now);
-                                (delivery, id, verdict)
+                            .map(|(tag, id, window)| {
+                                let verdict = store.claim_with_ttl(&id, window, now);
+                                (tag, id, verdict)
                             })
                             .collect();
                         // A closed reply channel means the session is gone: the claims drop
                         // here and are released, and the broker redelivers the messages.
-                        let _ = job.reply.send(Event::Claimed(verdicts));
+                        let _ = job.reply.send(Reply::Claimed(verdicts));
                     }
                 })?
         };
@@ -88,7 +100,7 @@ impl Workers {
                             }
                         }
                         for job in jobs {
-                            let _ = job.reply.send(Event::Committed {
+                            let _ = job.reply.send(Reply::Committed {
                                 tags: job.tags,
                                 result: result.clone(),
                             });
