@@ -65,10 +65,28 @@ pub fn forget(store: &Store, id: &[u8]) -> Answer {
         Ok(removed) => {
             if removed {
                 tracing::info!(id = %shown, "id forgotten by an operator");
+                Metrics::forgotten(1);
             }
             Answer {
                 status: if removed { 200 } else { 404 },
                 body: json!({ "id": shown, "forgotten": removed }),
+            }
+        }
+        Err(e) => error_answer(&e),
+    }
+}
+
+/// Forgets every relay id, so the next copy of each passes: 200 with how many were live. Durable
+/// on return. Logged and counted (`dedupd_forget_all_total`, `dedupd_forgotten_ids_total`).
+/// The Redis endpoint's keys are left alone.
+pub fn forget_all(store: &Store) -> Answer {
+    match store.forget_all() {
+        Ok(forgotten) => {
+            tracing::warn!(forgotten, "every id forgotten by an operator");
+            Metrics::forgot_all(forgotten);
+            Answer {
+                status: 200,
+                body: json!({ "all": true, "forgotten": forgotten }),
             }
         }
         Err(e) => error_answer(&e),
@@ -219,6 +237,27 @@ mod tests {
         assert_eq!(forget(&store, b"order-1").status, 404);
         assert_eq!(check(&store, b"order-1").status, 404);
         assert_eq!(stats(&store, None).body["live_ids"], 0);
+    }
+
+    #[test]
+    fn forget_all_forgets_every_id_and_says_how_many() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = small_store(dir.path());
+        let now = system_now_ms();
+        let ids = (0..5).map(|i| (format!("order-{i}").into_bytes(), None));
+        assert_eq!(record_ids(&store, ids, now).unwrap().added, 5);
+
+        let answer = forget_all(&store);
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body["forgotten"], 5);
+        for i in 0..5 {
+            assert_eq!(check(&store, format!("order-{i}").as_bytes()).status, 404);
+        }
+        // Every id is new again, and a second bulk forget finds nothing.
+        let Verdict::New(_) = store.claim(b"order-3", now).unwrap() else {
+            panic!("a forgotten id is new");
+        };
+        assert_eq!(forget_all(&store).body["forgotten"], 0);
     }
 
     #[test]

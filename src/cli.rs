@@ -25,6 +25,8 @@ pub enum Request {
     Check(String),
     /// Forget this id.
     Forget(String),
+    /// Forget every id.
+    ForgetAll,
     /// The store's figures.
     Stats,
     /// Record this id as seen for this long (`None`: the window), as `dedupd import-redis` does.
@@ -92,6 +94,7 @@ pub fn run(config: &Config, request: &Request) -> Result<Answer, Error> {
     let answer = match request {
         Request::Check(id) => admin::check(&store, id.as_bytes()),
         Request::Forget(id) => admin::forget(&store, id.as_bytes()),
+        Request::ForgetAll => admin::forget_all(&store),
         Request::Stats => admin::stats(&store, None),
         Request::Record(id, ttl) => admin::record(&store, id.as_bytes(), *ttl),
     };
@@ -126,6 +129,7 @@ pub(crate) fn over_http(
             "DELETE",
             format!("/ids/{}", utf8_percent_encode(id, NON_ALPHANUMERIC)),
         ),
+        Request::ForgetAll => ("DELETE", "/ids?all=true".into()),
         Request::Stats => ("GET", "/stats".into()),
         Request::Record(id, ttl) => (
             "PUT",

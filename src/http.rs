@@ -4,6 +4,7 @@
 //! - `GET /metrics`: Prometheus text;
 //! - `GET /stats`: the store's and relay's figures as JSON;
 //! - `GET /ids/{id}` and `DELETE /ids/{id}`: check or forget one id (percent-encoded);
+//! - `DELETE /ids?all=true`: forget every id;
 //! - `PUT /ids/{id}?ttl_ms=N`: record one id as seen for N ms (the window without `ttl_ms`),
 //!   as `dedupd import-redis` does; an id already live is left alone.
 //!
@@ -71,6 +72,16 @@ impl AdminAccess {
                 AdminAccess::Off
             }
         }
+    }
+
+    /// The answer refusing an admin request with `authorization`, if refused.
+    fn refusal(&self, authorization: Option<&str>) -> Option<Answer> {
+        let status = self.refuse(authorization)?;
+        let body = serde_json::json!({ "error": match status {
+            401 => "a valid Authorization: Bearer token is required",
+            _ => "admin routes are off: set DEDUPD_ADMIN_TOKEN",
+        }});
+        Some(Answer { status, body })
     }
 
     /// The status refusing a request with `authorization` (the header's value), if refused.
@@ -168,13 +179,26 @@ async fn answer(mut stream: TcpStream, state: State) -> std::io::Result<()> {
             let answer = blocking(move || admin::stats(&store, Some((&metrics, uptime)))).await;
             respond_json(&mut stream, answer).await
         }
+        ("DELETE", "/ids") => {
+            if let Some(refused) = state.admin.refusal(authorization) {
+                return respond_json(&mut stream, refused).await;
+            }
+            // Forgetting every id takes saying so, as `dedupd forget --all --yes` does.
+            let answer = if query_param(target, "all") == Some("true") {
+                let store = state.store;
+                blocking(move || admin::forget_all(&store)).await
+            } else {
+                let error = "DELETE /ids forgets every id: add ?all=true to mean it";
+                Answer {
+                    status: 400,
+                    body: serde_json::json!({ "error": error }),
+                }
+            };
+            respond_json(&mut stream, answer).await
+        }
         (method @ ("GET" | "DELETE" | "PUT"), p) if p.starts_with("/ids/") => {
-            if let Some(status) = state.admin.refuse(authorization) {
-                let body = serde_json::json!({ "error": match status {
-                    401 => "a valid Authorization: Bearer token is required",
-                    _ => "admin routes are off: set DEDUPD_ADMIN_TOKEN",
-                }});
-                return respond_json(&mut stream, Answer { status, body }).await;
+            if let Some(refused) = state.admin.refusal(authorization) {
+                return respond_json(&mut stream, refused).await;
             }
             let id: Vec<u8> = percent_decode_str(&p["/ids/".len()..]).collect();
             let store = state.store;
@@ -196,11 +220,19 @@ async fn answer(mut stream: TcpStream, state: State) -> std::io::Result<()> {
     }
 }
 
+/// The value of query parameter `name` in `target`, if given.
+fn query_param<'t>(target: &'t str, name: &str) -> Option<&'t str> {
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
 /// The `ttl_ms` query parameter of `target`: `None` when absent (the window), an error body when
 /// it is not a positive number of milliseconds.
 fn ttl_param(target: &str) -> Result<Option<Duration>, serde_json::Value> {
-    let query = target.split_once('?').map_or("", |(_, q)| q);
-    let Some(value) = query.split('&').find_map(|kv| kv.strip_prefix("ttl_ms=")) else {
+    let Some(value) = query_param(target, "ttl_ms") else {
         return Ok(None);
     };
     match value.parse::<u64>() {
@@ -295,5 +327,9 @@ mod tests {
         );
         assert!(ttl_param("/ids/a?ttl_ms=0").is_err());
         assert!(ttl_param("/ids/a?ttl_ms=-5").is_err());
+        assert_eq!(query_param("/ids?all=true", "all"), Some("true"));
+        assert_eq!(query_param("/ids?x=1&all", "all"), Some(""));
+        assert_eq!(query_param("/ids?tall=true", "all"), None);
+        assert_eq!(query_param("/ids", "all"), None);
     }
 }

@@ -46,6 +46,8 @@ const USAGE: &str = "\
 Usage: dedupd                 run the relay (configured by DEDUPD_* variables, below)
        dedupd check <id>      is <id> inside the dedup window? (exit 0 yes, 1 no)
        dedupd forget <id>     forget <id>, so its next copy passes
+       dedupd forget --all --yes
+                              forget every id, so the next copy of each passes
        dedupd id [--scope <scope>] <part>...
                               the id recorded for a message of these parts (in DEDUPD_ID_SOURCE's
                               order) in that scope: hashed ids, for check and forget
@@ -81,67 +83,74 @@ fn main() -> ExitCode {
 fn try_main() -> Result<ExitCode, MainError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let request = match args.as_slice() {
-        [] => None,
-        ["-h" | "--help" | "help"] => {
-            print!(
-                "dedupd {}: message-deduplication relay for RabbitMQ\n\n{USAGE}\n{}",
-                env!("CARGO_PKG_VERSION"),
-                config::help()
-            );
-            return Ok(ExitCode::SUCCESS);
-        }
-        ["-V" | "--version"] => {
-            println!("dedupd {}", env!("CARGO_PKG_VERSION"));
-            return Ok(ExitCode::SUCCESS);
-        }
-        ["config"] => {
-            for (name, value) in Config::from_env()?.effective() {
-                println!("{name}={value}");
+    let request =
+        match args.as_slice() {
+            [] => None,
+            ["-h" | "--help" | "help"] => {
+                print!(
+                    "dedupd {}: message-deduplication relay for RabbitMQ\n\n{USAGE}\n{}",
+                    env!("CARGO_PKG_VERSION"),
+                    config::help()
+                );
+                return Ok(ExitCode::SUCCESS);
             }
-            return Ok(ExitCode::SUCCESS);
-        }
-        ["check", id] => Some(Request::Check((*id).into())),
-        ["forget", id] => Some(Request::Forget((*id).into())),
-        ["stats"] => Some(Request::Stats),
-        ["topology", rest @ ..] => {
-            let command = dedupd::shard::Command::parse(rest).map_err(MainError::Usage)?;
-            let config = Config::from_env()?;
-            init_logging(&config);
-            let report = runtime()?.block_on(command.run(&config))?;
-            print!("{report}");
-            return Ok(ExitCode::SUCCESS);
-        }
-        ["id", rest @ ..] => {
-            let config = Config::from_env()?;
-            let (scope, parts) = match rest {
-                ["--scope", scope, parts @ ..] => (Some(scope.as_bytes()), parts),
-                parts => (None, parts),
-            };
-            let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
-            let id = dedupd::relay::id_of(&config, scope, &parts)
-                .map_err(|why| MainError::Usage(format!("dedupd id: {why}")))?;
-            println!("{}", String::from_utf8_lossy(&id));
-            return Ok(ExitCode::SUCCESS);
-        }
-        ["import-redis", rest @ ..] => {
-            let options = import::Options::parse(rest).map_err(MainError::Usage)?;
-            let config = Config::from_env()?;
-            init_logging(&config);
-            let summary = import::run(&config, &options)?;
-            // Refused keys (empty or too long ids) would pass again: not a clean import.
-            return Ok(if summary.complete() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
-        }
-        _ => {
-            return Err(MainError::Usage(format!(
-                "unexpected arguments {args:?}; see dedupd --help"
-            )))
-        }
-    };
+            ["-V" | "--version"] => {
+                println!("dedupd {}", env!("CARGO_PKG_VERSION"));
+                return Ok(ExitCode::SUCCESS);
+            }
+            ["config"] => {
+                for (name, value) in Config::from_env()?.effective() {
+                    println!("{name}={value}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            ["check", id] => Some(Request::Check((*id).into())),
+            ["forget", "--all", "--yes"] | ["forget", "--yes", "--all"] => Some(Request::ForgetAll),
+            ["forget", "--all"] => return Err(MainError::Usage(
+                "forget --all forgets every id, so every message seen in the window passes once \
+                 more: add --yes to mean it"
+                    .into(),
+            )),
+            ["forget", id] => Some(Request::Forget((*id).into())),
+            ["stats"] => Some(Request::Stats),
+            ["topology", rest @ ..] => {
+                let command = dedupd::shard::Command::parse(rest).map_err(MainError::Usage)?;
+                let config = Config::from_env()?;
+                init_logging(&config);
+                let report = runtime()?.block_on(command.run(&config))?;
+                print!("{report}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            ["id", rest @ ..] => {
+                let config = Config::from_env()?;
+                let (scope, parts) = match rest {
+                    ["--scope", scope, parts @ ..] => (Some(scope.as_bytes()), parts),
+                    parts => (None, parts),
+                };
+                let parts: Vec<&[u8]> = parts.iter().map(|p| p.as_bytes()).collect();
+                let id = dedupd::relay::id_of(&config, scope, &parts)
+                    .map_err(|why| MainError::Usage(format!("dedupd id: {why}")))?;
+                println!("{}", String::from_utf8_lossy(&id));
+                return Ok(ExitCode::SUCCESS);
+            }
+            ["import-redis", rest @ ..] => {
+                let options = import::Options::parse(rest).map_err(MainError::Usage)?;
+                let config = Config::from_env()?;
+                init_logging(&config);
+                let summary = import::run(&config, &options)?;
+                // Refused keys (empty or too long ids) would pass again: not a clean import.
+                return Ok(if summary.complete() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                });
+            }
+            _ => {
+                return Err(MainError::Usage(format!(
+                    "unexpected arguments {args:?}; see dedupd --help"
+                )))
+            }
+        };
     let config = Config::from_env()?;
     init_logging(&config);
     if let Some(request) = request {

@@ -118,6 +118,14 @@ fn describe() {
         "dedupd_reconnects_total",
         "Broker connections opened after the first."
     );
+    describe_counter!(
+        "dedupd_forget_all_total",
+        "Times an operator forgot every id (dedupd forget --all)."
+    );
+    describe_counter!(
+        "dedupd_forgotten_ids_total",
+        "Ids forgotten by an operator, one by one or all at once."
+    );
     describe_gauge!(
         "dedupd_connected",
         "1 while connected to the broker and consuming."
@@ -206,6 +214,8 @@ fn zero() {
         "dedupd_reconnects_total",
         "dedupd_forwarded_without_id_total",
         "dedupd_duplicate_copies_total",
+        "dedupd_forget_all_total",
+        "dedupd_forgotten_ids_total",
     ] {
         counter!(name).absolute(0);
     }
@@ -302,6 +312,17 @@ impl Metrics {
 
     pub(crate) fn set_publishes_in_flight(&self, n: usize) {
         gauge!("dedupd_publishes_in_flight").set(n as f64);
+    }
+
+    /// Counts ids an operator forgot one by one.
+    pub(crate) fn forgotten(n: u64) {
+        counter!("dedupd_forgotten_ids_total").increment(n);
+    }
+
+    /// Counts a bulk forget and the ids it forgot.
+    pub(crate) fn forgot_all(n: u64) {
+        counter!("dedupd_forget_all_total").increment(1);
+        counter!("dedupd_forgotten_ids_total").increment(n);
     }
 
     /// Records how long a claimed id took to become durable.

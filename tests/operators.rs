@@ -250,6 +250,106 @@ fn headers_with_id(id: &str, pairs: &[(&str, &str)]) -> BasicProperties {
     props
 }
 
+/// `method path` on the relay's endpoint with `token` as bearer: status and body.
+fn request(relay: &Relay, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let port = relay.port.expect("metrics port");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let code = text.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, text.split_once("\r\n\r\n").unwrap().1.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_all_lets_every_id_through_again_behind_the_token() {
+    let broker = Broker::connect().await;
+    broker.bind_out().await;
+    let data = tempfile::tempdir().unwrap();
+    let token = "t0ken-for-forget-all";
+    let mut relay = Relay::start(&broker, data.path(), &[("DEDUPD_ADMIN_TOKEN", token)]);
+    relay.wait_healthy();
+    for i in 0..20 {
+        broker.publish(id_props(&format!("f-{i}")), b"first").await;
+    }
+    assert_eq!(relay.wait_settled(20), (20, 0, 0));
+
+    // The route: refused without the token, and without saying `all`.
+    assert_eq!(request(&relay, "DELETE", "/ids?all=true", None).0, 401);
+    assert_eq!(
+        request(&relay, "DELETE", "/ids?all=true", Some("wrong")).0,
+        401
+    );
+    assert_eq!(request(&relay, "DELETE", "/ids", Some(token)).0, 400);
+
+    // The command: refused without --yes (exit 2, one line), done with it, through the service.
+    let port = relay.port.unwrap().to_string();
+    let cli = |args: &[&str]| {
+        dedupd()
+            .args(args)
+            .env("DEDUPD_METRICS_ADDR", format!("127.0.0.1:{port}"))
+            .env("DEDUPD_ADMIN_TOKEN", token)
+            .env("DEDUPD_DATA_DIR", data.path())
+            .output()
+            .unwrap()
+    };
+    let refused = cli(&["forget", "--all"]);
+    assert_eq!(refused.status.code(), Some(2));
+    let line = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        line.contains("--yes") && line.lines().count() == 1,
+        "{line}"
+    );
+    let done = cli(&["forget", "--all", "--yes"]);
+    let out = String::from_utf8_lossy(&done.stdout);
+    assert!(
+        done.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["forgotten"], 20);
+
+    // Every id passes once more; a copy after that is a duplicate again.
+    for i in 0..20 {
+        broker.publish(id_props(&format!("f-{i}")), b"second").await;
+    }
+    broker.publish(id_props("f-0"), b"third").await;
+    assert_eq!(relay.wait_settled(41), (40, 1, 0));
+    let m = relay.metrics();
+    assert_eq!(m["dedupd_forget_all_total"], 1.0);
+    assert_eq!(m["dedupd_forgotten_ids_total"], 20.0);
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("every id forgotten by an operator"), "{log}");
+    assert!(log.contains("forgotten=20"), "{log}");
+
+    // With no service, the command opens the data dir itself.
+    let done = dedupd()
+        .args(["forget", "--yes", "--all"])
+        .env("DEDUPD_METRICS_ADDR", "off")
+        .env("DEDUPD_DATA_DIR", data.path())
+        .output()
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(answer["forgotten"], 20, "the second copies' ids");
+    broker.cleanup().await;
+}
+
 #[test]
 fn id_command_gives_the_hashed_id_of_parts() {
     let id = |env: &[(&str, &str)], args: &[&str]| {
