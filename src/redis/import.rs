@@ -169,6 +169,18 @@ pub enum Error {
     /// Writing to the data dir failed.
     #[error("import into the data dir failed: {0}")]
     Store(#[from] StoreError),
+    /// The relay's ids are hashed from several parts or a scope: no Redis key maps to one.
+    #[error(
+        "cannot import into the relay with DEDUPD_ID_SOURCE={id_source} and DEDUPD_ID_SCOPE={scope}: \
+         the relay records a hash of the parts and the scope, which a Redis key does not give; \
+         import with the single-part id source the keys hold, or --into redis"
+    )]
+    HashedIds {
+        /// `DEDUPD_ID_SOURCE`.
+        id_source: String,
+        /// `DEDUPD_ID_SCOPE`.
+        scope: String,
+    },
 }
 
 /// What an import did.
@@ -223,6 +235,7 @@ impl Summary {
 ///
 /// See [`Error`].
 pub fn run(config: &Config, options: &Options) -> Result<Summary, Error> {
+    refuse_hashed_ids(config, options.into)?;
     let url = RedisUrl::parse(&options.url)?;
     let mut source = Client::connect(&url).map_err(|why| Error::Source {
         url: url.shown.clone(),
@@ -888,9 +901,39 @@ impl Progress {
     }
 }
 
+/// Keys imported as relay ids would be recorded as they are, and the relay, hashing several parts
+/// or a scope, would never look them up: refused rather than an import that silently does
+/// nothing.
+fn refuse_hashed_ids(config: &Config, into: Namespace) -> Result<(), Error> {
+    if into == Namespace::Relay && config.ids_hashed() {
+        return Err(Error::HashedIds {
+            id_source: config.id_source.to_string(),
+            scope: config.id_scope.to_string(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashed_relay_ids_cannot_be_imported() {
+        let config = Config::from_vars([("DEDUPD_ID_SOURCE", "header:tenant+message_id")]).unwrap();
+        let err = refuse_hashed_ids(&config, Namespace::Relay)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("header:tenant+message_id") && err.contains("--into redis"),
+            "{err}"
+        );
+        refuse_hashed_ids(&config, Namespace::Redis).unwrap();
+        let scoped = Config::from_vars([("DEDUPD_ID_SCOPE", "routing_key")]).unwrap();
+        assert!(refuse_hashed_ids(&scoped, Namespace::Relay).is_err());
+        let plain = Config::from_vars(Vec::<(String, String)>::new()).unwrap();
+        refuse_hashed_ids(&plain, Namespace::Relay).unwrap();
+    }
 
     #[test]
     fn options_parse_defaults_flags_and_refusals() {
