@@ -69,8 +69,8 @@ pub enum Error {
 ///
 /// See [`Error`].
 pub fn run(config: &Config, request: &Request) -> Result<Answer, Error> {
-    if let Some(addr) = config.metrics_addr {
-        match over_http(addr, config.admin_token.as_deref(), request) {
+    if let Some(addr) = config.http.addr {
+        match over_http(addr, config.http.admin_token.as_deref(), request) {
             Ok(answer) => return Ok(answer),
             // Nobody listening: fall through to the data dir.
             Err(HttpFailure::NoService) => {}
@@ -78,13 +78,14 @@ pub fn run(config: &Config, request: &Request) -> Result<Answer, Error> {
         }
     }
     let tried = config
-        .metrics_addr
+        .http
+        .addr
         .map_or_else(|| "DEDUPD_METRICS_ADDR=off".into(), |a| a.to_string());
     // Only recording an id may start a store; the others read (or forget) what is there.
-    if !matches!(request, Request::Record(..)) && !config.data_dir.is_dir() {
+    if !matches!(request, Request::Record(..)) && !config.store.data_dir.is_dir() {
         return Err(Error::NoDataDir {
             addr: tried,
-            dir: config.data_dir.clone(),
+            dir: config.store.data_dir.clone(),
         });
     }
     let store = Store::open(config.store_config()).map_err(|source| Error::Store {

@@ -117,8 +117,8 @@ where
 {
     let metrics = Arc::new(Metrics::new());
     metrics.settings(
-        config.bloom_fp_rate,
-        config.ttl,
+        config.store.bloom_fp_rate,
+        config.store.ttl,
         crate::store::system_now_ms(),
     );
     {
@@ -133,7 +133,7 @@ where
             }
         });
     }
-    if let Some(addr) = config.metrics_addr {
+    if let Some(addr) = config.http.addr {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Http { addr, source })?;
@@ -142,11 +142,11 @@ where
             metrics: metrics.clone(),
             store: store.clone(),
             started: Instant::now(),
-            admin: http::AdminAccess::new(config.admin_token.as_ref(), addr),
+            admin: http::AdminAccess::new(config.http.admin_token.as_ref(), addr),
         };
         tasks.spawn(http::serve(listener, state, Shutdown::new(token)));
     }
-    if let Some(addr) = config.redis_addr {
+    if let Some(addr) = config.redis.addr {
         let serve = crate::redis::bind(addr, config, store, Shutdown::new(token))
             .await
             .map_err(|source| Error::Redis { addr, source })?;
@@ -165,7 +165,7 @@ async fn serve(
     metrics: &Metrics,
     token: &CancellationToken,
 ) -> Result<(), Error> {
-    let result = if config.relay {
+    let result = if config.relay.enabled {
         relay::run(config, store, metrics, Shutdown::new(token)).await
     } else {
         // No broker: the store serves its endpoints alone, healthy while they listen.

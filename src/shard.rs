@@ -266,7 +266,7 @@ impl fmt::Display for ShardReport {
 }
 
 /// Declares `ring` idempotently on the broker of `config`: the ring exchange hashing on the id
-/// of `config.id_source`, and each shard's source queue, declared as the relay declares
+/// of `config.relay.id_source`, and each shard's source queue, declared as the relay declares
 /// `DEDUPD_SOURCE_QUEUE`, bound to the ring with weight 1. Running it again changes nothing;
 /// bindings of other queues to the same exchange are left alone (AMQP cannot list them).
 ///
@@ -278,7 +278,7 @@ impl fmt::Display for ShardReport {
 /// that cannot exist, [`Error::Connect`] without a broker, [`Error::Topology`] naming the piece
 /// the broker refused (an existing queue with other arguments, the plugin not enabled...).
 pub async fn declare(config: &Config, ring: &Ring) -> Result<ShardReport, Error> {
-    let hash_on = HashOn::for_id_source(&config.id_source)?;
+    let hash_on = HashOn::for_id_source(&config.relay.id_source)?;
     ring.validate()?;
     let conn = connect(config).await?;
     let result = declare_on(&conn, config, ring, &hash_on).await;
@@ -289,8 +289,8 @@ pub async fn declare(config: &Config, ring: &Ring) -> Result<ShardReport, Error>
         .map(|queue| {
             let c = shard_config(config, &queue);
             Shard {
-                dead_letter_exchange: c.dead_letter_exchange(),
-                dead_letter_queue: c.dead_letter_queue(),
+                dead_letter_exchange: c.relay.dead_letter_exchange(),
+                dead_letter_queue: c.relay.dead_letter_queue(),
                 queue,
                 weight: WEIGHT,
             }
@@ -457,7 +457,7 @@ async fn cut_over_on(
 /// `config` with `queue` as its source queue, so the relay's names and declarations apply.
 fn shard_config(config: &Config, queue: &str) -> Config {
     let mut c = config.clone();
-    c.source_queue = queue.to_string();
+    c.relay.source_queue = queue.to_string();
     c
 }
 
@@ -467,7 +467,7 @@ async fn connect(config: &Config) -> Result<Connection, Error> {
     crate::relay::connect(config, events)
         .await
         .map_err(|cause| Error::Connect {
-            broker: config.amqp_url.to_string(),
+            broker: config.amqp.url.to_string(),
             cause,
         })
 }
@@ -518,11 +518,13 @@ mod tests {
     fn hash_follows_the_id_source() {
         let c = config(&[]);
         assert_eq!(
-            HashOn::for_id_source(&c.id_source).unwrap().to_string(),
+            HashOn::for_id_source(&c.relay.id_source)
+                .unwrap()
+                .to_string(),
             "hash-property: message_id"
         );
         let c = config(&[("DEDUPD_ID_SOURCE", "header:x-id")]);
-        let on = HashOn::for_id_source(&c.id_source).unwrap();
+        let on = HashOn::for_id_source(&c.relay.id_source).unwrap();
         assert_eq!(on.to_string(), "hash-header: x-id");
         assert_eq!(
             on.arguments().get(&"hash-header".try_into().unwrap()),
@@ -530,11 +532,11 @@ mod tests {
         );
         // Several parts: the first the exchange can hash, which every copy of an id shares.
         let c = config(&[("DEDUPD_ID_SOURCE", "json:/id+header:tenant+message_id")]);
-        let on = HashOn::for_id_source(&c.id_source).unwrap();
+        let on = HashOn::for_id_source(&c.relay.id_source).unwrap();
         assert_eq!(on.to_string(), "hash-header: tenant");
         let c = config(&[("DEDUPD_ID_SOURCE", "json:/id+body-sha256")]);
         assert!(matches!(
-            HashOn::for_id_source(&c.id_source),
+            HashOn::for_id_source(&c.relay.id_source),
             Err(Error::BodySha256)
         ));
     }

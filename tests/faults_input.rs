@@ -357,7 +357,7 @@ proptest! {
         if n == 0 {
             prop_assert!(got.is_err());
         } else {
-            prop_assert_eq!(got.unwrap().ttl, Duration::from_secs(n * unit.1));
+            prop_assert_eq!(got.unwrap().store.ttl, Duration::from_secs(n * unit.1));
         }
     }
 
@@ -374,7 +374,7 @@ proptest! {
     fn header_names_fit_a_short_string(name in ".{0,300}") {
         let value = format!("header:{name}");
         if let Ok(config) = dedupd::Config::from_vars([("DEDUPD_ID_SOURCE", value.as_str())]) {
-            for part in config.id_source.parts() {
+            for part in config.relay.id_source.parts() {
                 match part {
                     dedupd::config::IdPart::Header(h) => prop_assert!((1..=255).contains(&h.len())),
                     other => prop_assert!(false, "{other:?}"),

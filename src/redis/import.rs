@@ -666,17 +666,17 @@ impl Target {
     fn open(config: &Config, into: Namespace) -> Result<Target, Error> {
         let answers =
             |addr: &SocketAddr| TcpStream::connect_timeout(addr, Duration::from_secs(2)).is_ok();
-        let metrics = config.metrics_addr.filter(answers);
+        let metrics = config.http.addr.filter(answers);
         match into {
             Namespace::Relay => {
                 if let Some(addr) = metrics {
-                    let token = config.admin_token.as_deref().map(str::to_string);
+                    let token = config.http.admin_token.as_deref().map(str::to_string);
                     return Ok(Target::RelayHttp { addr, token });
                 }
             }
             Namespace::Redis => {
-                if let Some(addr) = config.redis_addr.filter(answers) {
-                    let client = Client::connect_to(addr, None, config.redis_password.as_deref())
+                if let Some(addr) = config.redis.addr.filter(answers) {
+                    let client = Client::connect_to(addr, None, config.redis.password.as_deref())
                         .map_err(|why| Error::Target { addr, why })?;
                     return Ok(Target::RedisEndpoint { addr, client });
                 }
@@ -691,7 +691,7 @@ impl Target {
                 }
             }
         }
-        let tried = match (into, config.metrics_addr, config.redis_addr) {
+        let tried = match (into, config.http.addr, config.redis.addr) {
             (Namespace::Redis, _, Some(a)) => a.to_string(),
             (_, Some(a), _) => a.to_string(),
             _ => "DEDUPD_METRICS_ADDR=off".into(),

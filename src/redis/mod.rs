@@ -196,15 +196,15 @@ pub(crate) async fn bind(
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
     let listener = TcpListener::bind(addr).await?;
     let settings = Settings {
-        password: config.redis_password.clone(),
-        max_clients: config.redis_max_clients.get(),
-        max_value_bytes: usize::try_from(config.redis_max_value).unwrap_or(usize::MAX),
-        script_timeout: config.redis_script_timeout,
+        password: config.redis.password.clone(),
+        max_clients: config.redis.max_clients.get(),
+        max_value_bytes: usize::try_from(config.redis.max_value).unwrap_or(usize::MAX),
+        script_timeout: config.redis.script_timeout,
     };
     tracing::info!(
         %addr,
         auth = settings.password.is_some(),
-        window = ?config.ttl,
+        window = ?config.store.ttl,
         "serving Redis clients"
     );
     Ok(serve(listener, store.clone(), settings, shutdown))

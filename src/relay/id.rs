@@ -418,7 +418,7 @@ mod tests {
             ("DEDUPD_ID_SCOPE", scope),
         ])
         .unwrap();
-        IdExtractor::new(&config.id_source, &config.id_scope, missing)
+        IdExtractor::new(&config.relay.id_source, &config.relay.id_scope, missing)
     }
 
     fn tenant_props(tenant: Option<&str>, id: Option<&str>) -> BasicProperties {

@@ -49,7 +49,12 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The values do not match the configuration (count of parts, scope given or not), said in one
 /// line.
 pub fn id_of(config: &Config, scope: Option<&[u8]>, parts: &[&[u8]]) -> Result<Vec<u8>, String> {
-    id::IdExtractor::new(&config.id_source, &config.id_scope, config.missing_id).id_of(scope, parts)
+    id::IdExtractor::new(
+        &config.relay.id_source,
+        &config.relay.id_scope,
+        config.relay.missing_id,
+    )
+    .id_of(scope, parts)
 }
 
 /// Why the relay stopped. Each says what failed, then why.
@@ -103,18 +108,26 @@ async fn relay(
     workers: &Workers,
     mut stop: Shutdown,
 ) -> Result<(), Error> {
-    let ids = id::IdExtractor::new(&config.id_source, &config.id_scope, config.missing_id);
-    let windows = window::Windows::new(config.ttl_header.as_deref(), config.ttl, config.max_ttl);
+    let ids = id::IdExtractor::new(
+        &config.relay.id_source,
+        &config.relay.id_scope,
+        config.relay.missing_id,
+    );
+    let windows = window::Windows::new(
+        config.store.ttl_header.as_deref(),
+        config.store.ttl,
+        config.store.max_ttl,
+    );
     let mut backoff = Backoff::default();
     let mut sessions = 0u64;
     tracing::info!(
-        broker = %config.amqp_url,
-        source = %config.source_queue,
-        destination = %config.dest_exchange,
-        data_dir = %config.data_dir.display(),
-        ttl = ?config.ttl,
-        ttl_header = config.ttl_header.as_deref().unwrap_or("off"),
-        max_ttl = ?config.max_ttl,
+        broker = %config.amqp.url,
+        source = %config.relay.source_queue,
+        destination = %config.relay.dest_exchange,
+        data_dir = %config.store.data_dir.display(),
+        ttl = ?config.store.ttl,
+        ttl_header = config.store.ttl_header.as_deref().unwrap_or("off"),
+        max_ttl = ?config.store.max_ttl,
         "relay starting"
     );
     loop {
@@ -127,7 +140,7 @@ async fn relay(
             Ok(conn) => conn,
             Err(cause) => {
                 let wait = backoff.next();
-                tracing::warn!(broker = %config.amqp_url, %cause, ?wait, "cannot connect to the broker");
+                tracing::warn!(broker = %config.amqp.url, %cause, ?wait, "cannot connect to the broker");
                 if !pause(wait, &mut stop).await {
                     return Ok(());
                 }
@@ -200,18 +213,18 @@ pub(crate) async fn connect(
     config: &Config,
     events: mpsc::UnboundedSender<session::Event>,
 ) -> Result<Connection, String> {
-    let url = &config.amqp_url;
+    let url = &config.amqp.url;
     let mut args = OpenConnectionArguments::new(&url.host, url.port, &url.user, url.password());
     args.virtual_host(&url.vhost).connection_name(&format!(
         "dedupd {} -> {}",
-        config.source_queue, config.dest_exchange
+        config.relay.source_queue, config.relay.dest_exchange
     ));
     if let Some(heartbeat) = url.heartbeat {
         args.heartbeat(heartbeat);
     }
     // amqps://: the TLS setup is rebuilt per attempt, so renewed certificate files take effect.
     let tls = if url.tls {
-        Some(tls::Tls::new(url, &config.amqp_tls)?)
+        Some(tls::Tls::new(url, &config.amqp.tls)?)
     } else {
         None
     };

@@ -49,7 +49,7 @@ pub(crate) struct Swept {
 /// The broker cannot be reached or answers something unexpected; the next connection failure
 /// tries again.
 pub(crate) async fn sweep(config: &Config) -> Result<Swept, String> {
-    if config.amqp_url.tls {
+    if config.amqp.url.tls {
         return Err("not supported over amqps:// yet".into());
     }
     match tokio::time::timeout(SWEEP_TIMEOUT, run(config)).await {
@@ -59,7 +59,7 @@ pub(crate) async fn sweep(config: &Config) -> Result<Swept, String> {
 }
 
 async fn run(config: &Config) -> Result<Swept, String> {
-    let url = &config.amqp_url;
+    let url = &config.amqp.url;
     let stream = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
@@ -73,7 +73,7 @@ async fn run(config: &Config) -> Result<Swept, String> {
 
     // The dead connection's unacked messages return to the queue when the broker notices it is
     // gone, which its consumer leaving shows.
-    let queue = config.source_queue.as_bytes();
+    let queue = config.relay.source_queue.as_bytes();
     let deadline = Instant::now() + CONSUMER_GONE_WAIT;
     loop {
         let mut args = 0u16.to_be_bytes().to_vec();
@@ -93,7 +93,7 @@ async fn run(config: &Config) -> Result<Swept, String> {
     }
 
     let mut swept = Swept::default();
-    while swept.inspected < usize::from(config.prefetch.get()) {
+    while swept.inspected < usize::from(config.relay.prefetch.get()) {
         let mut args = 0u16.to_be_bytes().to_vec();
         short(&mut args, queue)?;
         args.push(0); // manual ack: what we keep goes back on close

@@ -201,13 +201,17 @@ impl<'a> Session<'a> {
 
         let consume = open_channel(conn, "consume", &events_tx).await?;
         consume
-            .basic_qos(BasicQosArguments::new(0, config.prefetch.get(), false))
+            .basic_qos(BasicQosArguments::new(
+                0,
+                config.relay.prefetch.get(),
+                false,
+            ))
             .await
             .map_err(lost("setting the prefetch"))?;
         // An empty tag lets the broker choose a unique one.
         let (consumer_tag, deliveries) = consume
             .basic_consume_rx(
-                BasicConsumeArguments::new(&config.source_queue, "")
+                BasicConsumeArguments::new(&config.relay.source_queue, "")
                     .manual_ack(true)
                     .finish(),
             )
@@ -215,8 +219,8 @@ impl<'a> Session<'a> {
             .map_err(lost("starting to consume"))?;
         let (replies_tx, replies) = mpsc::unbounded_channel();
         let settings = Settings {
-            confirm_timeout: config.confirm_timeout,
-            copy_duplicates: config.duplicates_exchange.is_some(),
+            confirm_timeout: config.relay.confirm_timeout,
+            copy_duplicates: config.relay.duplicates_exchange.is_some(),
         };
         let session = Session {
             cx,
@@ -275,8 +279,8 @@ impl<'a> Session<'a> {
         let mut grace: Option<tokio::time::Instant> = None;
         self.cx.metrics.set_healthy(true);
         tracing::info!(
-            queue = %self.cx.config.source_queue,
-            exchange = %self.cx.config.dest_exchange,
+            queue = %self.cx.config.relay.source_queue,
+            exchange = %self.cx.config.relay.dest_exchange,
             "consuming"
         );
 
@@ -287,11 +291,11 @@ impl<'a> Session<'a> {
             let event = tokio::select! {
                 biased;
                 _ = shutdown.fired(), if grace.is_none() => {
-                    grace = Some(tokio::time::Instant::now() + self.cx.config.shutdown_grace);
+                    grace = Some(tokio::time::Instant::now() + self.cx.config.relay.shutdown_grace);
                     self.cx.metrics.set_healthy(false);
                     tracing::info!(
                         in_flight = self.protocol.unsettled(),
-                        grace = ?self.cx.config.shutdown_grace,
+                        grace = ?self.cx.config.relay.shutdown_grace,
                         "shutting down: no new deliveries, finishing those in flight"
                     );
                     // Deliveries sent before the cancel-ok still arrive; then the stream ends.
@@ -376,6 +380,7 @@ impl<'a> Session<'a> {
         let config = self.cx.config;
         let tag = deliver.delivery_tag();
         let last_chance = config
+            .relay
             .queue_type
             .delivery_limit()
             .is_some_and(|limit| delivery_count(&props) >= u64::from(limit.get()));
@@ -395,8 +400,12 @@ impl<'a> Session<'a> {
         let id = self.cx.ids.decide(routing_key, &props, &body);
         // What a return of its forward would carry, to match the two.
         let fingerprint = Fingerprint::of(
-            &config.dest_exchange,
-            config.dest_routing_key.as_deref().unwrap_or(routing_key),
+            &config.relay.dest_exchange,
+            config
+                .relay
+                .dest_routing_key
+                .as_deref()
+                .unwrap_or(routing_key),
             props.message_id().map(String::as_str),
             &body,
         );
@@ -482,15 +491,19 @@ impl<'a> Session<'a> {
                     // exchange name is copied.
                     let args = match target {
                         Target::Destination => BasicPublishArguments {
-                            exchange: config.dest_exchange.clone(),
-                            routing_key: config.dest_routing_key.clone().unwrap_or(routing_key),
+                            exchange: config.relay.dest_exchange.clone(),
+                            routing_key: config
+                                .relay
+                                .dest_routing_key
+                                .clone()
+                                .unwrap_or(routing_key),
                             mandatory: true,
                             immediate: false,
                         },
                         // Not mandatory: an audit exchange nobody listens to is the operator's
                         // choice.
                         Target::Duplicates => BasicPublishArguments {
-                            exchange: config.duplicates_exchange.clone().unwrap_or_default(),
+                            exchange: config.relay.duplicates_exchange.clone().unwrap_or_default(),
                             routing_key,
                             mandatory: false,
                             immediate: false,

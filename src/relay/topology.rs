@@ -32,9 +32,9 @@ pub(crate) fn source_arguments(config: &Config) -> FieldTable {
     insert(
         &mut args,
         "x-dead-letter-exchange",
-        config.dead_letter_exchange().as_str().into(),
+        config.relay.dead_letter_exchange().as_str().into(),
     );
-    if let QueueType::Quorum { delivery_limit } = config.queue_type {
+    if let QueueType::Quorum { delivery_limit } = config.relay.queue_type {
         insert(&mut args, "x-queue-type", "quorum".into());
         // RabbitMQ decodes the limit as a long; the broker counts returns, not first deliveries.
         insert(
@@ -74,15 +74,15 @@ pub(crate) enum TopologyError {
 ///
 /// [`TopologyError::Refused`] naming the piece the broker refused and why.
 pub(crate) async fn ensure(conn: &Connection, config: &Config) -> Result<(), TopologyError> {
-    let mut t = Topology::open(conn, !config.declare).await?;
+    let mut t = Topology::open(conn, !config.relay.declare).await?;
     t.source(config).await?;
     t.exchange(
-        &format!("destination exchange '{}'", config.dest_exchange),
-        &config.dest_exchange,
-        &config.dest_exchange_type,
+        &format!("destination exchange '{}'", config.relay.dest_exchange),
+        &config.relay.dest_exchange,
+        &config.relay.dest_exchange_type,
     )
     .await?;
-    if let Some(dup) = &config.duplicates_exchange {
+    if let Some(dup) = &config.relay.duplicates_exchange {
         t.exchange(&format!("duplicates exchange '{dup}'"), dup, "fanout")
             .await?;
     }
@@ -143,31 +143,31 @@ impl Topology {
     /// queue `<source>.dead` bound to it, and the source queue itself, durable, with the
     /// arguments of [`source_arguments`].
     pub(crate) async fn source(&mut self, config: &Config) -> Result<(), TopologyError> {
-        let dlx = config.dead_letter_exchange();
-        let dead = config.dead_letter_queue();
+        let dlx = config.relay.dead_letter_exchange();
+        let dead = config.relay.dead_letter_queue();
         self.exchange(&format!("dead-letter exchange '{dlx}'"), &dlx, "fanout")
             .await?;
         let mut dead_args = FieldTable::new();
-        if let QueueType::Quorum { .. } = config.queue_type {
+        if let QueueType::Quorum { .. } = config.relay.queue_type {
             insert(&mut dead_args, "x-queue-type", "quorum".into());
         }
         self.queue(
             &format!("dead-letter queue '{dead}'"),
             &dead,
             dead_args,
-            config.queue_type,
+            config.relay.queue_type,
         )
         .await?;
         if !self.passive {
             self.bind(&dead, &dlx).await?;
         }
-        let what = format!("source queue '{}'", config.source_queue);
+        let what = format!("source queue '{}'", config.relay.source_queue);
         match self
             .queue(
                 &what,
-                &config.source_queue,
+                &config.relay.source_queue,
                 source_arguments(config),
-                config.queue_type,
+                config.relay.queue_type,
             )
             .await
         {
@@ -191,13 +191,18 @@ impl Topology {
         insert(
             &mut args,
             "x-dead-letter-exchange",
-            config.dead_letter_exchange().as_str().into(),
+            config.relay.dead_letter_exchange().as_str().into(),
         );
-        if let QueueType::Quorum { .. } = config.queue_type {
+        if let QueueType::Quorum { .. } = config.relay.queue_type {
             insert(&mut args, "x-queue-type", "quorum".into());
         }
         let result = probe
-            .queue(what, &config.source_queue, args, config.queue_type)
+            .queue(
+                what,
+                &config.relay.source_queue,
+                args,
+                config.relay.queue_type,
+            )
             .await;
         probe.close().await;
         match result {
