@@ -831,3 +831,49 @@ fn script_kill_and_flush() {
     let err = runner.join().unwrap();
     assert!(err.contains("Script killed"), "{err}");
 }
+
+/// All or nothing: a script that errors after writing, or that runs past the time limit,
+/// leaves the store as it was (stricter than Redis, which keeps the writes made before).
+#[test]
+fn failed_or_killed_script_leaves_the_store_unchanged() {
+    let data = tempfile::tempdir().unwrap();
+    let endpoint = Endpoint::start(data.path(), &[("DEDUPD_REDIS_SCRIPT_TIMEOUT", "300ms")]);
+    let mut con = endpoint.connect("");
+    let _: () = redis::cmd("SET")
+        .arg("kept")
+        .arg("before")
+        .query(&mut con)
+        .unwrap();
+    let writes = "redis.call('set', 'kept', 'changed') \
+                  redis.call('del', 'kept') \
+                  redis.call('set', 'new', 'x') \
+                  redis.call('set', 'kept', 'again') ";
+    for (tail, wanted) in [
+        ("error('halfway')", "user_script:1: halfway"),
+        ("while true do end", "Script killed"),
+        (
+            "while true do pcall(function() while true do end end) end",
+            "Script killed",
+        ),
+    ] {
+        let err = redis::cmd("EVAL")
+            .arg(format!("{writes}{tail}"))
+            .arg(0)
+            .query::<redis::Value>(&mut con)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(wanted), "{err}");
+        let kept: Option<String> = redis::cmd("GET").arg("kept").query(&mut con).unwrap();
+        assert_eq!(kept.as_deref(), Some("before"), "after {tail}");
+        let new: i64 = redis::cmd("EXISTS").arg("new").query(&mut con).unwrap();
+        assert_eq!(new, 0, "after {tail}");
+    }
+    // And after a restart: nothing of them reached the disk either.
+    endpoint.kill9();
+    let endpoint = Endpoint::start(data.path(), &[]);
+    let mut con = endpoint.connect("");
+    let kept: Option<String> = redis::cmd("GET").arg("kept").query(&mut con).unwrap();
+    assert_eq!(kept.as_deref(), Some("before"));
+    let new: i64 = redis::cmd("EXISTS").arg("new").query(&mut con).unwrap();
+    assert_eq!(new, 0);
+}

@@ -10,7 +10,7 @@ use super::glob;
 use super::resp::{parse_i64, Reply};
 use super::script::Outcome;
 use super::{Client, Server};
-use crate::store::kv::{Condition, Entry, Expiry, Kv, SetOutcome};
+use crate::store::kv::{Condition, Entry, Expiry, Kv, Savepoint, SetOutcome, Txn};
 use crate::store::Error as StoreError;
 
 /// Where a command reads and writes its keys: the store itself (each call atomic on its own,
@@ -31,6 +31,44 @@ pub(crate) trait Keys {
     fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, StoreError>;
     /// As [`Kv::expire`], without waiting for durability.
     fn expire(&mut self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, StoreError>;
+    /// Runs `f` on a transaction: the store's write lock held throughout, its writes undoable
+    /// with [`Txn::rollback_to`]. Already in one: `f` runs on it.
+    ///
+    /// # Errors
+    ///
+    /// The store is closed (`f` did not run).
+    fn atomically(&mut self, f: &mut dyn FnMut(&mut Txn<'_>)) -> Result<(), StoreError>;
+}
+
+/// A pipelined batch's or script's transaction.
+impl Keys for Txn<'_> {
+    fn get(&mut self, key: &[u8], now_ms: u64) -> Result<Option<Entry>, StoreError> {
+        Txn::get(self, key, now_ms)
+    }
+
+    fn set(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        cond: Condition,
+        expiry: Expiry,
+        now_ms: u64,
+    ) -> Result<SetOutcome, StoreError> {
+        Txn::set(self, key, value, cond, expiry, now_ms)
+    }
+
+    fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, StoreError> {
+        Txn::delete(self, key, now_ms)
+    }
+
+    fn expire(&mut self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, StoreError> {
+        Txn::expire(self, key, expiry, now_ms)
+    }
+
+    fn atomically(&mut self, f: &mut dyn FnMut(&mut Txn<'_>)) -> Result<(), StoreError> {
+        f(self);
+        Ok(())
+    }
 }
 
 /// The store itself: the caller waits for [`Kv::last_ticket`] before replying.
@@ -56,6 +94,12 @@ impl Keys for &Kv {
 
     fn expire(&mut self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, StoreError> {
         Ok(self.expire_deferred(key, expiry, now_ms)?.0)
+    }
+
+    fn atomically(&mut self, f: &mut dyn FnMut(&mut Txn<'_>)) -> Result<(), StoreError> {
+        // The batch's ticket is covered by the last ticket the caller waits for.
+        let ((), _ticket) = self.batch(|tx| f(tx))?;
+        Ok(())
     }
 }
 
@@ -237,11 +281,7 @@ fn run(
         "command" => command_command(args),
         "info" => Reply::Verbatim(super::info::render(server, args)),
         "dbsize" => Reply::Int(server.kv.len() as i64),
-        "eval" | "evalsha" | "eval_ro" | "evalsha_ro" => {
-            match server.scripts.eval(server, spec.name, args, keys) {
-                Outcome::Done(reply) | Outcome::Failed(reply) => reply,
-            }
-        }
+        "eval" | "evalsha" | "eval_ro" | "evalsha_ro" => eval(server, spec.name, args, keys),
         "script" => server.scripts.script_command(args),
         _ => match store_command(server, keys, spec.name, args, now_ms) {
             Ok(reply) => reply,
@@ -453,6 +493,31 @@ fn getex(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, Stor
     // An expiry already past deletes the key, as in Redis.
     kv.expire(&args[1], expiry, now_ms)?;
     Ok(Reply::Bulk(current.value))
+}
+
+/// `EVAL` and its kin: the script runs in one transaction (atomic against every other write)
+/// from a savepoint, and a script that fails or is killed is rolled back to it, all of it.
+fn eval(server: &Server, name: &str, args: &[Vec<u8>], keys: &mut dyn Keys) -> Reply {
+    let mut reply = None;
+    let ran = keys.atomically(&mut |tx| {
+        let savepoint: Savepoint = tx.savepoint();
+        reply = Some(match server.scripts.eval(server, name, args, tx) {
+            Outcome::Done(reply) => reply,
+            Outcome::Failed(reply) => match tx.rollback_to(savepoint) {
+                Ok(()) => reply,
+                Err(e) => {
+                    tracing::error!(cause = %e, "redis endpoint: a failed script could not be undone");
+                    Reply::err(format!(
+                        "the script failed and its writes could not be undone: {e}"
+                    ))
+                }
+            },
+        });
+    });
+    match ran {
+        Ok(()) => reply.expect("the script ran"),
+        Err(e) => store_error(&e),
+    }
 }
 
 /// `EXPIRE key n [NX|XX|GT|LT]` and its millisecond and absolute forms. Every dedupd key has

@@ -13,7 +13,7 @@
 //! One VM serves every connection, one script at a time (as in Redis); compiled scripts are
 //! cached by their SHA-1 for `EVALSHA`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,6 +34,10 @@ pub(crate) const SCRIPT_MEMORY: usize = 64 * 1024 * 1024;
 const HOOK_EVERY: u32 = 10_000;
 /// Deepest Lua table converted into a reply (a table holding itself must not recurse forever).
 const MAX_DEPTH: usize = 200;
+/// Most scripts cached; past it the oldest is dropped (a client's `EVALSHA` then gets
+/// `NOSCRIPT` and sends `EVAL`, as redis-py's `register_script` does). Redis 7.0 never drops
+/// one, so a client sending endless distinct scripts would grow it forever.
+const MAX_SCRIPTS: usize = 10_000;
 /// Name of the scripts' chunk: error messages read `user_script:<line>: ...`, as in Redis.
 const CHUNK: &str = "@user_script";
 
@@ -107,6 +111,8 @@ struct Engine {
     lua: Lua,
     /// SHA-1 (lowercase hex) → the compiled script.
     cache: HashMap<String, Function>,
+    /// The cached SHA-1s, oldest first.
+    order: VecDeque<String>,
     /// Where `KEYS` and `ARGV` go for a run (the globals' backing table).
     backing: Table,
     /// The real `redis` table (scripts see a read-only proxy): `call` and `pcall` are set per
@@ -193,6 +199,7 @@ impl Scripts {
                 }
                 let mut engine = self.engine.lock().expect("script engine lock");
                 engine.cache.clear();
+                engine.order.clear();
                 Reply::Simple("OK")
             }
             "kill" => {
@@ -271,8 +278,9 @@ impl Scripts {
         *engine.deadline.lock().expect("deadline lock") = None;
         self.running.store(false, Ordering::SeqCst);
         let killed = self.kill.swap(false, Ordering::SeqCst);
-        // Garbage of this run is not the next run's memory.
+        // The next run's limit is its own; a `collectgarbage('stop')` does not outlive its run.
         let _ = engine.lua.set_memory_limit(0);
+        engine.lua.gc_restart();
         if killed {
             tracing::warn!(script = %sha, timeout = ?self.timeout, "redis endpoint: script killed");
             return Outcome::Failed(Reply::err(format!(
@@ -471,6 +479,7 @@ impl Engine {
         Ok(Engine {
             lua,
             cache: HashMap::new(),
+            order: VecDeque::new(),
             backing,
             redis,
             runner,
@@ -499,6 +508,12 @@ impl Engine {
         match compiled {
             Ok(f) => {
                 self.cache.insert(sha.clone(), f.clone());
+                self.order.push_back(sha.clone());
+                while self.order.len() > MAX_SCRIPTS {
+                    if let Some(old) = self.order.pop_front() {
+                        self.cache.remove(&old);
+                    }
+                }
                 Ok((sha, f))
             }
             Err(e) => {
