@@ -905,10 +905,10 @@ impl Progress {
 /// or a scope, would never look them up: refused rather than an import that silently does
 /// nothing.
 fn refuse_hashed_ids(config: &Config, into: Namespace) -> Result<(), Error> {
-    if into == Namespace::Relay && config.ids_hashed() {
+    if into == Namespace::Relay && config.relay.ids_hashed() {
         return Err(Error::HashedIds {
-            id_source: config.id_source.to_string(),
-            scope: config.id_scope.to_string(),
+            id_source: config.relay.id_source.to_string(),
+            scope: config.relay.id_scope.to_string(),
         });
     }
     Ok(())
