@@ -595,65 +595,76 @@ pub enum Command {
     },
 }
 
-impl Command {
-    /// Parses the arguments after `topology`; the error is a usage line.
-    pub fn parse(args: &[&str]) -> Result<Command, String> {
-        let (cut_over, flags) = match args {
-            ["cut-over", rest @ ..] => (true, rest),
-            rest => (false, rest),
-        };
-        let mut values = std::collections::BTreeMap::new();
-        let mut it = flags.iter();
-        while let Some(flag) = it.next() {
-            let known: &[&str] = if cut_over {
-                &[
-                    "--entry",
-                    "--old-shards",
-                    "--old-exchange",
-                    "--old-queue-prefix",
-                    "--new-exchange",
-                ]
-            } else {
-                &["--shards", "--exchange", "--queue-prefix"]
-            };
-            if !known.contains(flag) {
-                return Err(format!(
-                    "topology: unknown option {flag:?}; expected {known:?}"
-                ));
-            }
-            let value = it.next().ok_or(format!("topology: {flag} needs a value"))?;
-            values.insert(*flag, value.to_string());
-        }
-        let shards = |flag: &str| -> Result<u32, String> {
-            values
-                .get(flag)
-                .ok_or(format!("topology: {flag} N is required"))?
-                .parse()
-                .map_err(|_| format!("topology: {flag} takes a number of shards"))
-        };
-        let named = |flag: &str, default: &str| values.get(flag).cloned().unwrap_or(default.into());
-        if !cut_over {
-            return Ok(Command::Declare(Ring {
-                exchange: named("--exchange", DEFAULT_EXCHANGE),
-                queue_prefix: named("--queue-prefix", DEFAULT_QUEUE_PREFIX),
-                shards: shards("--shards")?,
-            }));
-        }
-        let entry = named("--entry", DEFAULT_EXCHANGE);
-        Ok(Command::CutOver {
-            old: Ring {
-                exchange: named("--old-exchange", &entry),
-                queue_prefix: named("--old-queue-prefix", DEFAULT_QUEUE_PREFIX),
-                shards: shards("--old-shards")?,
-            },
-            new_exchange: values
-                .get("--new-exchange")
-                .cloned()
-                .ok_or("topology cut-over: --new-exchange X is required")?,
-            entry,
-        })
-    }
+/// The command line of `dedupd topology`: declare a ring, or `cut-over` to a new one.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct TopologyArgs {
+    /// Move the entry exchange to a new ring (see Scaling out).
+    #[command(subcommand)]
+    cut_over: Option<CutOverArgs>,
+    /// How many source queues the ring spreads ids over.
+    #[arg(long, value_name = "N", required = true)]
+    shards: Option<u32>,
+    /// The ring's consistent-hash exchange, which producers publish to.
+    #[arg(long, default_value = DEFAULT_EXCHANGE)]
+    exchange: String,
+    /// The queues are named `<prefix>.<i>`.
+    #[arg(long, default_value = DEFAULT_QUEUE_PREFIX)]
+    queue_prefix: String,
+}
 
+/// `dedupd topology cut-over`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+enum CutOverArgs {
+    /// Move the entry exchange to a new ring (see Scaling out).
+    CutOver {
+        /// The exchange producers publish to.
+        #[arg(long, default_value = DEFAULT_EXCHANGE)]
+        entry: String,
+        /// Shards of the ring being retired.
+        #[arg(long, value_name = "N")]
+        old_shards: u32,
+        /// The retired ring's exchange (default: the entry exchange).
+        #[arg(long)]
+        old_exchange: Option<String>,
+        /// The retired ring's queue prefix.
+        #[arg(long, default_value = DEFAULT_QUEUE_PREFIX)]
+        old_queue_prefix: String,
+        /// The new ring's exchange.
+        #[arg(long)]
+        new_exchange: String,
+    },
+}
+
+impl From<TopologyArgs> for Command {
+    fn from(args: TopologyArgs) -> Command {
+        match args.cut_over {
+            None => Command::Declare(Ring {
+                exchange: args.exchange,
+                queue_prefix: args.queue_prefix,
+                // clap requires --shards without a subcommand.
+                shards: args.shards.unwrap_or_default(),
+            }),
+            Some(CutOverArgs::CutOver {
+                entry,
+                old_shards,
+                old_exchange,
+                old_queue_prefix,
+                new_exchange,
+            }) => Command::CutOver {
+                old: Ring {
+                    exchange: old_exchange.unwrap_or_else(|| entry.clone()),
+                    queue_prefix: old_queue_prefix,
+                    shards: old_shards,
+                },
+                new_exchange,
+                entry,
+            },
+        }
+    }
+}
+
+impl Command {
     /// Runs the command against the broker of `config`; returns the report to print.
     ///
     /// # Errors
@@ -670,42 +681,5 @@ impl Command {
                 .await?
                 .to_string(),
         })
-    }
-}
-
-#[cfg(test)]
-mod command_tests {
-    use super::*;
-
-    #[test]
-    fn parses_declare_and_cut_over_with_defaults() {
-        assert_eq!(
-            Command::parse(&["--shards", "3"]).unwrap(),
-            Command::Declare(Ring::new(3))
-        );
-        let c = Command::parse(&[
-            "cut-over",
-            "--old-shards",
-            "2",
-            "--new-exchange",
-            "dedupd.shard.v2",
-        ])
-        .unwrap();
-        assert_eq!(
-            c,
-            Command::CutOver {
-                entry: DEFAULT_EXCHANGE.into(),
-                old: Ring::new(2),
-                new_exchange: "dedupd.shard.v2".into(),
-            }
-        );
-        assert!(Command::parse(&[])
-            .unwrap_err()
-            .contains("--shards N is required"));
-        assert!(Command::parse(&["--shards", "x"]).is_err());
-        assert!(Command::parse(&["--bogus", "1"])
-            .unwrap_err()
-            .contains("unknown option"));
-        assert!(Command::parse(&["cut-over", "--old-shards", "2"]).is_err());
     }
 }

@@ -26,7 +26,7 @@ use percent_encoding::percent_decode_str;
 
 use super::resp::Reply;
 use crate::admin::{self, Recorded};
-use crate::cli::{self, HttpFailure, Request};
+use crate::cli::ask::{self, HttpFailure, Request};
 use crate::config::Config;
 use crate::store::kv::{Condition, Expiry, Kv, Ticket};
 use crate::store::{system_now_ms, Error as StoreError, Store};
@@ -47,7 +47,7 @@ const MAX_BULK: usize = 512 * 1024 * 1024;
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 /// Where the imported keys go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Namespace {
     /// The relay's ids: the id is the key minus the stripped prefix.
     Relay,
@@ -56,78 +56,35 @@ pub enum Namespace {
 }
 
 /// The command line of `dedupd import-redis`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct Options {
     /// The source, `redis://[[user]:password@]host[:port][/db]`.
+    #[arg(value_name = "REDIS_URL")]
     pub url: String,
-    /// `SCAN ... MATCH` pattern (`--match`, default `*`).
+    /// `SCAN ... MATCH` pattern of the keys to copy.
+    #[arg(long = "match", value_name = "PATTERN", default_value = "*")]
     pub pattern: String,
-    /// Prefix taken off each key to make the relay's id (`--strip-prefix`); keys without it are
-    /// skipped.
+    /// Prefix taken off each key to make the relay's id; keys without it are skipped.
+    #[arg(long, value_name = "PREFIX")]
     pub strip_prefix: Option<String>,
-    /// `--into relay|redis`.
+    /// Where the keys go: the relay's seen ids, or the Redis endpoint's keys as they are.
+    #[arg(long, value_enum, default_value = "relay")]
     pub into: Namespace,
 }
 
 impl Options {
-    /// Parses the arguments after `import-redis`.
+    /// Refuses options that contradict each other.
     ///
     /// # Errors
     ///
-    /// A usage message naming the offending argument.
-    pub fn parse(args: &[&str]) -> Result<Options, String> {
-        let mut url = None;
-        let mut pattern = "*".to_string();
-        let mut strip_prefix = None;
-        let mut into = Namespace::Relay;
-        let mut args = args.iter();
-        while let Some(&arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f, Some(v)),
-                _ => (arg, None),
-            };
-            let mut value = || {
-                inline
-                    .or_else(|| args.next().copied())
-                    .map(str::to_string)
-                    .ok_or_else(|| format!("import-redis: {flag} needs a value"))
-            };
-            match flag {
-                "--match" => pattern = value()?,
-                "--strip-prefix" => strip_prefix = Some(value()?),
-                "--into" => {
-                    into = match value()?.as_str() {
-                        "relay" => Namespace::Relay,
-                        "redis" => Namespace::Redis,
-                        other => {
-                            return Err(format!(
-                                "import-redis: --into {other:?}: expected relay or redis"
-                            ))
-                        }
-                    }
-                }
-                _ if flag.starts_with('-') => {
-                    return Err(format!("import-redis: unknown option {flag:?}"))
-                }
-                _ if url.is_none() => url = Some(arg.to_string()),
-                _ => return Err(format!("import-redis: unexpected argument {arg:?}")),
-            }
-        }
-        let url = url.ok_or(
-            "usage: dedupd import-redis <redis-url> [--match <pattern>] \
-                             [--strip-prefix <prefix>] [--into relay|redis]",
-        )?;
-        if into == Namespace::Redis && strip_prefix.is_some() {
+    /// A usage message.
+    pub fn check(&self) -> Result<(), String> {
+        if self.into == Namespace::Redis && self.strip_prefix.is_some() {
             return Err("import-redis: --strip-prefix is for --into relay; \
                         --into redis keeps keys as they are"
                 .into());
         }
-        Ok(Options {
-            url,
-            pattern,
-            strip_prefix,
-            into,
-        })
+        Ok(())
     }
 }
 
@@ -832,7 +789,7 @@ fn put_http_chunk(
             done.refused += 1;
             continue;
         };
-        let answer = match cli::over_http(addr, token, &Request::Record(id, item.ttl)) {
+        let answer = match ask::over_http(addr, token, &Request::Record(id, item.ttl)) {
             Ok(answer) => answer,
             Err(HttpFailure::NoService) => {
                 return Err(Error::Target {
@@ -933,38 +890,6 @@ mod tests {
         assert!(refuse_hashed_ids(&scoped, Namespace::Relay).is_err());
         let plain = Config::from_vars(Vec::<(String, String)>::new()).unwrap();
         refuse_hashed_ids(&plain, Namespace::Relay).unwrap();
-    }
-
-    #[test]
-    fn options_parse_defaults_flags_and_refusals() {
-        let o = Options::parse(&["redis://h"]).unwrap();
-        assert_eq!(
-            (o.pattern.as_str(), o.strip_prefix, o.into),
-            ("*", None, Namespace::Relay)
-        );
-        let o = Options::parse(&[
-            "redis://h",
-            "--match",
-            "msg:*",
-            "--strip-prefix=msg:",
-            "--into",
-            "relay",
-        ])
-        .unwrap();
-        assert_eq!(o.pattern, "msg:*");
-        assert_eq!(o.strip_prefix.as_deref(), Some("msg:"));
-        assert_eq!(
-            Options::parse(&["redis://h", "--into", "redis"])
-                .unwrap()
-                .into,
-            Namespace::Redis
-        );
-        assert!(Options::parse(&[]).is_err());
-        assert!(Options::parse(&["redis://h", "--match"]).is_err());
-        assert!(Options::parse(&["redis://h", "--into", "disk"]).is_err());
-        assert!(Options::parse(&["redis://h", "--what"]).is_err());
-        assert!(Options::parse(&["redis://h", "redis://i"]).is_err());
-        assert!(Options::parse(&["redis://h", "--into", "redis", "--strip-prefix", "m"]).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The admin subcommands: `dedupd check <id>`, `dedupd forget <id>`, `dedupd stats`,
-//! `dedupd config`.
+//! The admin subcommands' road to the store: `dedupd check <id>`, `dedupd forget <id>`,
+//! `dedupd forget --all --yes`, `dedupd stats`.
 //!
 //! `check`, `forget` and `stats` ask the running service over its HTTP endpoint
 //! (`DEDUPD_METRICS_ADDR`); when nothing answers there they open the data dir themselves, which
@@ -68,7 +68,7 @@ pub enum Error {
 /// # Errors
 ///
 /// See [`Error`].
-pub fn run(config: &Config, request: &Request) -> Result<Answer, Error> {
+pub fn answer(config: &Config, request: &Request) -> Result<Answer, Error> {
     if let Some(addr) = config.http.addr {
         match over_http(addr, config.http.admin_token.as_deref(), request) {
             Ok(answer) => return Ok(answer),
