@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use dedupd::cli::{self, Cli};
 
+/// The relay allocates on one thread and frees on the store's (claims, sled nodes): mimalloc
+/// does that without glibc's arena locks and consolidation (see Cargo.toml).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

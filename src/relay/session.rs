@@ -549,9 +549,7 @@ impl<'a> Session<'a> {
         for _ in 0..tally.copies {
             cx.metrics.duplicate_copied();
         }
-        for latency in protocol.latencies() {
-            Metrics::acked_after(latency);
-        }
+        Metrics::acked_after(protocol.latencies());
         let in_flight = protocol.publishes_in_flight();
         if in_flight != self.publishes_in_flight {
             self.publishes_in_flight = in_flight;
