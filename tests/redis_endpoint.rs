@@ -855,6 +855,11 @@ fn failed_or_killed_script_leaves_the_store_unchanged() {
             "while true do pcall(function() while true do end end) end",
             "Script killed",
         ),
+        // A coroutine gets the time limit too.
+        (
+            "coroutine.wrap(function() while true do end end)()",
+            "Script killed",
+        ),
     ] {
         let err = redis::cmd("EVAL")
             .arg(format!("{writes}{tail}"))

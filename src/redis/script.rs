@@ -75,6 +75,15 @@ end
 local co = {}
 for k, v in pairs(G.coroutine) do co[k] = v end
 co.resume = function(c, ...) return unless_killed(raw_resume(c, ...)) end
+-- co.create is the engine's (it hooks the new coroutine); wrap is built on it.
+co.wrap = function(f)
+  local c = co.create(f)
+  local function pass(ok, ...)
+    if not ok then error((...), 0) end
+    return ...
+  end
+  return function(...) return pass(raw_resume(c, ...)) end
+end
 backing.coroutine = protect(co)
 backing.string = protect(G.string)
 backing.table = protect(G.table)
@@ -429,6 +438,33 @@ impl Engine {
         }
         redis.set("REDIS_VERSION", super::REDIS_VERSION)?;
 
+        let deadline_hook = deadline.clone();
+        let kill_hook = kill;
+        let hook = move |_: &Lua, _: &mlua::Debug| {
+            let late = deadline_hook
+                .lock()
+                .expect("deadline lock")
+                .is_some_and(|d| Instant::now() >= d);
+            if late {
+                kill_hook.store(true, Ordering::SeqCst);
+            }
+            if kill_hook.load(Ordering::SeqCst) {
+                return Err(mlua::Error::runtime("Script killed"));
+            }
+            Ok(mlua::VmState::Continue)
+        };
+        let every = || HookTriggers::new().every_nth_instruction(HOOK_EVERY);
+        lua.set_hook(every(), hook.clone())?;
+        // A coroutine does not inherit the VM's hook here: each gets its own, or a loop inside
+        // one would outlive the time limit.
+        let create = lua.create_function(move |lua, f: Function| {
+            let thread = lua.create_thread(f)?;
+            thread.set_hook(every(), hook.clone())?;
+            Ok(thread)
+        })?;
+        lua.globals()
+            .get::<Table>("coroutine")?
+            .set("create", create)?;
         lua.load(PRELUDE)
             .set_name("=dedupd")
             .call::<()>((backing.clone(), redis.clone(), ctx))?;
@@ -458,24 +494,6 @@ impl Engine {
             with_where(lua, table)
         })?;
 
-        let deadline_hook = deadline.clone();
-        let kill_hook = kill;
-        lua.set_hook(
-            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-            move |_, _| {
-                let late = deadline_hook
-                    .lock()
-                    .expect("deadline lock")
-                    .is_some_and(|d| Instant::now() >= d);
-                if late {
-                    kill_hook.store(true, Ordering::SeqCst);
-                }
-                if kill_hook.load(Ordering::SeqCst) {
-                    return Err(mlua::Error::runtime("Script killed"));
-                }
-                Ok(mlua::VmState::Continue)
-            },
-        )?;
         Ok(Engine {
             lua,
             cache: HashMap::new(),
