@@ -25,6 +25,7 @@ pub mod store;
 
 pub use store::{Claim, Error as StoreError, Seen, Settled, Stats, Store, StoreConfig, Verdict};
 pub mod admin;
+pub(crate) mod amqp;
 pub mod cli;
 pub mod config;
 pub mod http;

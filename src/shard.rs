@@ -54,10 +54,9 @@ use amqprs::channel::{
 };
 use amqprs::connection::Connection;
 use amqprs::{FieldTable, FieldValue};
-use tokio::sync::mpsc;
 
+use crate::amqp::topology::{Topology, TopologyError};
 use crate::config::{Config, IdPart, IdSource};
-use crate::relay::topology::{Topology, TopologyError};
 
 /// Default name of the ring exchange producers publish to.
 pub const DEFAULT_EXCHANGE: &str = "dedupd.shard";
@@ -462,9 +461,7 @@ fn shard_config(config: &Config, queue: &str) -> Config {
 }
 
 async fn connect(config: &Config) -> Result<Connection, Error> {
-    // Connection events only matter to a relay session; nobody listens here.
-    let (events, _) = mpsc::unbounded_channel();
-    crate::relay::connect(config, events)
+    crate::amqp::connect(&config.amqp, "dedupd topology")
         .await
         .map_err(|cause| Error::Connect {
             broker: config.amqp.url.to_string(),

@@ -8,25 +8,22 @@ mod acks;
 mod confirms;
 mod id;
 mod protocol;
-mod quarantine;
 mod session;
-mod tls;
-pub(crate) mod topology;
 mod window;
 mod worker;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use amqprs::connection::{Connection, OpenConnectionArguments};
+use amqprs::connection::Connection;
 use tokio::sync::mpsc;
 
+use crate::amqp::topology::{self, TopologyError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{Error as StoreError, Store};
 use session::{ConnectionEvents, Context, End, Failure, Session};
-use topology::TopologyError;
 use worker::Workers;
 
 /// First wait before reconnecting; doubled after each failure.
@@ -35,8 +32,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A session that lasted this long resets the backoff: the broker was fine for a while.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
-/// Connection timeout when the URL gives none.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing a connection may take before we give up on it.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -208,42 +203,16 @@ async fn relay(
     }
 }
 
-/// Opens a connection and registers its callbacks, within the connection timeout.
-pub(crate) async fn connect(
+/// Opens a connection for the relay and registers its callbacks.
+async fn connect(
     config: &Config,
     events: mpsc::UnboundedSender<session::Event>,
 ) -> Result<Connection, String> {
-    let url = &config.amqp.url;
-    let mut args = OpenConnectionArguments::new(&url.host, url.port, &url.user, url.password());
-    args.virtual_host(&url.vhost).connection_name(&format!(
+    let name = format!(
         "dedupd {} -> {}",
         config.relay.source_queue, config.relay.dest_exchange
-    ));
-    if let Some(heartbeat) = url.heartbeat {
-        args.heartbeat(heartbeat);
-    }
-    // amqps://: the TLS setup is rebuilt per attempt, so renewed certificate files take effect.
-    let tls = if url.tls {
-        Some(tls::Tls::new(url, &config.amqp.tls)?)
-    } else {
-        None
-    };
-    if let Some(tls) = &tls {
-        args.tls_adaptor(tls.adaptor());
-    }
-    let timeout = url.connection_timeout.unwrap_or(CONNECT_TIMEOUT);
-    // amqprs has no timeout of its own: a broker that accepts TCP and then says nothing would
-    // hold us here forever.
-    let conn = match tokio::time::timeout(timeout, Connection::open(&args)).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            return Err(match &tls {
-                Some(tls) => tls.explain(&e.to_string()),
-                None => e.to_string(),
-            })
-        }
-        Err(_) => return Err(format!("no answer within {timeout:?}")),
-    };
+    );
+    let conn = crate::amqp::connect(&config.amqp, &name).await?;
     conn.register_callback(ConnectionEvents { tx: events })
         .await
         .map_err(|e| e.to_string())?;

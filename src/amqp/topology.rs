@@ -19,7 +19,7 @@ use amqprs::connection::Connection;
 use amqprs::{FieldTable, FieldValue};
 use tokio::sync::mpsc;
 
-use super::session::{ChannelEvents, Event};
+use super::callbacks::{Closed, ReportClose};
 use crate::config::{Config, QueueType};
 
 /// The source queue's arguments for `config`: the dead-letter exchange, and for a quorum queue its
@@ -98,7 +98,7 @@ pub(crate) struct Topology {
     channel: Channel,
     passive: bool,
     /// Where the channel's callback reports the broker closing it, with the reason.
-    closed: mpsc::UnboundedReceiver<Event>,
+    closed: mpsc::UnboundedReceiver<Closed>,
 }
 
 impl Topology {
@@ -113,7 +113,7 @@ impl Topology {
                 source,
             })?;
         channel
-            .register_callback(ChannelEvents::new("topology", tx))
+            .register_callback(ReportClose(tx))
             .await
             .map_err(|source| TopologyError::Amqp {
                 what: "a channel".into(),
@@ -285,22 +285,20 @@ impl Topology {
         };
         // The channel's close callback runs before the pending request fails, so the reason is
         // already queued when the broker is the one that refused.
-        while let Ok(event) = self.closed.try_recv() {
-            if let Event::ChannelClosed { code, text, .. } = event {
-                let why = match (code, self.passive) {
-                    (404, true) => format!(
-                        "{what} does not exist (DEDUPD_DECLARE=false uses existing topology \
-                         only; create it or let dedupd declare it): {text}"
-                    ),
-                    (406, _) => format!(
-                        "{what} exists with other settings than dedupd declares \
-                         (delete it, or create it as dedupd expects and set \
-                         DEDUPD_DECLARE=false): {text}"
-                    ),
-                    _ => format!("{what}: the broker refused it: {code} {text}"),
-                };
-                return Err(TopologyError::Refused(why));
-            }
+        if let Ok(Closed { code, text }) = self.closed.try_recv() {
+            let why = match (code, self.passive) {
+                (404, true) => format!(
+                    "{what} does not exist (DEDUPD_DECLARE=false uses existing topology \
+                     only; create it or let dedupd declare it): {text}"
+                ),
+                (406, _) => format!(
+                    "{what} exists with other settings than dedupd declares \
+                     (delete it, or create it as dedupd expects and set \
+                     DEDUPD_DECLARE=false): {text}"
+                ),
+                _ => format!("{what}: the broker refused it: {code} {text}"),
+            };
+            return Err(TopologyError::Refused(why));
         }
         Err(TopologyError::Amqp {
             what: what.to_string(),
