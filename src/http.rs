@@ -1,6 +1,7 @@
 //! The operator's HTTP endpoint on `DEDUPD_METRICS_ADDR`:
 //!
-//! - `GET /healthz`: 200 while connected and consuming, 503 otherwise;
+//! - `GET /healthz`: 200 while connected and consuming, 503 otherwise; with `DEDUPD_HA=on` the
+//!   body names the role (`ok (active)`, `ok (standby)`);
 //! - `GET /metrics`: Prometheus text;
 //! - `GET /stats`: the store's and relay's figures as JSON;
 //! - `GET /ids/{id}` and `DELETE /ids/{id}`: check or forget one id (percent-encoded);
@@ -24,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::admin::{self, Answer};
 use crate::config::Secret;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Role};
 use crate::shutdown::Shutdown;
 use crate::store::{system_now_ms, Store};
 
@@ -157,10 +158,16 @@ async fn answer(mut stream: TcpStream, state: State) -> std::io::Result<()> {
     let path = target.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET", "/healthz") => {
+            // With DEDUPD_HA=on a standby is healthy too: the body says which one it is.
+            let role = match state.metrics.role() {
+                Role::Alone => String::new(),
+                role => format!(" ({})", role.name()),
+            };
             if state.metrics.is_healthy() {
-                respond(&mut stream, 200, "text/plain", "ok\n").await
+                respond(&mut stream, 200, "text/plain", &format!("ok{role}\n")).await
             } else {
-                respond(&mut stream, 503, "text/plain", "not consuming\n").await
+                let body = format!("not consuming{role}\n");
+                respond(&mut stream, 503, "text/plain", &body).await
             }
         }
         ("GET", "/metrics") => {

@@ -197,6 +197,36 @@ fn describe() {
         Unit::Seconds,
         "When this process started, seconds since the Unix epoch."
     );
+    describe_gauge!(
+        "dedupd_ha_active",
+        "DEDUPD_HA=on: 1 while this instance is the active consumer, 0 as a standby."
+    );
+    describe_gauge!(
+        "dedupd_ha_applied_offset",
+        "Offset in <source>.ids of the last commit batch applied to this store."
+    );
+    describe_gauge!(
+        "dedupd_ha_lag_ids",
+        "Ids read from <source>.ids and not yet applied."
+    );
+    describe_gauge!(
+        "dedupd_ha_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest commit batch read from <source>.ids and not yet applied; 0 when none."
+    );
+    describe_gauge!(
+        "dedupd_ha_catch_up_seconds",
+        Unit::Seconds,
+        "At the last takeover: from the first delivery to the end of the id stream applied."
+    );
+    describe_counter!(
+        "dedupd_ha_applied_ids_total",
+        "Ids applied from <source>.ids (batches of this instance's own not counted)."
+    );
+    describe_counter!(
+        "dedupd_ha_takeovers_total",
+        "Times this instance became the active consumer."
+    );
     describe_gauge!("dedupd_build_info", "Always 1; the version is a label.");
     gauge!("dedupd_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
@@ -227,12 +257,36 @@ fn zero() {
     }
 }
 
+/// What this instance does among those consuming one source (`DEDUPD_HA`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `DEDUPD_HA=off`: the only consumer.
+    Alone,
+    /// Consuming, not chosen by the broker: applies the id stream.
+    Standby,
+    /// The single active consumer: forwards, and appends its ids to the stream.
+    Active,
+}
+
+impl Role {
+    /// As `/healthz` and the log name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Alone => "alone",
+            Role::Standby => "standby",
+            Role::Active => "active",
+        }
+    }
+}
+
 /// The relay's counters and health, shared by the relay (writer), the HTTP endpoint and the log
 /// summary (readers).
 #[derive(Debug, Default)]
 pub struct Metrics {
     /// Connected to the broker and consuming the source queue.
     healthy: AtomicBool,
+    /// The [`Role`], as `0` alone, `1` standby, `2` active.
+    role: std::sync::atomic::AtomicU8,
     /// Messages forwarded to the destination and acked at the source.
     forwarded: AtomicU64,
     /// Duplicates acked at the source without forwarding.
@@ -281,6 +335,47 @@ impl Metrics {
                 )],
             );
         }
+    }
+
+    /// The instance's role.
+    pub fn role(&self) -> Role {
+        match self.role.load(Ordering::Relaxed) {
+            1 => Role::Standby,
+            2 => Role::Active,
+            _ => Role::Alone,
+        }
+    }
+
+    pub(crate) fn set_role(&self, role: Role) {
+        let n = match role {
+            Role::Alone => 0,
+            Role::Standby => 1,
+            Role::Active => 2,
+        };
+        self.role.store(n, Ordering::Relaxed);
+        if role != Role::Alone {
+            gauge!("dedupd_ha_active").set(if role == Role::Active { 1.0 } else { 0.0 });
+        }
+    }
+
+    /// A takeover done: the stream's end applied after `catch_up`.
+    pub(crate) fn took_over(&self, catch_up: Duration) {
+        self.set_role(Role::Active);
+        counter!("dedupd_ha_takeovers_total").increment(1);
+        gauge!("dedupd_ha_catch_up_seconds").set(catch_up.as_secs_f64());
+    }
+
+    /// The id stream read up to a batch of `ids` ids, the oldest published `age` ago, not applied.
+    pub(crate) fn ha_lag(ids: u64, age: Duration) {
+        gauge!("dedupd_ha_lag_ids").set(ids as f64);
+        gauge!("dedupd_ha_lag_seconds").set(age.as_secs_f64());
+    }
+
+    /// The id stream applied up to `offset`, `ids` more ids applied.
+    pub(crate) fn ha_applied(offset: u64, ids: u64) {
+        gauge!("dedupd_ha_applied_offset").set(offset as f64);
+        counter!("dedupd_ha_applied_ids_total").increment(ids);
+        Metrics::ha_lag(0, Duration::ZERO);
     }
 
     pub(crate) fn forwarded(&self, n: u64, without_id: u64) {

@@ -222,6 +222,7 @@ async fn summary(metrics: Arc<Metrics>, store: Store, token: CancellationToken) 
             .await
             .unwrap_or_default();
         tracing::info!(
+            role = metrics.role().name(),
             forwarded_per_s = format!("{:.1}", (now.0 - last.0) as f64 / secs),
             duplicates = now.1 - last.1,
             dead_lettered = now.2 - last.2,

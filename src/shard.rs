@@ -14,7 +14,8 @@
 //!   must hash exactly what dedupd takes as the id);
 //! - N source queues (`dedupd.in.0` … `dedupd.in.<N-1>`), each declared exactly as the relay
 //!   declares its source (durable, `x-dead-letter-exchange = <queue>.dlx`, with `<queue>.dlx` and
-//!   `<queue>.dead`), and bound to the ring with weight 1. The plugin gives a binding as many
+//!   `<queue>.dead`, and with `DEDUPD_HA=on` single-active-consumer and the id stream
+//!   `<queue>.ids`), and bound to the ring with weight 1. The plugin gives a binding as many
 //!   buckets of a jump consistent hash as its weight, so equal weights are equal shares.
 //!
 //! The plugin keeps the ring in memory and, when the broker restarts, rebuilds it from the
@@ -318,7 +319,13 @@ async fn declare_on(
     .await
     .map_err(plugin_hint)?;
     for queue in ring.queues() {
-        t.source(&shard_config(config, &queue)).await?;
+        let shard = shard_config(config, &queue);
+        t.source(&shard).await?;
+        // With DEDUPD_HA=on each shard is its own single-active-consumer group with its own
+        // id stream, so the instances of one shard replicate among themselves only.
+        if shard.relay.ha {
+            t.ids_stream(&shard).await?;
+        }
     }
     // The ring gives buckets to bindings in the order they are made, and a broker restart
     // rebuilds it from the bindings sorted by destination name (RabbitMQ 3.10: `lists:usort`).

@@ -5,52 +5,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::cluster::Cluster;
 use common::*;
-
-/// `dedupd_messages_total{outcome="forwarded"}` of `relay`.
-fn forwarded(relay: &Relay) -> u64 {
-    Relay::outcome(&relay.metrics(), "forwarded")
-}
-
-/// Waits until `relay` has forwarded more than `than`; returns how long that took.
-fn wait_forwarding(relay: &Relay, than: u64) -> Duration {
-    let started = Instant::now();
-    while forwarded(relay) <= than {
-        assert!(
-            started.elapsed() < WAIT,
-            "never forwarded again:\n{}",
-            relay.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    started.elapsed()
-}
-
-/// Drains the destination queue into `seen` until it holds `want` distinct ids.
-async fn collect(broker: &Broker, seen: &mut HashMap<String, u32>, want: usize, logs: &[&Relay]) {
-    let deadline = Instant::now() + WAIT;
-    while seen.len() < want {
-        for id in ids_of(&broker.drain(&broker.out).await) {
-            *seen.entry(id).or_default() += 1;
-        }
-        if seen.len() >= want {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {want} ids arrived:\n{}",
-            seen.len(),
-            logs.iter()
-                .map(|r| r.log())
-                .collect::<Vec<_>>()
-                .join("\n----\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// 10 000 persistent messages with 20 % repeats of 8 000 ids: message `i`'s id.
 fn id(i: u64) -> String {
@@ -106,7 +64,7 @@ async fn quorum_source_loses_its_leaders_node_mid_stream_and_nothing_is_lost() {
     let stopping = Instant::now();
     cluster.stop_node(0);
     let stopped = stopping.elapsed();
-    let resumed = wait_forwarding(&relay, forwarded(&relay));
+    let resumed = relay.wait_forwarding(relay.forwarded());
     eprintln!(
         "node 1 stopped ({stopped:?} for rabbitmqctl stop): forwarding again {resumed:?} later, \
          the source led by {:?}",
@@ -114,7 +72,7 @@ async fn quorum_source_loses_its_leaders_node_mid_stream_and_nothing_is_lost() {
     );
 
     let mut seen: HashMap<String, u32> = HashMap::new();
-    collect(&broker, &mut seen, 8000, &[&relay]).await;
+    broker.collect(&mut seen, 8000, &[&relay]).await;
     broker.wait_count(&broker.source, 0).await;
     let repeats: u32 = seen.values().map(|c| c - 1).sum();
     eprintln!("cluster: 0 of 8000 ids lost, {repeats} passed twice");

@@ -47,7 +47,18 @@ pub(crate) fn source_arguments(config: &Config) -> FieldTable {
         insert(&mut args, "x-dead-letter-strategy", "at-least-once".into());
         insert(&mut args, "x-overflow", "reject-publish".into());
     }
+    if config.relay.ha {
+        // Of the dedupd consuming it, the broker delivers to one; the others are its standbys.
+        insert(&mut args, "x-single-active-consumer", FieldValue::t(true));
+    }
     args
+}
+
+/// Longer than the longest window (`DEDUPD_MAX_TTL`), so that a node that starts empty finds
+/// every live id in the stream. RabbitMQ drops whole segment files only once all they hold is
+/// older than this.
+fn ids_stream_max_age(config: &Config) -> String {
+    format!("{}s", config.store.max_ttl.as_secs() + 60)
 }
 
 fn insert(args: &mut FieldTable, key: &str, value: FieldValue) {
@@ -76,6 +87,9 @@ pub(crate) enum TopologyError {
 pub(crate) async fn ensure(conn: &Connection, config: &Config) -> Result<(), TopologyError> {
     let mut t = Topology::open(conn, !config.relay.declare).await?;
     t.source(config).await?;
+    if config.relay.ha {
+        t.ids_stream(config).await?;
+    }
     t.exchange(
         &format!("destination exchange '{}'", config.relay.dest_exchange),
         &config.relay.dest_exchange,
@@ -179,6 +193,26 @@ impl Topology {
             }
             result => result,
         }
+    }
+
+    /// The stream `<source>.ids` the active instance appends its commit batches to (`DEDUPD_HA`):
+    /// `x-max-age` a minute past the window.
+    pub(crate) async fn ids_stream(&mut self, config: &Config) -> Result<(), TopologyError> {
+        let name = config.relay.ids_stream();
+        let mut args = FieldTable::new();
+        insert(&mut args, "x-queue-type", "stream".into());
+        insert(
+            &mut args,
+            "x-max-age",
+            ids_stream_max_age(config).as_str().into(),
+        );
+        let args = QueueDeclareArguments::new(&name)
+            .durable(true)
+            .passive(self.passive)
+            .arguments(args)
+            .finish();
+        let result = self.channel.queue_declare(args).await.map(|_| ());
+        self.check(&format!("id stream '{name}'"), result)
     }
 
     /// After the source queue was refused: whether it is of the other type. The broker reports

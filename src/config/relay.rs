@@ -31,8 +31,12 @@ pub struct RelayConfig {
     pub missing_id: MissingId,
     /// `DEDUPD_PREFETCH`, default 1000: most deliveries in flight.
     pub prefetch: NonZeroU16,
-    /// `DEDUPD_QUEUE_TYPE` and `DEDUPD_DELIVERY_LIMIT`, default classic: the source queue's type.
+    /// `DEDUPD_QUEUE_TYPE` and `DEDUPD_DELIVERY_LIMIT`, default classic (quorum with HA): the
+    /// source queue's type.
     pub queue_type: QueueType,
+    /// `DEDUPD_HA`, default off: single active consumer on the source, ids replicated through
+    /// the stream `<source>.ids`.
+    pub ha: bool,
     /// `DEDUPD_DUPLICATES_EXCHANGE`, default unset: where copies of duplicates go, if anywhere.
     pub duplicates_exchange: Option<String>,
     /// `DEDUPD_CONFIRM_TIMEOUT`, default 30 s: an unconfirmed publish fails after this.
@@ -108,15 +112,25 @@ impl RelayConfig {
                     .map_err(|_| "a message count from 1 to 65535".into())
             },
         )?;
-        let quorum = vars.var(
-            "DEDUPD_QUEUE_TYPE",
-            "classic",
-            "type of the source queue and `<source>.dead` when dedupd declares them: `classic` or `quorum` (replicated); an existing queue of the other type stops start-up",
-            |v| match v {
-                "classic" | "quorum" => Ok(v == "quorum"),
-                _ => Err("classic or quorum".into()),
-            },
+        let ha = vars.var(
+            "DEDUPD_HA",
+            "off",
+            "`on`: hot standby; the source queue has a single active consumer among the dedupd consuming it, which replicates its ids through the stream `<source>.ids` to the others",
+            on_off,
         )?;
+        let quorum = vars
+            .opt(
+                "DEDUPD_QUEUE_TYPE",
+                "`classic`; `quorum` with `DEDUPD_HA=on`",
+                "type of the source queue and `<source>.dead` when dedupd declares them: `classic` or `quorum` (replicated); an existing queue of the other type stops start-up",
+                |v| match v {
+                    "classic" | "quorum" => Ok(v == "quorum"),
+                    _ => Err("classic or quorum".into()),
+                },
+            )?
+            // Quorum by default with HA: a standby is worth little if the queue dies with its
+            // node.
+            .unwrap_or(ha);
         let delivery_limit = vars.opt(
             "DEDUPD_DELIVERY_LIMIT",
             "20 with `quorum` (RabbitMQ 4's default)",
@@ -177,6 +191,7 @@ impl RelayConfig {
             missing_id,
             prefetch,
             queue_type,
+            ha,
             duplicates_exchange,
             confirm_timeout,
             shutdown_grace,
@@ -192,6 +207,11 @@ impl RelayConfig {
     /// The dead-letter exchange of the source queue: `<source>.dlx`.
     pub fn dead_letter_exchange(&self) -> String {
         format!("{}.dlx", self.source_queue)
+    }
+
+    /// The stream the active instance appends its commit batches to: `<source>.ids`.
+    pub fn ids_stream(&self) -> String {
+        format!("{}.ids", self.source_queue)
     }
 
     /// The queue bound to the dead-letter exchange: `<source>.dead`.

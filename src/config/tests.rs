@@ -68,6 +68,14 @@ fn quorum_takes_a_delivery_limit_of_20_unless_told() {
         Some(2)
     );
     refused("DEDUPD_QUEUE_TYPE", "stream");
+    // HA makes quorum the default; classic stays possible.
+    let c = parse(&[("DEDUPD_HA", "on")]).unwrap();
+    assert!(c.relay.ha);
+    assert_eq!(c.relay.queue_type.name(), "quorum");
+    assert_eq!(c.relay.ids_stream(), "dedupd.in.ids");
+    let c = parse(&[("DEDUPD_HA", "on"), ("DEDUPD_QUEUE_TYPE", "classic")]).unwrap();
+    assert_eq!(c.relay.queue_type, QueueType::Classic);
+    refused("DEDUPD_HA", "yes");
     // A limit the broker would not apply is refused rather than ignored.
     let line = refused("DEDUPD_DELIVERY_LIMIT", "5");
     assert!(line.contains("DEDUPD_QUEUE_TYPE=quorum"), "{line}");

@@ -6,6 +6,7 @@
 
 mod acks;
 mod confirms;
+pub(crate) mod ha;
 mod id;
 mod protocol;
 mod session;
@@ -88,8 +89,22 @@ pub(crate) async fn run(
     metrics: &Metrics,
     stop: Shutdown,
 ) -> Result<(), Error> {
-    let workers = Workers::start(store).map_err(Error::Threads)?;
-    let result = relay(config, metrics, &workers, stop).await;
+    // With HA, the stream side runs until the relay has drained (its commits wait for the
+    // stream's confirms), so it has a stop of its own, fired after the relay's end.
+    let ha_token = tokio_util::sync::CancellationToken::new();
+    let (ha, replicator) = if config.relay.ha {
+        let (ha, replicator) = ha::Ha::new(metrics);
+        let run = replicator.run(config.clone(), store.clone(), Shutdown::new(&ha_token));
+        (Some(ha), Some(tokio::spawn(run)))
+    } else {
+        (None, None)
+    };
+    let workers = Workers::start(store, ha.clone()).map_err(Error::Threads)?;
+    let result = relay(config, metrics, &workers, ha.as_ref(), stop).await;
+    ha_token.cancel();
+    if let Some(replicator) = replicator {
+        let _ = replicator.await;
+    }
     tokio::task::spawn_blocking(move || workers.stop())
         .await
         .expect("stopping the store threads does not panic");
@@ -101,6 +116,7 @@ async fn relay(
     config: &Config,
     metrics: &Metrics,
     workers: &Workers,
+    ha: Option<&ha::Ha>,
     mut stop: Shutdown,
 ) -> Result<(), Error> {
     let ids = id::IdExtractor::new(
@@ -170,6 +186,7 @@ async fn relay(
             workers,
             ids: &ids,
             windows: &windows,
+            ha,
         };
         let result = match Session::open(&conn, cx, events_tx, events_rx).await {
             Ok((session, deliveries)) => session.run(&conn, deliveries, stop.clone()).await,

@@ -21,6 +21,7 @@ use amqprs::{Ack, BasicProperties, Cancel, Close, CloseChannel, Nack, Return};
 use tokio::sync::mpsc;
 
 use super::confirms::Fingerprint;
+use super::ha::Ha;
 use super::id::IdExtractor;
 use super::protocol::{self, Action, Protocol, Settings, Stop, Target};
 use super::window::Windows;
@@ -132,6 +133,8 @@ pub(crate) struct Context<'a> {
     pub(crate) workers: &'a Workers,
     pub(crate) ids: &'a IdExtractor,
     pub(crate) windows: &'a Windows,
+    /// With `DEDUPD_HA=on`: takeover and the id stream.
+    pub(crate) ha: Option<&'a Ha>,
 }
 
 /// A session: its channels, the protocol, and the queues its events come in on.
@@ -148,6 +151,9 @@ pub(crate) struct Session<'a> {
     protocol: SessionProtocol,
     /// The last value given to the publishes-in-flight gauge, to set it only when it moves.
     publishes_in_flight: usize,
+    /// With HA: this session got a delivery, so the broker made it the active consumer, and it
+    /// caught up with the id stream.
+    active: bool,
 }
 
 impl<'a> Session<'a> {
@@ -233,6 +239,7 @@ impl<'a> Session<'a> {
             replies,
             protocol: Protocol::new(settings),
             publishes_in_flight: 0,
+            active: false,
         };
         Ok((session, deliveries))
     }
@@ -245,6 +252,9 @@ impl<'a> Session<'a> {
         shutdown: Shutdown,
     ) -> Result<End, Failure> {
         let result = self.relay(conn, deliveries, shutdown).await;
+        if let Some(ha) = self.cx.ha {
+            ha.step_down(self.cx.metrics);
+        }
         // What goes back to the queue now and was at its last allowed delivery is dead-lettered
         // by the broker, where dedupd would not see it.
         for tag in self.protocol.unsettled_last_chances() {
@@ -332,6 +342,12 @@ impl<'a> Session<'a> {
                 }),
                 message = deliveries.recv(), if consuming => match message {
                     Some(message) => {
+                        if let (Some(ha), false) = (self.cx.ha, self.active) {
+                            // Only the active consumer gets deliveries: before deciding any,
+                            // learn every id the previous active one got into the stream.
+                            ha.take_over(self.cx.metrics).await.map_err(Failure::Lost)?;
+                            self.active = true;
+                        }
                         let now = Instant::now();
                         self.on_delivery(message, now)?;
                         // Take what else is already here, so claims go in batches.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::ha::Ha;
 use crate::metrics::Metrics;
 use crate::store::{system_now_ms, Claim, Error as StoreError, Store, Verdict};
 
@@ -48,12 +49,13 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
-    /// Starts the claim and commit threads on `store`.
+    /// Starts the claim and commit threads on `store`. With `ha`, each commit batch is appended
+    /// to the id stream, and its messages are acked only once the stream confirmed it.
     ///
     /// # Errors
     ///
     /// When the OS refuses a thread.
-    pub(crate) fn start(store: &Store) -> std::io::Result<Workers> {
+    pub(crate) fn start(store: &Store, ha: Option<Ha>) -> std::io::Result<Workers> {
         let (claims, mut claim_rx) = mpsc::unbounded_channel::<ClaimJob>();
         let (commits, mut commit_rx) = mpsc::unbounded_channel::<CommitJob>();
         let claimer = {
@@ -93,7 +95,15 @@ impl Workers {
                             .flat_map(|j| std::mem::take(&mut j.claims))
                             .collect();
                         let claimed: Vec<Instant> = claims.iter().map(Claim::claimed_at).collect();
-                        let result = store.commit(claims, system_now_ms()).map_err(Arc::new);
+                        let ids = claims.len() as u64;
+                        let now = system_now_ms();
+                        let (result, segment) = match &ha {
+                            None => (store.commit(claims, now).map_err(Arc::new), None),
+                            Some(_) => match store.commit_logged(claims, now) {
+                                Ok(segment) => (Ok(()), Some(segment)),
+                                Err(e) => (Err(Arc::new(e)), None),
+                            },
+                        };
                         if result.is_ok() {
                             // One clock read for the batch: they all became durable together.
                             let now = Instant::now();
@@ -101,11 +111,19 @@ impl Workers {
                                 claimed.iter().map(|at| now.saturating_duration_since(*at)),
                             );
                         }
-                        for job in jobs {
-                            let _ = job.reply.send(Reply::Committed {
-                                tags: job.tags,
-                                result: result.clone(),
-                            });
+                        let reply = move || {
+                            for job in jobs {
+                                let _ = job.reply.send(Reply::Committed {
+                                    tags: job.tags,
+                                    result: result.clone(),
+                                });
+                            }
+                        };
+                        match (&ha, segment) {
+                            // Durable here; acked once the stream holds it too, so a standby
+                            // that takes over knows every id whose message was acked.
+                            (Some(ha), Some(segment)) => ha.append(segment, ids, Box::new(reply)),
+                            _ => reply(),
                         }
                     }
                 })?

@@ -174,6 +174,32 @@ impl Cluster {
         ctl_ok(&self.nodes[i], &["stop"]);
     }
 
+    /// What the broker says about queues and consumers, through node `via`, for a failure message.
+    pub fn dump(&self, via: usize) -> String {
+        let node = &self.nodes[via];
+        let queues = ctl(
+            node,
+            &[
+                "-q",
+                "list_queues",
+                "name",
+                "type",
+                "leader",
+                "members",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+                "single_active_consumer_tag",
+            ],
+        );
+        let consumers = ctl(node, &["-q", "list_consumers"]);
+        format!(
+            "queues:\n{}\nconsumers:\n{}",
+            String::from_utf8_lossy(&queues.stdout),
+            String::from_utf8_lossy(&consumers.stdout)
+        )
+    }
+
     /// The node leading queue or stream `name`, as `rabbitmqctl list_queues` reports it.
     pub fn leader(&self, via: usize, name: &str) -> Option<String> {
         let out = ctl_ok(

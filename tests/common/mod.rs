@@ -211,9 +211,33 @@ impl Broker {
         }
     }
 
+    /// Drains the destination queue into `seen` (id -> copies) until it holds `want` distinct
+    /// ids; on timeout the panic shows the logs of `relays`.
+    pub async fn collect(&self, seen: &mut HashMap<String, u32>, want: usize, relays: &[&Relay]) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            for id in ids_of(&self.drain(&self.out).await) {
+                *seen.entry(id).or_default() += 1;
+            }
+            if seen.len() >= want {
+                return;
+            }
+            let logs: Vec<String> = relays.iter().map(|r| r.log()).collect();
+            assert!(
+                Instant::now() < deadline,
+                "{} of {want} ids arrived:\n{}",
+                seen.len(),
+                logs.join("\n----\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Deletes everything this test may have declared.
     pub async fn cleanup(self) {
-        for q in [&self.source, &self.dead(), &self.out, &self.dups] {
+        // `<source>.ids`: the id stream of DEDUPD_HA=on.
+        let ids = format!("{}.ids", self.source);
+        for q in [&self.source, &self.dead(), &self.out, &self.dups, &ids] {
             let _ = self.ch.queue_delete(QueueDeleteArguments::new(q)).await;
         }
         for x in [
@@ -458,6 +482,52 @@ impl Relay {
         while self.wait_settled(1).0 < n {
             assert!(Instant::now() < deadline, "fewer than {n} forwarded");
             std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Messages forwarded so far.
+    pub fn forwarded(&self) -> u64 {
+        Self::outcome(&self.metrics(), "forwarded")
+    }
+
+    /// Waits until more than `than` messages were forwarded; returns how long that took.
+    pub fn wait_forwarding(&self, than: u64) -> Duration {
+        let started = Instant::now();
+        while self.forwarded() <= than {
+            assert!(
+                started.elapsed() < WAIT,
+                "never forwarded more than {than}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        started.elapsed()
+    }
+
+    /// The sample `name` (with labels) of `/metrics`, if there is one.
+    pub fn gauge(&self, name: &str) -> Option<f64> {
+        self.metrics().get(name).copied()
+    }
+
+    /// Waits until `/healthz` answers 200 naming `role` (`DEDUPD_HA=on`: active or standby).
+    pub fn wait_role(&mut self, role: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some((200, body)) = self.get("/healthz") {
+                if body.contains(role) {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("dedupd exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never {role}: {:?}\n{}",
+                self.get("/healthz"),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
