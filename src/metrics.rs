@@ -521,6 +521,8 @@ mod tests {
             in_flight: 0,
             bloom_generations: 1,
             bloom_bytes: 0,
+            index_bytes: 0,
+            segments: 0,
             disk_bytes: 0,
             absent_lookups: 0,
             false_positives: 0,

@@ -1,10 +1,13 @@
 //! Property test: random sequences of store operations against a `HashMap` model. The store may
-//! never report a live id as new, and (being exact) never a dead id as a duplicate.
+//! never report a live id as new, and (being exact) never a dead id as a duplicate; the Redis
+//! endpoint's keys (SET NX, EXPIRE, DEL) answer as the model does, across sweeps (segments
+//! rewritten forward), clean closes and crashes (replay of the segments).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dedupd::store::kv::{Condition, Expiry};
 use dedupd::store::ManualClock;
 use dedupd::{Claim, Store, StoreConfig, Verdict};
 use proptest::prelude::*;
@@ -23,6 +26,12 @@ enum Op {
     Rebuild,
     CloseAndReopen,
     CrashAndReopen,
+    /// `SET key-n n NX PX ms`.
+    KvSetNx(u8, u64),
+    /// `PEXPIRE key-n ms`.
+    KvExpire(u8, u64),
+    /// `DEL key-n`.
+    KvDel(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -36,6 +45,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Rebuild),
         1 => Just(Op::CloseAndReopen),
         1 => Just(Op::CrashAndReopen),
+        3 => (0u8..8, 1u64..3 * TTL_MS).prop_map(|(n, ms)| Op::KvSetNx(n, ms)),
+        1 => (0u8..8, 1u64..3 * TTL_MS).prop_map(|(n, ms)| Op::KvExpire(n, ms)),
+        1 => (0u8..8).prop_map(Op::KvDel),
     ]
 }
 
@@ -59,8 +71,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     // Model: id -> expiry of its record.
     let mut model: HashMap<Vec<u8>, u64> = HashMap::new();
     let mut held: Vec<Claim> = Vec::new();
+    // Model of the Redis keys: key -> (value, expiry).
+    let mut keys: HashMap<Vec<u8>, (Vec<u8>, u64)> = HashMap::new();
     let mut now = T0;
     for op in ops {
+        let op_name = format!("{op:?}");
         match op {
             Op::Claim(n) => {
                 let key = id(n);
@@ -102,6 +117,45 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Advance(ms) => now += ms,
+            Op::KvSetNx(n, ms) => {
+                let key = format!("key-{n}").into_bytes();
+                let live = keys.get(&key).is_some_and(|&(_, exp)| now < exp);
+                let value = vec![n; (ms % 7) as usize + 1];
+                let out = store
+                    .kv()
+                    .set(
+                        &key,
+                        &value,
+                        Condition::IfAbsent,
+                        Expiry::In(Duration::from_millis(ms)),
+                        now,
+                    )
+                    .unwrap();
+                prop_assert_eq!(out.written, !live, "SET NX on key-{}", n);
+                if !live {
+                    keys.insert(key, (value, now + ms));
+                }
+            }
+            Op::KvExpire(n, ms) => {
+                let key = format!("key-{n}").into_bytes();
+                let found = store
+                    .kv()
+                    .expire(&key, Expiry::In(Duration::from_millis(ms)), now)
+                    .unwrap();
+                match keys.get_mut(&key) {
+                    Some((_, exp)) if now < *exp => {
+                        prop_assert!(found, "EXPIRE missed live key-{}", n);
+                        *exp = now + ms;
+                    }
+                    _ => prop_assert!(!found, "EXPIRE found dead key-{}", n),
+                }
+            }
+            Op::KvDel(n) => {
+                let key = format!("key-{n}").into_bytes();
+                let removed = store.kv().delete(&key, now).unwrap();
+                let live = keys.remove(&key).is_some_and(|(_, exp)| now < exp);
+                prop_assert_eq!(removed, live, "DEL key-{}", n);
+            }
             // Bounded: a sweep that stops part-way must leave nothing inconsistent.
             Op::Sweep => drop(store.sweep(now, 3).unwrap()),
             Op::Rebuild => store.rebuild_filter(now).unwrap(),
@@ -115,6 +169,19 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
                 store = open(dir.path());
             }
+        }
+        // Every Redis key reads as the model says, value and expiry.
+        for n in 0u8..8 {
+            let key = format!("key-{n}").into_bytes();
+            let want = keys.get(&key).filter(|&&(_, exp)| now < exp);
+            let got = store.kv().get(&key, now).unwrap();
+            prop_assert_eq!(
+                got.map(|e| (e.value, e.expires_ms)),
+                want.cloned(),
+                "key-{} after {:?}",
+                n,
+                op_name
+            );
         }
         // Every id the model says is live is a "maybe" in the filter: no false negatives.
         for (key, &exp) in &model {

@@ -1,22 +1,26 @@
 //! Background TTL compaction, tied to the store's lifetime.
 //!
-//! One thread sleeps until the earliest expiry (or until a commit brings an earlier one, or a
-//! burst rolls a Bloom generation), then deletes what is due in bounded batches and rebuilds the
-//! Bloom filter once a window. It is a plain thread, not a tokio task: every step is a blocking
-//! sled call.
+//! One thread sleeps until the earliest segment comes due (or until a write brings an earlier
+//! one, or a burst rolls a Bloom generation), then drops what is due segment by segment and
+//! rebuilds the Bloom filters from the index once a window (and at once after an open that had
+//! to replay, filling the filter the index answered without). It is a plain thread, not a
+//! tokio task: every step is a blocking sled call.
+//!
+//! Also here: the replay of the segments into the index at open.
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::record;
-use super::space::Space;
-use super::{first_due, scan_live, Error, ScanError, Shared};
+use super::index::{short, Ids, Keys, KvSlot, SHARDS};
+use super::segment::{self, KvEntry, RelayEntry};
+use super::{Error, Namespace, Shared};
 
-/// Ids deleted per sled flush: bounds how long one sweep step keeps the disk busy, so commits
-/// and claims interleave with a large sweep.
-pub(crate) const SWEEP_BATCH: usize = 1024;
+/// Entries looked at per sweep step: bounds how long one step holds the commit lock, so
+/// commits and claims interleave with a large sweep.
+pub(crate) const SWEEP_BATCH: usize = 4096;
 
 /// Longest sleep: a wall-clock jump or a missed wake-up costs at most this much lateness.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -73,13 +77,13 @@ fn run(shared: &Shared) {
         }
         let next = [&shared.relay, &shared.kv]
             .iter()
-            .map(|space| {
-                let rebuild_at = space
+            .map(|ns| {
+                let rebuild_at = ns
                     .filters
                     .read()
                     .expect("filter lock")
                     .rebuild_at(shared.ttl_ms);
-                space.next_expiry_ms.load(Ordering::SeqCst).min(rebuild_at)
+                ns.next_due_ms.load(Ordering::SeqCst).min(rebuild_at)
             })
             .min()
             .unwrap_or(u64::MAX);
@@ -94,37 +98,68 @@ fn run(shared: &Shared) {
     }
 }
 
-/// One round, for each namespace: sweep everything due (batch by batch), then drop or rebuild
-/// Bloom generations.
-fn step(shared: &Shared, now_ms: u64) -> Result<(), Error> {
-    for space in [&shared.relay, &shared.kv] {
-        while !shared.stopping.load(Ordering::SeqCst) {
-            if sweep(shared, space, now_ms, SWEEP_BATCH)? == 0
-                && space.next_expiry_ms.load(Ordering::SeqCst) > now_ms
-            {
-                break;
-            }
+/// The two namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Which {
+    Relay,
+    Kv,
+}
+
+impl Which {
+    fn of(self, shared: &Shared) -> &Namespace {
+        match self {
+            Which::Relay => &shared.relay,
+            Which::Kv => &shared.kv,
         }
+    }
+}
+
+/// One round, for each namespace: drop what is due (step by step), then drop or rebuild Bloom
+/// generations.
+fn step(shared: &Shared, now_ms: u64) -> Result<(), Error> {
+    for which in [Which::Relay, Which::Kv] {
+        let ns = which.of(shared);
+        // The filter first: after an open that replayed, it is what the lookups lack.
         let rebuild_due = {
-            let mut filters = space.filters.write().expect("filter lock");
+            let mut filters = ns.filters.write().expect("filter lock");
             filters.drop_expired(now_ms);
             filters.rebuild_due(now_ms, shared.ttl_ms)
         };
         if rebuild_due {
-            rebuild(shared, space, now_ms)?;
+            rebuild(shared, which, now_ms);
+        }
+        while !shared.stopping.load(Ordering::SeqCst)
+            && ns.next_due_ms.load(Ordering::SeqCst) <= now_ms
+        {
+            if sweep(shared, which, now_ms, SWEEP_BATCH)? == 0
+                && ns.next_due_ms.load(Ordering::SeqCst) <= now_ms
+            {
+                // Nothing dropped although something is due: a backup holds the segments.
+                break;
+            }
         }
     }
     Ok(())
 }
 
-/// Deletes the ids of due index entries, about `max_ids` at a time; returns how many records
-/// it deleted.
+/// What became of a due segment's entries.
+#[derive(Default)]
+struct Verdicts {
+    /// Entries dropped from the index.
+    dropped: u64,
+    /// Live entries to rewrite forward, encoded, with their expiries.
+    keep: Option<(Vec<u8>, Vec<u64>)>,
+}
+
+/// Drops segments due at `now_ms`, looking at about `max_entries` entries; returns how many
+/// index entries it dropped.
 pub(crate) fn sweep(
     shared: &Shared,
-    space: &Space,
+    which: Which,
     now_ms: u64,
-    max_ids: usize,
+    max_entries: usize,
 ) -> Result<u64, Error> {
+    let ns = which.of(shared);
     let err = |context| {
         move |source| Error::Sled {
             context,
@@ -132,83 +167,275 @@ pub(crate) fn sweep(
             source,
         }
     };
-    let mut seen_ids = 0usize;
-    let mut deleted = 0u64;
-    let mut entries = 0usize;
-    for entry in space.expiry.range(..=record::index_key_due(now_ms)) {
-        let (key, ids) = entry.map_err(err("sweep"))?;
-        for id in record::index_ids(&ids) {
-            seen_ids += 1;
-            let Some(current) = space.tree.get(id).map_err(err("sweep"))? else {
-                continue; // forgotten, or swept through an older entry
-            };
-            if record::decode(id, &current)?.is_live(now_ms) {
-                continue; // committed again since: its newer index entry will come due later
-            }
-            // Compare-and-swap: if a commit re-recorded the id since our read, keep the new
-            // record. A plain remove here could delete a live id.
-            if space
-                .tree
-                .compare_and_swap(id, Some(current), None::<&[u8]>)
-                .map_err(err("sweep"))?
-                .is_ok()
-            {
-                deleted += 1;
-            }
-        }
-        // Only after its ids: a crash before this leaves the entry to be swept again.
-        space.expiry.remove(key).map_err(err("sweep"))?;
-        entries += 1;
-        if seen_ids >= max_ids {
+    let mut looked_at = 0usize;
+    let mut dropped = 0u64;
+    let mut changed = false;
+    while looked_at < max_entries {
+        let guard = shared.write_lock()?;
+        // A backup reads the segments it listed: none may go while it runs. Checked under the
+        // lock the backup takes its list under, so no sweep slips in between.
+        if shared.backups.load(Ordering::SeqCst) > 0 {
             break;
         }
+        let Some((key, bytes)) = ns
+            .segments
+            .range(..=segment::due_bound(now_ms))
+            .next()
+            .transpose()
+            .map_err(err("sweep"))?
+        else {
+            break;
+        };
+        let (verdicts, entries) = match which {
+            Which::Relay => {
+                let (commit_ms, entries) = segment::decode_relay(&bytes)?;
+                let n = entries.len();
+                (relay_verdicts(shared, commit_ms, &entries, now_ms), n)
+            }
+            Which::Kv => {
+                let (commit_ms, entries) = segment::decode_kv(&bytes)?;
+                let n = entries.len();
+                (kv_verdicts(shared, commit_ms, entries, now_ms), n)
+            }
+        };
+        if let Some((bytes, expiries)) = verdicts.keep {
+            // The rewrite goes in before the old segment goes: a crash in between leaves both,
+            // which replay reads as the same facts twice.
+            shared.append(&guard, ns, expiries, bytes)?;
+        }
+        ns.segments.remove(&key).map_err(err("sweep"))?;
+        drop(guard);
+        changed = true;
+        looked_at += entries.max(1);
+        dropped += verdicts.dropped;
+        shared
+            .swept_ids
+            .fetch_add(verdicts.dropped, Ordering::Relaxed);
     }
-    if entries > 0 {
+    if changed {
         shared.db.flush().map_err(err("sweep flush"))?;
     }
-    space.live.fetch_sub(deleted, Ordering::Relaxed);
-    shared.swept_ids.fetch_add(deleted, Ordering::Relaxed);
-    let next = first_due(&space.expiry).map_err(err("sweep"))?;
-    space
-        .next_expiry_ms
-        .store(next.unwrap_or(u64::MAX), Ordering::SeqCst);
-    Ok(deleted)
+    let next = ns
+        .segments
+        .first()
+        .map_err(err("sweep"))?
+        .map_or(u64::MAX, |(k, _)| segment::parse_key(&k).0);
+    ns.next_due_ms.store(next, Ordering::SeqCst);
+    Ok(dropped)
 }
 
-/// Replaces the Bloom generations with one built from sled's live ids.
-pub(crate) fn rebuild(shared: &Shared, space: &Space, now_ms: u64) -> Result<(), Error> {
-    let started = Instant::now();
-    let fresh = {
-        // Under the commit lock: every commit that inserted into the filter before this point
-        // has also finished writing sled, so the scan below sees it; later ones go to `pending`.
-        let _commits = shared.commit_lock.lock().expect("commit lock");
-        let mut filters = space.filters.write().expect("filter lock");
-        filters.begin_rebuild();
-        filters.for_rebuild(space.live.load(Ordering::Relaxed), now_ms)
-    };
-    match scan_live(&space.tree, fresh, now_ms) {
-        Ok((fresh, records)) => {
-            let mut filters = space.filters.write().expect("filter lock");
-            filters.finish_rebuild(fresh);
-            shared.bloom_rebuilds.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                records,
-                generations = filters.generations(),
-                ms = started.elapsed().as_millis() as u64,
-                "bloom filter rebuilt"
-            );
-            Ok(())
+/// For a due relay segment: drops its expired ids from the index, keeps the entries that are
+/// still the live truth (a later-expiring id of a mixed batch, a tombstone still needed).
+fn relay_verdicts(
+    shared: &Shared,
+    commit_ms: u64,
+    entries: &[RelayEntry],
+    now_ms: u64,
+) -> Verdicts {
+    let mut v = Verdicts::default();
+    let mut keep = Vec::new();
+    for e in entries {
+        let key = short(e.digest);
+        if e.expires_ms <= now_ms {
+            if !e.tombstone && shared.ids.remove_if(key, |exp| exp <= now_ms) {
+                v.dropped += 1;
+            }
+            continue;
         }
-        Err(e) => {
-            space.filters.write().expect("filter lock").abort_rebuild();
-            Err(match e {
-                ScanError::Sled(source) => Error::Sled {
-                    context: "rebuild",
-                    path: shared.dir.clone(),
-                    source,
-                },
-                ScanError::Record(e) => e,
-            })
+        let current = shared.ids.get(key);
+        let still_true = if e.tombstone {
+            current.is_none()
+        } else {
+            current == Some(e.expires_ms)
+        };
+        if still_true {
+            keep.push(*e);
         }
     }
+    if !keep.is_empty() {
+        let expiries = keep.iter().map(|e| e.expires_ms).collect();
+        v.keep = Some((segment::encode_relay(commit_ms, &keep), expiries));
+    }
+    v
+}
+
+/// As [`relay_verdicts`], for the Redis endpoint's keys. An entry stays on disk while it is
+/// its key's newest write and unexpired, or while an older write it shadows could still come
+/// back (its `retain_ms`); an expired put kept for that reason becomes a delete.
+fn kv_verdicts(shared: &Shared, commit_ms: u64, entries: Vec<KvEntry>, now_ms: u64) -> Verdicts {
+    let mut v = Verdicts::default();
+    let mut keep = Vec::new();
+    for e in entries {
+        let newest = shared.keys.version(e.key()) == Some(e.version());
+        match e {
+            KvEntry::Put {
+                key,
+                expires_ms,
+                retain_ms,
+                version,
+                ..
+            } if expires_ms <= now_ms => {
+                if newest
+                    && shared
+                        .keys
+                        .remove_if(&key, |s| s.version == version)
+                        .is_some()
+                {
+                    v.dropped += 1;
+                }
+                if now_ms < retain_ms {
+                    keep.push(KvEntry::Delete {
+                        key,
+                        expires_ms: retain_ms,
+                        version,
+                    });
+                }
+            }
+            // A newer write of the key shadows at least as long as this one did.
+            put @ KvEntry::Put { .. } if newest => keep.push(put),
+            KvEntry::Put { .. } => {}
+            // Kept for as long as it must, newer writes or not: they may expire before it.
+            KvEntry::Delete { expires_ms, .. } if now_ms < expires_ms => keep.push(e),
+            KvEntry::Delete { .. } => {}
+        }
+    }
+    if !keep.is_empty() {
+        let expiries = keep.iter().map(KvEntry::retain_ms).collect();
+        v.keep = Some((segment::encode_kv(commit_ms, &keep), expiries));
+    }
+    v
+}
+
+/// Replaces a namespace's Bloom generations with one built from the index's live entries.
+pub(crate) fn rebuild(shared: &Shared, which: Which, now_ms: u64) {
+    let started = Instant::now();
+    let ns = which.of(shared);
+    let live = match which {
+        Which::Relay => shared.ids.len(),
+        Which::Kv => shared.keys.len(),
+    } as u64;
+    let mut fresh = {
+        // Every index insert made before this point is visible to the copy below (writers put
+        // the index entry before the filter's); later filter inserts are also kept in
+        // `pending` and land in the fresh filter when it is swapped in.
+        let mut filters = ns.filters.write().expect("filter lock");
+        filters.begin_rebuild();
+        filters.for_rebuild(live, now_ms)
+    };
+    // Copied out shard by shard, so no shard's lock is held while the filter is filled.
+    let mut copied: Vec<(u128, u64)> = Vec::new();
+    for shard in 0..SHARDS {
+        copied.clear();
+        match which {
+            Which::Relay => shared.ids.with_shard(shard, |t| {
+                copied.extend(
+                    t.iter()
+                        .filter(|s| now_ms < s.expires_ms())
+                        .map(|s| (s.short(), s.expires_ms())),
+                );
+            }),
+            Which::Kv => shared.keys.tables().with_shard(shard, |t| {
+                copied.extend(
+                    t.iter()
+                        .filter(|s| now_ms < s.expires_ms)
+                        .map(|s| (short(shared.keyed.digest(s.key())), s.expires_ms)),
+                );
+            }),
+        }
+        for &(key, expires_ms) in &copied {
+            fresh.insert(key, expires_ms);
+        }
+    }
+    let mut filters = ns.filters.write().expect("filter lock");
+    filters.finish_rebuild(fresh);
+    shared.bloom_rebuilds.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(
+        ?which,
+        live,
+        generations = filters.generations(),
+        ms = started.elapsed().as_millis() as u64,
+        "bloom filter rebuilt"
+    );
+}
+
+/// Fills the index by replaying every segment in the order it was written (its sequence
+/// number): the newest entry of a key wins; entries expired at `now_ms` are skipped.
+pub(crate) fn replay(
+    dir: &Path,
+    relay: &sled::Tree,
+    kv: &sled::Tree,
+    ids: &Ids,
+    keys: &Keys,
+    now_ms: u64,
+) -> Result<(), Error> {
+    let in_order = |tree: &sled::Tree| -> Result<Vec<sled::IVec>, Error> {
+        let mut all = Vec::with_capacity(tree.len());
+        for item in tree.iter() {
+            let (k, v) = item.map_err(|source| Error::Sled {
+                context: "replay",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+            all.push((segment::parse_key(&k).1, v));
+        }
+        all.sort_unstable_by_key(|(seq, _)| *seq);
+        Ok(all.into_iter().map(|(_, v)| v).collect())
+    };
+    for bytes in in_order(relay)? {
+        for e in segment::decode_relay(&bytes)?.1 {
+            let key = short(e.digest);
+            if e.tombstone || e.expires_ms <= now_ms {
+                ids.remove_if(key, |_| true);
+            } else {
+                ids.insert(key, e.expires_ms);
+            }
+        }
+    }
+    // The newest version of each key wins, whatever order rewrites left the segments in;
+    // deletes are remembered while replaying so an older put cannot come back after them.
+    let mut deleted: std::collections::HashMap<Vec<u8>, u64> = std::collections::HashMap::new();
+    for bytes in in_order(kv)? {
+        for e in segment::decode_kv(&bytes)?.1 {
+            let newer = |v: u64| {
+                keys.version(e.key()).is_none_or(|have| have < v)
+                    && deleted.get(e.key()).is_none_or(|&have| have < v)
+            };
+            if !newer(e.version()) {
+                continue;
+            }
+            match KvSlot::of(&e) {
+                Some(slot) if now_ms < slot.expires_ms => {
+                    keys.put(slot);
+                }
+                _ => {
+                    keys.remove_if(e.key(), |_| true);
+                    deleted.insert(e.key().to_vec(), e.version());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// When a live relay id was committed: the commit time of the segment that holds its entry.
+/// Segments of a uniform window are filed under that expiry, so that range is looked at
+/// first; then every segment (an operator's lookup, not a hot path).
+pub(crate) fn commit_time_of(
+    shared: &Shared,
+    digest: u128,
+    expires_ms: u64,
+) -> Result<Option<u64>, Error> {
+    let tree = &shared.relay.segments;
+    let filed = tree.range(segment::key(expires_ms, 0)..=segment::key(expires_ms, u64::MAX));
+    for item in filed.chain(tree.iter()) {
+        let (_, bytes) = item.map_err(shared.sled_err("check"))?;
+        let (commit_ms, entries) = segment::decode_relay(&bytes)?;
+        if entries
+            .iter()
+            .any(|e| e.digest == digest && e.expires_ms == expires_ms && !e.tombstone)
+        {
+            return Ok(Some(commit_ms));
+        }
+    }
+    Ok(None)
 }

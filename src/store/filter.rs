@@ -1,13 +1,14 @@
 //! The in-memory prefilter: Bloom generations over xxh3-128 digests of the ids.
 //!
 //! Normally one generation answers every lookup (one filter probe, the fast path). The store
-//! rebuilds a fresh generation from sled's live ids about once per window and swaps it in, so
+//! rebuilds a fresh generation from the index's live ids about once per window and swaps it in, so
 //! expired ids stop costing false positives without querying many time slices. A burst above the
 //! expected rate rolls a new generation early instead of overfilling the current one; the next
 //! rebuild folds them back into one filter sized for what is really live.
 //!
-//! Invariant kept by the store, not by this type: every id live in sled was `insert`ed here (or
-//! was seen by the rebuild scan that produced the current generation).
+//! Invariant kept by the store, not by this type: every id live in the index was `insert`ed
+//! here (or was seen by the rebuild that produced the current generation), once the filter is
+//! ready.
 
 use bloomfilter::Bloom;
 use serde::{Deserialize, Serialize};
@@ -16,8 +17,9 @@ use serde::{Deserialize, Serialize};
 /// snapshot. The seed is not a secret; ids are digested with xxh3 before they get here.
 const SEED: [u8; 32] = *b"dedupd bloom generation seed v1.";
 
-/// Digest of an id: what the filter hashes, and what the rebuild collects.
-pub(crate) fn digest(id: &[u8]) -> u128 {
+/// A digest for the unit tests below (the store's own are keyed per data dir).
+#[cfg(test)]
+fn digest(id: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(id)
 }
 
@@ -56,7 +58,7 @@ impl Generation {
 pub(crate) struct Filters {
     /// Oldest first; inserts go to the last one. Never empty.
     gens: Vec<Generation>,
-    /// `Some` while a rebuild is scanning sled: inserts are also recorded here so the rebuilt
+    /// `Some` while a rebuild is copying the index: inserts are also recorded here so the rebuilt
     /// generation can be topped up with everything the scan may have missed.
     pending: Option<Vec<(u128, u64)>>,
     /// Capacity given to a generation rolled early during a burst.
@@ -65,6 +67,9 @@ pub(crate) struct Filters {
     fp_rate: f64,
     /// When the current base generation was built (ms); a rebuild is due one window later.
     built_ms: u64,
+    /// `false` while the filter is still being filled from the index after an open without a
+    /// snapshot: it answers "maybe" to everything until then (the index is exact on its own).
+    ready: bool,
 }
 
 impl Filters {
@@ -76,13 +81,22 @@ impl Filters {
             roll_capacity: capacity,
             fp_rate,
             built_ms: now_ms,
+            ready: true,
+        }
+    }
+
+    /// A filter that answers "maybe" until a rebuild fills it.
+    pub(crate) fn unready(capacity: u64, fp_rate: f64, now_ms: u64) -> Filters {
+        Filters {
+            ready: false,
+            ..Filters::new(capacity, fp_rate, now_ms)
         }
     }
 
     /// "Maybe" (`true`) or "certainly not" (`false`). Newest first: a recent duplicate is the
     /// common positive.
     pub(crate) fn contains(&self, digest: u128) -> bool {
-        self.gens.iter().rev().any(|g| g.bloom.check(&digest))
+        !self.ready || self.gens.iter().rev().any(|g| g.bloom.check(&digest))
     }
 
     /// Records a digest. Returns `true` when this insert rolled a new generation, so the caller
@@ -121,12 +135,18 @@ impl Filters {
     /// Whether a rebuild would pay off: several generations to fold back into one, or a window
     /// has passed since the base was built, so part of it is expired.
     pub(crate) fn rebuild_due(&self, now_ms: u64, ttl_ms: u64) -> bool {
+        if !self.ready {
+            return true;
+        }
         let inserted = self.gens.iter().map(|g| g.inserted).sum::<u64>();
         self.gens.len() > 1 || (inserted > 0 && now_ms >= self.built_ms.saturating_add(ttl_ms))
     }
 
     /// When the next rebuild falls due if nothing rolls over (ms); never for an empty filter.
     pub(crate) fn rebuild_at(&self, ttl_ms: u64) -> u64 {
+        if !self.ready {
+            return 0;
+        }
         if self.gens.iter().all(|g| g.inserted == 0) {
             return u64::MAX;
         }
@@ -134,7 +154,7 @@ impl Filters {
     }
 
     /// Starts recording inserts for a rebuild. The caller must make sure every insert made before
-    /// this call is already visible in sled, so the scan sees it.
+    /// this call is already in the index, so the copy sees it.
     pub(crate) fn begin_rebuild(&mut self) {
         self.pending = Some(Vec::new());
     }
@@ -147,11 +167,6 @@ impl Filters {
         // A generation rolled during the scan only holds ids that are also in `pending`.
         fresh.roll_capacity = self.roll_capacity;
         *self = fresh;
-    }
-
-    /// Abandons a rebuild (scan failed): the current generations stay valid.
-    pub(crate) fn abort_rebuild(&mut self) {
-        self.pending = None;
     }
 
     /// Builds a one-generation set for a rebuild scan over about `live` ids.
@@ -188,6 +203,7 @@ impl Filters {
             roll_capacity: self.roll_capacity,
             fp_rate: self.fp_rate,
             built_ms: self.built_ms,
+            ready: self.ready,
         }
     }
 
@@ -211,17 +227,20 @@ impl Filters {
             roll_capacity: snap.roll_capacity,
             fp_rate: snap.fp_rate,
             built_ms: snap.built_ms,
+            ready: snap.ready,
         })
     }
 }
 
-/// Serialised generations, written next to the sled files on a clean close.
+/// Serialised generations, written in the index snapshot on a clean close.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct FiltersSnapshot {
     gens: Vec<GenerationSnapshot>,
     roll_capacity: u64,
     fp_rate: f64,
     built_ms: u64,
+    /// A filter still being filled when the store closed is filled again after the open.
+    ready: bool,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -1,21 +1,19 @@
 //! The key-value namespace behind the Redis endpoint: keys with values and an expiry, apart from
 //! the relay's ids, on the same sled database, flushes, Bloom scheme and compactor.
 //!
-//! Every write is durable when it returns: writers apply their change under the store's commit
-//! lock (which also makes `NX`/`XX` an atomic check-and-set) and then share a group flush. A
-//! caller with many writes in a row (a pipeline) uses the `_deferred` forms and waits once, with
-//! [`Kv::wait_durable`] on the last [`Ticket`], so one flush covers them all. All calls block on
-//! sled: from async code, use `spawn_blocking` or a thread of your own.
+//! Writes go through a [`Txn`] of [`Kv::batch`]: under the store's commit lock (which makes
+//! `NX`/`XX` an atomic check-and-set and a script atomic), each write changes the index at once
+//! and adds an entry to the batch's segment; the batch ends with one sled append and a ticket,
+//! and [`Kv::wait_durable`] on the ticket shares a group flush with every other writer. The
+//! one-call forms (`set`, `delete`, `expire`) are a batch of one. All calls block on sled: from
+//! async code, use `spawn_blocking` or a thread of your own.
 
-use std::collections::BTreeMap;
-use std::ops::Bound;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
-use super::filter::digest;
-use super::record;
-use super::{Error, Seen, Shared};
+use super::index::{short, KvSlot, SHARDS};
+use super::segment::{self, KvEntry};
+use super::{Error, Shared};
 
 /// A live key's value and times.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,9 +62,9 @@ pub struct SetOutcome {
 /// One page of [`Kv::scan`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScanPage {
-    /// The live keys among the records looked at, in key order.
+    /// The live keys of the part of the index looked at (sorted within the page).
     pub keys: Vec<Vec<u8>>,
-    /// The key to resume after; `None` once the end is reached.
+    /// Where to resume (opaque; pass it back as `after`); `None` once the end is reached.
     pub next: Option<Vec<u8>>,
 }
 
@@ -91,21 +89,17 @@ impl Kv {
     ///
     /// # Errors
     ///
-    /// A refused key (empty, over the id limit) or a sled or record error.
+    /// A refused key (empty, over the id limit).
     pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Entry>, Error> {
-        let shared = &self.shared;
-        shared.validate(key)?;
-        match shared.lookup(&shared.kv, key, digest(key), now_ms)? {
-            Some((_, bytes)) => entry(key, &bytes).map(Some),
-            None => Ok(None),
-        }
+        self.shared.validate(key)?;
+        Ok(live(&self.shared, key, now_ms).map(|s| entry(&s)))
     }
 
     /// Writes `value` under `key` if `cond` allows; durable when it returns.
     ///
     /// # Errors
     ///
-    /// A refused key, a sled or record error, or [`Error::Closed`].
+    /// A refused key, a sled error, or [`Error::Closed`].
     pub fn set(
         &self,
         key: &[u8],
@@ -163,7 +157,7 @@ impl Kv {
     ///
     /// # Errors
     ///
-    /// A refused key or a sled or record error.
+    /// A refused key or a sled error.
     pub fn expire(&self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, Error> {
         let (found, ticket) = self.expire_deferred(key, expiry, now_ms)?;
         self.wait_durable(ticket)?;
@@ -186,26 +180,41 @@ impl Kv {
     }
 
     /// Runs `f` under the store's write lock: its reads and writes through the [`Txn`] are
-    /// atomic against every other write of the store (relay commits included). Returns what
-    /// `f` returned and a ticket covering its writes: wait on it with [`Kv::wait_durable`]
-    /// before telling anyone they are stored. Writes made through `tx` are visible to readers
-    /// as they are made; [`Txn::rollback_to`] takes them back.
+    /// atomic against every other write of the store (relay commits included). The batch's
+    /// writes go to disk as one segment. Returns what `f` returned and a ticket covering its
+    /// writes: wait on it with [`Kv::wait_durable`] before telling anyone they are stored.
+    /// Writes made through `tx` are visible to readers as they are made; [`Txn::rollback_to`]
+    /// takes them back before they reach disk.
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] once the store is closed (`f` is not run then).
+    /// [`Error::Closed`] once the store is closed (`f` is not run then), or a sled error while
+    /// appending the segment (the batch's writes are then taken back).
     pub fn batch<R>(&self, f: impl FnOnce(&mut Txn<'_>) -> R) -> Result<(R, Ticket), Error> {
-        let guard = self.shared.write_lock()?;
+        let shared = &self.shared;
+        let guard = shared.write_lock()?;
         let mut tx = Txn {
-            kv: self,
-            _guard: guard,
+            shared,
+            guard,
             undo: Vec::new(),
+            written: Vec::new(),
+            now_ms: 0,
         };
         let out = f(&mut tx);
-        drop(tx);
-        // A batch that wrote nothing still gets a ticket: what it read may be a write of
-        // another batch not yet durable.
-        Ok((out, self.ticket()))
+        if tx.written.is_empty() {
+            // What the batch read may be a write of another batch not yet durable.
+            drop(tx);
+            return Ok((out, self.ticket()));
+        }
+        let bytes = segment::encode_kv(tx.now_ms, &tx.written);
+        let expiries = tx.written.iter().map(KvEntry::retain_ms).collect();
+        match shared.append(&tx.guard, &shared.kv, expiries, bytes) {
+            Ok(ticket) => Ok((out, Ticket(ticket))),
+            Err(e) => {
+                tx.rollback_to(Savepoint::default())?;
+                Err(e)
+            }
+        }
     }
 
     /// Returns once every write up to `ticket` is durable (one flush covers many tickets).
@@ -231,123 +240,93 @@ impl Kv {
         Ticket(self.shared.flush.ticket())
     }
 
-    /// Up to `count` records after `after` in key order, of which the live keys are returned,
-    /// with the key to resume after (`None` once the end is reached).
+    /// Live keys of the next part of the index: the shards from `after` (opaque, from the
+    /// previous page) until at least `count` keys are found. Every key live for the whole scan
+    /// is returned once; as with Redis' `SCAN`, `count` is a hint.
     ///
     /// # Errors
     ///
-    /// A sled or record error.
+    /// None today; kept for callers that handle one.
     pub fn scan(&self, after: Option<&[u8]>, count: usize, now_ms: u64) -> Result<ScanPage, Error> {
-        let shared = &self.shared;
-        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut shard = after
+            .and_then(|a| <[u8; 4]>::try_from(a).ok())
+            .map_or(0, |b| u32::from_be_bytes(b) as usize);
         let mut keys = Vec::new();
-        let mut last = None;
-        let mut iter = shared.kv.tree.range::<&[u8], _>((from, Bound::Unbounded));
-        for item in iter.by_ref().take(count.max(1)) {
-            let (k, v) = item.map_err(shared.sled_err("scan"))?;
-            if record::decode(&k, &v)?.is_live(now_ms) {
-                keys.push(k.to_vec());
-            }
-            last = Some(k.to_vec());
+        let tables = self.shared.keys.tables();
+        while shard < SHARDS && keys.len() < count.max(1) {
+            let mut page: Vec<Vec<u8>> = tables.with_shard(shard, |t| {
+                t.iter()
+                    .filter(|s| now_ms < s.expires_ms)
+                    .map(|s| s.key().to_vec())
+                    .collect()
+            });
+            page.sort_unstable();
+            keys.extend(page);
+            shard += 1;
         }
-        let more = iter.next().is_some();
         Ok(ScanPage {
             keys,
-            next: if more { last } else { None },
+            next: (shard < SHARDS).then(|| (shard as u32).to_be_bytes().to_vec()),
         })
     }
 
-    /// Keys on disk (expired ones the compactor has not reached yet included).
+    /// Keys in the index (expired ones the compactor has not reached yet included).
     pub fn len(&self) -> u64 {
-        self.shared.kv.live.load(Ordering::Relaxed)
+        self.shared.keys.len() as u64
     }
 
-    /// Whether no key is on disk.
+    /// Whether the index holds no key.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
 
-    fn expiry_of(&self, expiry: Expiry, current: Option<&Entry>, now_ms: u64) -> u64 {
-        let window = now_ms.saturating_add(self.shared.ttl_ms);
-        match expiry {
-            Expiry::In(d) => now_ms.saturating_add(d.as_millis() as u64),
-            Expiry::At(ms) => ms,
-            Expiry::Keep => current.map_or(window, |e| e.expires_ms),
-            Expiry::Window => window,
+/// The live entry of `key`: the filter first, the index on a "maybe".
+fn live(shared: &Shared, key: &[u8], now_ms: u64) -> Option<KvSlot> {
+    if !shared.may_hold(&shared.kv, short(shared.keyed.digest(key))) {
+        return None;
+    }
+    match shared.keys.get(key) {
+        Some(s) if now_ms < s.expires_ms => Some(s),
+        _ => {
+            shared.false_positive();
+            None
         }
     }
+}
 
-    /// Writes a record and its index entry (under the commit lock). An expiry already past
-    /// removes the key instead, as Redis does. Wakes the compactor if its deadline moved.
-    fn write(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        set_ms: u64,
-        expires_ms: u64,
-        now_ms: u64,
-    ) -> Result<(), Error> {
-        let shared = &self.shared;
-        if expires_ms <= now_ms {
-            return self.remove(key);
-        }
-        // Filter first, then sled: never a live key the filter does not know.
-        let rolled = shared.kv.remember(key, expires_ms);
-        let seen = Seen {
-            first_seen_ms: set_ms,
-            expires_ms,
-        };
-        let previous = shared
-            .kv
-            .tree
-            .insert(key, record::encode_kv(seen, value))
-            .map_err(shared.sled_err("set"))?;
-        if previous.is_none() {
-            shared.kv.live.fetch_add(1, Ordering::Relaxed);
-        }
-        let mut index = Vec::with_capacity(key.len() + 2);
-        record::push_index_id(&mut index, key);
-        let earlier = shared
-            .kv
-            .write_index(&shared.db, BTreeMap::from([(expires_ms, index)]))
-            .map_err(shared.sled_err("set"))?;
-        if earlier || rolled {
-            shared.wake_compactor();
-        }
-        Ok(())
-    }
-
-    fn remove(&self, key: &[u8]) -> Result<(), Error> {
-        let shared = &self.shared;
-        if shared
-            .kv
-            .tree
-            .remove(key)
-            .map_err(shared.sled_err("delete"))?
-            .is_some()
-        {
-            shared.kv.live.fetch_sub(1, Ordering::Relaxed);
-        }
-        Ok(())
+fn entry(slot: &KvSlot) -> Entry {
+    Entry {
+        value: slot.value().to_vec(),
+        set_ms: slot.set_ms,
+        expires_ms: slot.expires_ms,
     }
 }
 
 /// Reads and writes of one [`Kv::batch`], under the store's write lock.
 pub struct Txn<'a> {
-    kv: &'a Kv,
-    _guard: std::sync::MutexGuard<'a, ()>,
-    /// For each write, the key and its live entry before it: what [`Txn::rollback_to`] restores.
-    undo: Vec<(Vec<u8>, Option<Entry>)>,
+    shared: &'a Shared,
+    guard: MutexGuard<'a, ()>,
+    /// For each write, the key and its index entry before it: what [`Txn::rollback_to`] puts
+    /// back.
+    undo: Vec<(Vec<u8>, Option<KvSlot>)>,
+    /// The entries of the batch's segment.
+    written: Vec<KvEntry>,
+    /// Latest time a write was made at: the segment's commit time.
+    now_ms: u64,
 }
 
 /// A point in a [`Txn`] to roll back to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Savepoint(usize);
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Savepoint {
+    undo: usize,
+    written: usize,
+}
 
 impl std::fmt::Debug for Txn<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Txn")
-            .field("writes", &self.undo.len())
+            .field("writes", &self.written.len())
             .finish()
     }
 }
@@ -359,7 +338,8 @@ impl Txn<'_> {
     ///
     /// As [`Kv::get`].
     pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Entry>, Error> {
-        self.kv.get(key, now_ms)
+        self.shared.validate(key)?;
+        Ok(live(self.shared, key, now_ms).map(|s| entry(&s)))
     }
 
     /// As [`Kv::set`] (durable once the batch's ticket is).
@@ -375,21 +355,20 @@ impl Txn<'_> {
         expiry: Expiry,
         now_ms: u64,
     ) -> Result<SetOutcome, Error> {
-        self.kv.shared.validate(key)?;
-        let previous = self.get(key, now_ms)?;
+        self.shared.validate(key)?;
+        let previous = live(self.shared, key, now_ms);
         let allowed = match cond {
             Condition::Always => true,
             Condition::IfAbsent => previous.is_none(),
             Condition::IfPresent => previous.is_some(),
         };
         if allowed {
-            let expires_ms = self.kv.expiry_of(expiry, previous.as_ref(), now_ms);
-            self.undo.push((key.to_vec(), previous.clone()));
-            self.kv.write(key, value, now_ms, expires_ms, now_ms)?;
+            let expires_ms = self.expiry_of(expiry, previous.as_ref(), now_ms);
+            self.put(KvSlot::new(key, value, now_ms, expires_ms), now_ms)?;
         }
         Ok(SetOutcome {
             written: allowed,
-            previous,
+            previous: previous.as_ref().map(entry),
         })
     }
 
@@ -399,14 +378,22 @@ impl Txn<'_> {
     ///
     /// As [`Kv::delete`].
     pub fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, Error> {
-        self.kv.shared.validate(key)?;
-        let previous = self.get(key, now_ms)?;
-        let live = previous.is_some();
-        if live {
-            self.undo.push((key.to_vec(), previous));
+        self.shared.validate(key)?;
+        let Some(removed) = self.shared.keys.remove_if(key, |_| true) else {
+            return Ok(false);
+        };
+        if now_ms < removed.retain_ms {
+            // A tombstone as long-lived as what it shadows: replay must not revive any of it.
+            self.written.push(KvEntry::Delete {
+                key: key.to_vec(),
+                expires_ms: removed.retain_ms,
+                version: self.version()?,
+            });
+            self.now_ms = self.now_ms.max(now_ms);
         }
-        self.kv.remove(key)?;
-        Ok(live)
+        let was_live = now_ms < removed.expires_ms;
+        self.undo.push((key.to_vec(), Some(removed)));
+        Ok(was_live)
     }
 
     /// As [`Kv::expire`].
@@ -415,47 +402,92 @@ impl Txn<'_> {
     ///
     /// As [`Kv::expire`].
     pub fn expire(&mut self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, Error> {
-        self.kv.shared.validate(key)?;
-        let Some(current) = self.get(key, now_ms)? else {
+        self.shared.validate(key)?;
+        let Some(current) = live(self.shared, key, now_ms) else {
             return Ok(false);
         };
-        let expires_ms = self.kv.expiry_of(expiry, Some(&current), now_ms);
-        self.undo.push((key.to_vec(), Some(current.clone())));
+        let expires_ms = self.expiry_of(expiry, Some(&current), now_ms);
         // The set time stays: only the expiry moves (a past one removes the key).
-        self.kv
-            .write(key, &current.value, current.set_ms, expires_ms, now_ms)?;
+        let moved = KvSlot::new(key, current.value(), current.set_ms, expires_ms);
+        self.put(moved, now_ms)?;
         Ok(true)
     }
 
     /// The point to come back to with [`Txn::rollback_to`].
     pub fn savepoint(&self) -> Savepoint {
-        Savepoint(self.undo.len())
+        Savepoint {
+            undo: self.undo.len(),
+            written: self.written.len(),
+        }
     }
 
     /// Undoes every write made through this batch since `savepoint`, newest first: each key
-    /// gets back the entry it had then (or none).
+    /// gets back the entry it had then (or none), and none of those writes reaches disk.
     ///
     /// # Errors
     ///
-    /// A sled error while restoring.
+    /// None today; kept so that callers handle a future one.
     pub fn rollback_to(&mut self, savepoint: Savepoint) -> Result<(), Error> {
-        while self.undo.len() > savepoint.0 {
+        while self.undo.len() > savepoint.undo {
             let (key, before) = self.undo.pop().expect("len checked");
             match before {
-                // The entry was live when the write replaced it: restore it as it was.
-                Some(e) => self.kv.write(&key, &e.value, e.set_ms, e.expires_ms, 0)?,
-                None => self.kv.remove(&key)?,
+                Some(slot) => {
+                    self.shared.keys.put(slot);
+                }
+                None => {
+                    self.shared.keys.remove_if(&key, |_| true);
+                }
             }
         }
+        self.written.truncate(savepoint.written);
         Ok(())
     }
-}
 
-fn entry(key: &[u8], bytes: &[u8]) -> Result<Entry, Error> {
-    let (seen, value) = record::decode_kv(key, bytes)?;
-    Ok(Entry {
-        value: value.to_vec(),
-        set_ms: seen.first_seen_ms,
-        expires_ms: seen.expires_ms,
-    })
+    fn expiry_of(&self, expiry: Expiry, current: Option<&KvSlot>, now_ms: u64) -> u64 {
+        let window = now_ms.saturating_add(self.shared.ttl_ms);
+        match expiry {
+            Expiry::In(d) => now_ms.saturating_add(d.as_millis() as u64),
+            Expiry::At(ms) => ms,
+            Expiry::Keep => current.map_or(window, |e| e.expires_ms),
+            Expiry::Window => window,
+        }
+    }
+
+    /// A version for a new write: later than every write before it, across restarts.
+    fn version(&self) -> Result<u64, Error> {
+        self.shared
+            .db
+            .generate_id()
+            .map_err(self.shared.sled_err("version"))
+    }
+
+    /// Puts `slot` in the index and the batch's segment; an expiry already past deletes the
+    /// key instead, as Redis does.
+    fn put(&mut self, mut slot: KvSlot, now_ms: u64) -> Result<(), Error> {
+        if slot.expires_ms <= now_ms {
+            self.delete(slot.key(), now_ms)?;
+            return Ok(());
+        }
+        // It shadows whatever the key held, for as long as that had to stay.
+        let shadowed = self.shared.keys.get(slot.key()).map_or(0, |s| s.retain_ms);
+        slot.retain_ms = slot.expires_ms.max(shadowed);
+        slot.version = self.version()?;
+        let key = slot.key().to_vec();
+        let expires_ms = slot.expires_ms;
+        self.written.push(slot.entry());
+        self.now_ms = self.now_ms.max(now_ms);
+        // Index first, then the filter: a reader in between finds the filter saying "no" for
+        // a write nobody has been told of yet, never a live key the filter misses after.
+        let before = self.shared.keys.put(slot);
+        let digest = short(self.shared.keyed.digest(&key));
+        if self
+            .shared
+            .kv
+            .remember(std::iter::once((digest, expires_ms)))
+        {
+            self.shared.wake_compactor();
+        }
+        self.undo.push((key, before));
+        Ok(())
+    }
 }

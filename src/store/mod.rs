@@ -1,5 +1,6 @@
-//! The embedded dedup store: "was this id seen inside the window?", answered from a Bloom
-//! prefilter in memory and confirmed in sled on disk, with ids expired by a background compactor.
+//! The embedded dedup store: "was this id seen inside the window?", answered from an exact
+//! index in memory behind a Bloom prefilter, with sled on disk as the durable truth and a
+//! background compactor dropping what has expired.
 //!
 //! No AMQP in here. Time is always passed in (`now_ms`, milliseconds since the Unix epoch) so
 //! tests move a clock instead of sleeping; the compactor thread reads the configured [`Clock`].
@@ -11,47 +12,66 @@
 //! released (dropping the claim). A second claimer of an id in flight gets a [`Waiter`] that
 //! resolves to the first claimer's outcome.
 //!
-//! # Layout on disk
+//! # Layout on disk: the commit batch is the unit
 //!
-//! - tree `ids`: id → record (format byte + bincode: first seen, TTL).
-//! - tree `expiry`: (expiry, sequence) → the ids committed together with that expiry. One entry
-//!   per commit batch rather than per id: the sweep is still a range scan of what is due, and
-//!   commits pay one index write per batch instead of one per id.
-//! - tree `meta`: the marker that ties `bloom.snapshot` to this state.
-//! - `bloom.snapshot`: the Bloom generations, written on a clean [`Store::close`].
+//! - tree `relay_segments`: one value per commit batch (a segment, see `segment.rs`): the
+//!   batch's 128-bit digests, keyed by a random secret of this data dir, and expiries; keyed by
+//!   (median expiry, sequence) so the compactor drops whole segments with a range scan.
+//! - tree `kv_segments`: the same for the Redis endpoint's writes (key, value, times; deletes
+//!   as tombstones), one segment per batch of commands.
+//! - tree `meta`: the digest secret, the layout version, the snapshot marker, the replication
+//!   offset.
+//! - `index.snapshot`: the index and Bloom filters, written on a clean [`Store::close`] and
+//!   trusted only with its marker; otherwise the index is rebuilt by replaying the segments.
+//!
+//! Updates and deletes append; on replay the newest entry wins. A segment comes due when the
+//! median of its expiries passes: the entries still live (the newest of their key, unexpired)
+//! are rewritten into a new segment and the old one goes, so each rewrite at least halves a
+//! segment and what is on disk stays within the live entries plus those superseded inside one
+//! window.
 
+mod backup;
 mod compactor;
 mod filter;
+mod flush;
+mod index;
 pub mod kv;
 mod log;
+mod migrate;
 mod record;
-mod space;
+mod segment;
+mod snapshot;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use filter::{digest, Filters, FiltersSnapshot};
+pub use backup::BackupStats;
+use filter::Filters;
+use flush::FlushGroup;
+use index::{short, Ids, Keyed, Keys};
 pub use record::Seen;
-use space::{FlushGroup, Space};
+use segment::RelayEntry;
 
 /// Largest id limit a store accepts: index entries store id lengths as u16.
 pub const MAX_ID_LIMIT: usize = u16::MAX as usize;
 
-/// File next to the sled files holding the Bloom generations of a clean shutdown.
-const SNAPSHOT_FILE: &str = "bloom.snapshot";
 /// Key in the `meta` tree whose value must equal the snapshot's token for it to be trusted.
-const SNAPSHOT_TOKEN_KEY: &[u8] = b"bloom_snapshot_token";
-/// Layout version of `bloom.snapshot`.
-const SNAPSHOT_VERSION: u32 = 2;
+const SNAPSHOT_TOKEN_KEY: &[u8] = b"index_snapshot_token";
 /// Key in the `meta` tree holding the last replication-log offset applied (u64 big-endian).
 const APPLIED_OFFSET_KEY: &[u8] = b"applied_log_offset";
+/// Key in the `meta` tree holding the secret the digests are keyed with.
+const SECRET_KEY: &[u8] = b"digest_secret";
+/// Key in the `meta` tree holding the layout version (one byte); absent before segments.
+const LAYOUT_KEY: &[u8] = b"layout";
+/// The layout this build writes: segments.
+const LAYOUT_SEGMENTS: u8 = 2;
 
 /// Errors of the store. Each says what failed, then why.
 #[derive(Debug, thiserror::Error)]
@@ -102,13 +122,30 @@ pub enum Error {
         /// Why it did not decode.
         reason: String,
     },
-    /// Writing or reading the Bloom snapshot failed.
-    #[error("bloom snapshot {} failed: {source}", path.display())]
+    /// Writing the index snapshot, or creating the data dir, failed.
+    #[error("{} failed: {source}", path.display())]
     Snapshot {
-        /// The snapshot file.
+        /// The snapshot file or data dir.
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// Writing a backup or reading one failed.
+    #[error("backup {context} failed: {source}")]
+    Backup {
+        /// What was being done.
+        context: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A backup is not in a format this build reads.
+    #[error("not a dedupd backup this build can read: {0}")]
+    BadBackup(String),
+    /// A restore was asked into a data dir that already holds a store.
+    #[error("data dir {} is not empty; restore only into an empty or new dir", path.display())]
+    NotEmpty {
+        /// The data dir.
+        path: PathBuf,
     },
     /// A configuration value is out of range.
     #[error("invalid store configuration: {0}")]
@@ -233,9 +270,17 @@ pub enum Verdict {
     /// drops the claim.
     New(Claim),
     /// Seen and still inside the window.
-    Duplicate(Seen),
+    Duplicate(Live),
     /// Another caller holds a claim on this id right now; wait for its outcome.
     InFlight(Waiter),
+}
+
+/// A live id's window, as a claim finds it (what [`Store::check`] adds, the first-seen time,
+/// takes a look at disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Live {
+    /// When the id leaves the window (ms since the Unix epoch).
+    pub expires_ms: u64,
 }
 
 /// How an in-flight claim ended.
@@ -277,7 +322,7 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         if !self.settled {
-            self.shared.settle(&self.id, Settled::Released);
+            self.shared.settle(short(self.digest), Settled::Released);
         }
     }
 }
@@ -303,9 +348,9 @@ impl Waiter {
 /// Figures of a store, for metrics and `dedupd stats`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Stats {
-    /// Records in sled (live, plus expired ones the compactor has not reached yet).
+    /// Relay ids in the index (live, plus expired ones the compactor has not reached yet).
     pub live_ids: u64,
-    /// Keys of the Redis endpoint's namespace on disk.
+    /// Keys of the Redis endpoint's namespace in the index.
     pub redis_keys: u64,
     /// Claims held right now.
     pub in_flight: usize,
@@ -313,58 +358,113 @@ pub struct Stats {
     pub bloom_generations: usize,
     /// Bytes of Bloom bit arrays in memory.
     pub bloom_bytes: u64,
+    /// Bytes of the in-memory index's tables (both namespaces).
+    pub index_bytes: u64,
+    /// Segments on disk (both namespaces).
+    pub segments: u64,
     /// Bytes sled occupies on disk.
     pub disk_bytes: u64,
     /// Lookups of ids that were not live (the denominator of the FP rate).
     pub absent_lookups: u64,
-    /// Bloom "maybe"s that sled answered absent or expired.
+    /// Bloom "maybe"s that the index answered absent or expired.
     pub false_positives: u64,
     /// `false_positives / absent_lookups`, measured (0 before any absent lookup).
     pub false_positive_rate: f64,
-    /// Expired ids deleted by the compactor since open.
+    /// Expired ids and keys dropped by the compactor since open.
     pub swept_ids: u64,
-    /// Rebuilds of the Bloom filter from sled since open (at open included).
+    /// Rebuilds of the Bloom filter from the index since open.
     pub bloom_rebuilds: u64,
-    /// Expiry of the oldest record still on disk (ms), if any.
+    /// Filing expiry of the oldest relay segment still on disk (ms), if any.
     pub oldest_expiry_ms: Option<u64>,
-    /// How the filter was obtained at open.
+    /// How the index and filter were obtained at open.
     pub bloom_loaded_from: BloomOrigin,
 }
 
-/// How the Bloom filter came to be at open.
+/// How the index and Bloom filter came to be at open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BloomOrigin {
     /// Loaded from a snapshot whose marker matched.
     Snapshot,
-    /// Rebuilt from sled (no snapshot, marker mismatch, or unreadable snapshot).
+    /// Rebuilt from the segments (no snapshot, marker mismatch, or unreadable snapshot).
     Rebuilt,
 }
 
-/// Claims held right now, each with the channel its waiters listen on. The channel is made by
-/// the first waiter: most claims never have one, and notifying an empty channel is not free.
-type InFlightMap = HashMap<Box<[u8]>, Option<watch::Sender<Option<Settled>>>>;
+/// Hashes an index key (already random bits) by taking its low 64 bits.
+#[derive(Default)]
+struct ShortHasher(u64);
 
-/// State shared by store handles, claims and the compactor.
-#[derive(Debug)]
+impl Hasher for ShortHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+/// Claims held right now, by index key, each with the channel its waiters listen on. The
+/// channel is made by the first waiter: most claims never have one.
+type InFlightMap =
+    HashMap<u128, Option<watch::Sender<Option<Settled>>>, BuildHasherDefault<ShortHasher>>;
+
+/// One namespace's place on disk and its prefilter.
+pub(crate) struct Namespace {
+    /// Its segments.
+    pub(crate) segments: sled::Tree,
+    /// The prefilter over its index.
+    pub(crate) filters: RwLock<Filters>,
+    /// Earliest filing expiry on disk, as a hint for when the compactor should wake.
+    pub(crate) next_due_ms: AtomicU64,
+}
+
+impl Namespace {
+    /// Moves the compactor's hint earlier; returns whether it moved.
+    fn due_at(&self, expires_ms: u64) -> bool {
+        expires_ms < self.next_due_ms.fetch_min(expires_ms, Ordering::SeqCst)
+    }
+
+    /// Inserts index keys into the filter; returns whether a generation rolled over.
+    fn remember(&self, keys: impl Iterator<Item = (u128, u64)>) -> bool {
+        let mut filters = self.filters.write().expect("filter lock");
+        keys.fold(false, |rolled, (key, expires_ms)| {
+            filters.insert(key, expires_ms) | rolled
+        })
+    }
+}
+
+/// State shared by store handles, claims, the key-value namespace and the compactor.
 pub(crate) struct Shared {
     dir: PathBuf,
     db: sled::Db,
     meta: sled::Tree,
-    /// The relay's ids.
-    relay: Space,
+    /// Digests keyed by this data dir's secret.
+    keyed: Keyed,
+    /// The relay's ids: index, segments, filter.
+    ids: Ids,
+    relay: Namespace,
     /// The Redis endpoint's keys.
-    kv: Space,
+    keys: Keys,
+    kv: Namespace,
     /// Group commit shared by every writer of both namespaces.
     flush: FlushGroup,
     in_flight: Mutex<InFlightMap>,
-    /// Serialises commits with the start of a rebuild scan and with close: a commit inserts into
-    /// the filter and writes sled under it, so "inserted before the scan began" implies "visible
-    /// to the scan".
+    /// Serialises writers: segment sequence order is the order writes were decided in, which
+    /// replay relies on ("the newest entry wins"); also makes NX/XX atomic and refuses writes
+    /// after close.
     commit_lock: Mutex<()>,
     closed: AtomicBool,
     /// Tells the compactor thread to exit.
     stopping: AtomicBool,
+    /// Backups running: while any is, the compactor deletes no segment.
+    backups: AtomicUsize,
     ttl_ms: u64,
     max_id_bytes: usize,
     clock: Arc<dyn Clock>,
@@ -374,6 +474,12 @@ pub(crate) struct Shared {
     swept_ids: AtomicU64,
     bloom_rebuilds: AtomicU64,
     origin: BloomOrigin,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("dir", &self.dir).finish()
+    }
 }
 
 impl std::fmt::Debug for Filters {
@@ -406,36 +512,38 @@ impl Shared {
         Ok(())
     }
 
-    /// The record of a live key of `space`, consulting sled only when the filter says "maybe".
-    fn lookup(
-        &self,
-        space: &Space,
-        id: &[u8],
-        digest: u128,
-        now_ms: u64,
-    ) -> Result<Option<(Seen, sled::IVec)>, Error> {
-        let maybe = space.filters.read().expect("filter lock").contains(digest);
+    /// Whether the filter of `ns` may hold `key`; counts a "no" as an absent lookup.
+    fn may_hold(&self, ns: &Namespace, key: u128) -> bool {
+        let maybe = ns.filters.read().expect("filter lock").contains(key);
         if !maybe {
             self.absent_lookups.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
         }
-        let found = match space.tree.get(id).map_err(self.sled_err("lookup"))? {
-            Some(bytes) => Some((record::decode(id, &bytes)?, bytes)),
-            None => None,
-        };
-        match found {
-            Some((seen, bytes)) if seen.is_live(now_ms) => Ok(Some((seen, bytes))),
+        maybe
+    }
+
+    /// Counts a "maybe" of the filter that the index answered "no".
+    fn false_positive(&self) {
+        self.absent_lookups.fetch_add(1, Ordering::Relaxed);
+        self.false_positives.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The expiry of a live relay id: the filter first, the index on a "maybe".
+    fn live_id(&self, key: u128, now_ms: u64) -> Option<u64> {
+        if !self.may_hold(&self.relay, key) {
+            return None;
+        }
+        match self.ids.get(key) {
+            Some(expires_ms) if now_ms < expires_ms => Some(expires_ms),
             _ => {
-                self.absent_lookups.fetch_add(1, Ordering::Relaxed);
-                self.false_positives.fetch_add(1, Ordering::Relaxed);
-                Ok(None)
+                self.false_positive();
+                None
             }
         }
     }
 
-    /// Ends the in-flight state of `id` and tells its waiters how.
-    fn settle(&self, id: &[u8], how: Settled) {
-        let slot = self.in_flight.lock().expect("in-flight lock").remove(id);
+    /// Ends the in-flight state of an id and tells its waiters how.
+    fn settle(&self, key: u128, how: Settled) {
+        let slot = self.in_flight.lock().expect("in-flight lock").remove(&key);
         if let Some(Some(tx)) = slot {
             tx.send_replace(Some(how));
         }
@@ -443,7 +551,7 @@ impl Shared {
 
     /// The commit lock, for a write of either namespace; refused once the store is closed (its
     /// snapshot is written then, and a later write would make it stale).
-    fn write_lock(&self) -> Result<std::sync::MutexGuard<'_, ()>, Error> {
+    fn write_lock(&self) -> Result<MutexGuard<'_, ()>, Error> {
         let guard = self.commit_lock.lock().expect("commit lock");
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
@@ -451,12 +559,69 @@ impl Shared {
         Ok(guard)
     }
 
-    /// Makes every write applied so far durable (shared with concurrent writers).
-    fn make_durable(&self, context: &'static str) -> Result<(), Error> {
-        let ticket = self.flush.ticket();
-        self.flush
-            .wait(&self.db, ticket)
-            .map_err(self.sled_err(context))
+    /// Writes one segment into `ns` (under the commit lock, which `_guard` proves) and returns
+    /// the flush ticket that makes it durable. `expiries` files it.
+    fn append(
+        &self,
+        _guard: &MutexGuard<'_, ()>,
+        ns: &Namespace,
+        expiries: Vec<u64>,
+        bytes: Vec<u8>,
+    ) -> Result<u64, Error> {
+        let filed = segment::filing_expiry(expiries);
+        let seq = self.db.generate_id().map_err(self.sled_err("append"))?;
+        ns.segments
+            .insert(segment::key(filed, seq), bytes)
+            .map_err(self.sled_err("append"))?;
+        if ns.due_at(filed) {
+            self.wake_compactor();
+        }
+        Ok(self.flush.ticket())
+    }
+
+    /// Appends a relay segment and puts its ids in the index and the filter, under the commit
+    /// lock (so a `forget` is ordered after it both on disk and in memory), then waits until
+    /// the segment is durable. Nobody reads those index entries before that: a claim of one of
+    /// the ids is in flight until the caller settles it. Should the flush fail, they are taken
+    /// out again (a redelivery must then be new, not a duplicate).
+    fn record_relay(
+        &self,
+        commit_ms: u64,
+        entries: &[RelayEntry],
+        offset: Option<u64>,
+    ) -> Result<(), Error> {
+        let bytes = segment::encode_relay(commit_ms, entries);
+        let (ticket, rolled) = {
+            let guard = self.write_lock()?;
+            if let Some(offset) = offset {
+                self.meta
+                    .insert(APPLIED_OFFSET_KEY, &offset.to_be_bytes())
+                    .map_err(self.sled_err("apply"))?;
+            }
+            if entries.is_empty() {
+                (self.flush.ticket(), false)
+            } else {
+                let expiries = entries.iter().map(|e| e.expires_ms).collect();
+                let ticket = self.append(&guard, &self.relay, expiries, bytes)?;
+                for e in entries {
+                    self.ids.insert(short(e.digest), e.expires_ms);
+                }
+                let keys = entries.iter().map(|e| (short(e.digest), e.expires_ms));
+                (ticket, self.relay.remember(keys))
+            }
+        };
+        if rolled {
+            self.wake_compactor();
+        }
+        // The flush runs outside the lock, so writers that queue behind it share one.
+        if let Err(e) = self.flush.wait(&self.db, ticket) {
+            for e in entries {
+                self.ids
+                    .remove_if(short(e.digest), |exp| exp == e.expires_ms);
+            }
+            return Err(self.sled_err("commit flush")(e));
+        }
+        Ok(())
     }
 
     fn wake_compactor(&self) {
@@ -474,13 +639,15 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `config.dir`, loads or rebuilds the Bloom filter, and
-    /// starts the compactor.
+    /// Opens (or creates) the store in `config.dir`: migrates a data dir of the first layout,
+    /// loads the index from a trusted snapshot or rebuilds it from the segments, and starts
+    /// the compactor (which fills the Bloom filter in the background after a rebuild).
     ///
     /// # Errors
     ///
     /// [`Error::Locked`] naming the dir when another store holds it; [`Error::Sled`] when sled
-    /// cannot open it; [`Error::Config`] for out-of-range settings.
+    /// cannot open it; [`Error::Config`] for out-of-range settings; a segment that does not
+    /// decode.
     pub fn open(config: StoreConfig) -> Result<Store, Error> {
         config.validate()?;
         fs::create_dir_all(&config.dir).map_err(|source| Error::Snapshot {
@@ -497,45 +664,71 @@ impl Store {
             }
         };
         let meta = db.open_tree("meta").map_err(err("open"))?;
-
+        let keyed = Keyed::new(&secret(&db, &meta).map_err(err("open"))?);
+        let relay_segments = db.open_tree("relay_segments").map_err(err("open"))?;
+        let kv_segments = db.open_tree("kv_segments").map_err(err("open"))?;
         let now_ms = config.clock.now_ms();
+        migrate::run(
+            &config.dir,
+            &db,
+            &meta,
+            &keyed,
+            &relay_segments,
+            &kv_segments,
+        )?;
+
         // Take the marker out (durably) before anything else: from here on, a crash leaves no
         // marker, so the next open cannot trust a snapshot that misses what we write later.
         let token = meta.remove(SNAPSHOT_TOKEN_KEY).map_err(err("open"))?;
         if token.is_some() {
             db.flush().map_err(err("open"))?;
         }
-        let snapshot_path = config.dir.join(SNAPSHOT_FILE);
         let started = Instant::now();
-        let loaded = token.and_then(|t| load_snapshot(&snapshot_path, &t));
+        let snapshot_path = config.dir.join(snapshot::FILE);
+        let capacity = config.generation_capacity();
+        let loaded = token.and_then(|t| snapshot::load(&snapshot_path, &t, keyed.clone()));
         let _ = fs::remove_file(&snapshot_path);
-        let origin = if loaded.is_some() {
-            BloomOrigin::Snapshot
-        } else {
-            BloomOrigin::Rebuilt
+        let (origin, ids, keys, relay_filters, kv_filters) = match loaded {
+            Some(l) => (BloomOrigin::Snapshot, l.ids, l.keys, l.relay, l.kv),
+            None => {
+                let ids = Ids::ids(usize::try_from(config.expected_ids).unwrap_or(usize::MAX));
+                let keys = Keys::new(keyed.clone());
+                compactor::replay(
+                    &config.dir,
+                    &relay_segments,
+                    &kv_segments,
+                    &ids,
+                    &keys,
+                    now_ms,
+                )?;
+                (
+                    BloomOrigin::Rebuilt,
+                    ids,
+                    keys,
+                    Filters::unready(capacity, config.fp_rate, now_ms),
+                    Filters::unready(capacity, config.fp_rate, now_ms),
+                )
+            }
         };
-        let (relay_loaded, kv_loaded) = match loaded {
-            Some([relay, kv]) => (Some(relay), Some(kv)),
-            None => (None, None),
+        let first_due = |tree: &sled::Tree| {
+            tree.first()
+                .map(|f| f.map_or(u64::MAX, |(k, _)| segment::parse_key(&k).0))
         };
-        let fresh = || Filters::new(config.generation_capacity(), config.fp_rate, now_ms);
-        let scan_err = |e| match e {
-            ScanError::Sled(source) => Error::Sled {
-                context: "rebuild",
-                path: config.dir.clone(),
-                source,
-            },
-            ScanError::Record(e) => e,
+        let relay = Namespace {
+            next_due_ms: AtomicU64::new(first_due(&relay_segments).map_err(err("open"))?),
+            segments: relay_segments,
+            filters: RwLock::new(relay_filters),
         };
-        let relay =
-            Space::open(&db, "ids", "expiry", fresh(), relay_loaded, now_ms).map_err(scan_err)?;
-        let kv =
-            Space::open(&db, "kv", "kv_expiry", fresh(), kv_loaded, now_ms).map_err(scan_err)?;
+        let kv = Namespace {
+            next_due_ms: AtomicU64::new(first_due(&kv_segments).map_err(err("open"))?),
+            segments: kv_segments,
+            filters: RwLock::new(kv_filters),
+        };
         tracing::info!(
             dir = %config.dir.display(),
-            live_ids = relay.live.load(Ordering::Relaxed),
-            redis_keys = kv.live.load(Ordering::Relaxed),
-            bloom = ?origin,
+            live_ids = ids.len(),
+            redis_keys = keys.len(),
+            index = ?origin,
             ms = started.elapsed().as_millis() as u64,
             "store opened"
         );
@@ -543,13 +736,17 @@ impl Store {
             dir: config.dir.clone(),
             db,
             meta,
+            keyed,
+            ids,
             relay,
+            keys,
             kv,
             flush: FlushGroup::default(),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(InFlightMap::default()),
             commit_lock: Mutex::new(()),
             closed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            backups: AtomicUsize::new(0),
             ttl_ms: config.ttl.as_millis() as u64,
             max_id_bytes: config.max_id_bytes,
             clock: config.clock.clone(),
@@ -557,7 +754,7 @@ impl Store {
             absent_lookups: AtomicU64::new(0),
             false_positives: AtomicU64::new(0),
             swept_ids: AtomicU64::new(0),
-            bloom_rebuilds: AtomicU64::new(u64::from(origin == BloomOrigin::Rebuilt)),
+            bloom_rebuilds: AtomicU64::new(0),
             origin,
         });
         let compactor = Arc::new(compactor::Guard::start(shared.clone()));
@@ -574,17 +771,25 @@ impl Store {
         Duration::from_millis(self.shared.ttl_ms)
     }
 
-    /// The record of `id` if it is live at `now_ms`. Claims in flight are not consulted.
+    /// The record of `id` if it is live at `now_ms`, with the time it was first seen (read
+    /// from its segment on disk). Claims in flight are not consulted.
     ///
     /// # Errors
     ///
-    /// A refused id ([`Error::EmptyId`], [`Error::IdTooLong`]), or a sled or record error.
+    /// A refused id ([`Error::EmptyId`], [`Error::IdTooLong`]), or a sled or segment error.
     pub fn check(&self, id: &[u8], now_ms: u64) -> Result<Option<Seen>, Error> {
-        self.shared.validate(id)?;
         let shared = &self.shared;
-        Ok(shared
-            .lookup(&shared.relay, id, digest(id), now_ms)?
-            .map(|(seen, _)| seen))
+        shared.validate(id)?;
+        let digest = shared.keyed.digest(id);
+        let Some(expires_ms) = shared.live_id(short(digest), now_ms) else {
+            return Ok(None);
+        };
+        let first_seen_ms = compactor::commit_time_of(shared, digest, expires_ms)?
+            .unwrap_or_else(|| expires_ms.saturating_sub(shared.ttl_ms));
+        Ok(Some(Seen {
+            first_seen_ms,
+            expires_ms,
+        }))
     }
 
     /// The prefilter's answer alone: `false` means certainly not live. For tests and diagnostics.
@@ -593,21 +798,22 @@ impl Store {
     ///
     /// A refused id.
     pub fn may_contain(&self, id: &[u8]) -> Result<bool, Error> {
-        self.shared.validate(id)?;
-        Ok(self
-            .shared
+        let shared = &self.shared;
+        shared.validate(id)?;
+        let key = short(shared.keyed.digest(id));
+        Ok(shared
             .relay
             .filters
             .read()
             .expect("filter lock")
-            .contains(digest(id)))
+            .contains(key))
     }
 
     /// Claims `id` with the store's window.
     ///
     /// # Errors
     ///
-    /// A refused id, or a sled or record error (the id is then not held).
+    /// A refused id (the id is then not held).
     pub fn claim(&self, id: &[u8], now_ms: u64) -> Result<Verdict, Error> {
         self.claim_with_ttl(id, Duration::from_millis(self.shared.ttl_ms), now_ms)
     }
@@ -620,38 +826,40 @@ impl Store {
     pub fn claim_with_ttl(&self, id: &[u8], ttl: Duration, now_ms: u64) -> Result<Verdict, Error> {
         let shared = &self.shared;
         shared.validate(id)?;
+        let digest = shared.keyed.digest(id);
+        let key = short(digest);
         {
             let mut map = shared.in_flight.lock().expect("in-flight lock");
-            if let Some(slot) = map.get_mut(id) {
+            if let Some(slot) = map.get_mut(&key) {
                 let tx = slot.get_or_insert_with(|| watch::channel(None).0);
                 return Ok(Verdict::InFlight(Waiter { rx: tx.subscribe() }));
             }
             // Hold the id before looking it up, so a concurrent claimer waits for our verdict
             // instead of racing us to the same answer.
-            map.insert(id.into(), None);
+            map.insert(key, None);
         }
         let claim = Claim {
             shared: shared.clone(),
             id: id.into(),
-            digest: digest(id),
+            digest,
             ttl_ms: ttl.as_millis().max(1) as u64,
             settled: false,
             claimed_at: Instant::now(),
         };
-        // On error `claim` drops here and releases the id.
-        match shared.lookup(&shared.relay, id, claim.digest, now_ms)? {
-            Some((seen, _)) => {
+        match shared.live_id(key, now_ms) {
+            Some(expires_ms) => {
                 let mut claim = claim;
                 claim.settled = true;
-                shared.settle(id, Settled::Committed);
-                Ok(Verdict::Duplicate(seen))
+                shared.settle(key, Settled::Committed);
+                Ok(Verdict::Duplicate(Live { expires_ms }))
             }
             None => Ok(Verdict::New(claim)),
         }
     }
 
-    /// Records the claimed ids as seen at `now_ms`, durably: one sled flush covers the batch.
-    /// When this returns `Ok`, every id survives a crash; waiters learn [`Settled::Committed`].
+    /// Records the claimed ids as seen at `now_ms`, durably: one segment and one flush cover
+    /// the batch. When this returns `Ok`, every id survives a crash; waiters learn
+    /// [`Settled::Committed`].
     ///
     /// Blocking (sled write and fsync): call it from a dedicated thread or `spawn_blocking`.
     ///
@@ -663,48 +871,19 @@ impl Store {
         if claims.is_empty() {
             return Ok(());
         }
-        let shared = &self.shared;
-        let guard = shared.write_lock()?;
-        // Filter first, sled second: an id may be in the filter and not yet on disk (a harmless
-        // false positive), never the other way round.
-        let mut rolled = false;
-        {
-            let mut filters = shared.relay.filters.write().expect("filter lock");
-            for c in &claims {
-                rolled |= filters.insert(c.digest, now_ms.saturating_add(c.ttl_ms));
-            }
-        }
-        // Index entries grouped by expiry: with one window for all, one entry for the batch.
-        let mut index: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        let mut added = 0u64;
-        for c in &claims {
-            let seen = Seen {
-                first_seen_ms: now_ms,
+        let entries: Vec<RelayEntry> = claims
+            .iter()
+            .map(|c| RelayEntry {
+                digest: c.digest,
                 expires_ms: now_ms.saturating_add(c.ttl_ms),
-            };
-            let previous = shared
-                .relay
-                .tree
-                .insert(&*c.id, record::encode(seen))
-                .map_err(shared.sled_err("commit"))?;
-            added += u64::from(previous.is_none());
-            record::push_index_id(index.entry(seen.expires_ms).or_default(), &c.id);
-        }
-        let earlier = shared
-            .relay
-            .write_index(&shared.db, index)
-            .map_err(shared.sled_err("commit"))?;
-        // The flush runs outside the lock, so writers that queue behind it share one.
-        drop(guard);
-        shared.make_durable("commit flush")?;
-
-        shared.relay.live.fetch_add(added, Ordering::Relaxed);
+                tombstone: false,
+            })
+            .collect();
+        // On error the claims drop here and release their ids.
+        self.shared.record_relay(now_ms, &entries, None)?;
         for mut c in claims {
             c.settled = true;
-            shared.settle(&c.id, Settled::Committed);
-        }
-        if earlier || rolled {
-            shared.wake_compactor();
+            self.shared.settle(short(c.digest), Settled::Committed);
         }
         Ok(())
     }
@@ -738,54 +917,22 @@ impl Store {
     /// [`Error::Corrupt`] / [`Error::UnknownFormat`] for a segment that does not decode (nothing
     /// is applied then), a refused id, a sled error, or [`Error::Closed`].
     pub fn apply_logged(&self, segment: &[u8], offset: u64, now_ms: u64) -> Result<usize, Error> {
-        let (commit_ms, entries) = log::decode(segment)?;
-        for e in &entries {
-            self.shared.validate(e.id)?;
-        }
         let shared = &self.shared;
-        let guard = shared.write_lock()?;
-        let mut index: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-        let mut applied = 0;
-        let mut added = 0;
-        let mut rolled = false;
-        for e in &entries {
-            let seen = Seen {
-                first_seen_ms: commit_ms,
-                expires_ms: commit_ms.saturating_add(e.ttl_ms),
-            };
-            if !seen.is_live(now_ms) {
-                continue;
+        let (commit_ms, logged) = log::decode(segment)?;
+        let mut entries = Vec::with_capacity(logged.len());
+        for e in &logged {
+            shared.validate(e.id)?;
+            let expires_ms = commit_ms.saturating_add(e.ttl_ms);
+            if now_ms < expires_ms {
+                entries.push(RelayEntry {
+                    digest: shared.keyed.digest(e.id),
+                    expires_ms,
+                    tombstone: false,
+                });
             }
-            rolled |= shared
-                .relay
-                .filters
-                .write()
-                .expect("filter lock")
-                .insert(digest(e.id), seen.expires_ms);
-            let previous = shared
-                .relay
-                .tree
-                .insert(e.id, record::encode(seen))
-                .map_err(shared.sled_err("apply"))?;
-            added += u64::from(previous.is_none());
-            record::push_index_id(index.entry(seen.expires_ms).or_default(), e.id);
-            applied += 1;
         }
-        let earlier = shared
-            .relay
-            .write_index(&shared.db, index)
-            .map_err(shared.sled_err("apply"))?;
-        shared
-            .meta
-            .insert(APPLIED_OFFSET_KEY, &offset.to_be_bytes())
-            .map_err(shared.sled_err("apply"))?;
-        drop(guard);
-        shared.make_durable("apply flush")?;
-        shared.relay.live.fetch_add(added, Ordering::Relaxed);
-        if earlier || rolled {
-            shared.wake_compactor();
-        }
-        Ok(applied)
+        shared.record_relay(commit_ms, &entries, Some(offset))?;
+        Ok(entries.len())
     }
 
     /// The stream offset of the last log segment applied by [`Store::apply_logged`], if any.
@@ -802,75 +949,100 @@ impl Store {
         Ok(value.and_then(|v| <[u8; 8]>::try_from(&v[..]).ok().map(u64::from_be_bytes)))
     }
 
-    /// Forgets every relay id (all become new), durable on return. Returns how many records
-    /// there were. Claims in flight are not touched: their commits still record them.
+    /// Forgets `id` (it becomes new). Returns whether the index held it. Durable on return.
+    /// A copy of the id in flight right now is recorded again when it commits (it was
+    /// forwarded after all).
+    ///
+    /// # Errors
+    ///
+    /// A refused id, a sled error, or [`Error::Closed`].
+    pub fn forget(&self, id: &[u8]) -> Result<bool, Error> {
+        let shared = &self.shared;
+        shared.validate(id)?;
+        let digest = shared.keyed.digest(id);
+        let key = short(digest);
+        let ticket = {
+            let guard = shared.write_lock()?;
+            let Some(expires_ms) = shared.ids.get(key) else {
+                return Ok(false);
+            };
+            // A tombstone as long-lived as the entry it kills: replay must not revive it.
+            let tombstone = RelayEntry {
+                digest,
+                expires_ms,
+                tombstone: true,
+            };
+            let bytes = segment::encode_relay(shared.clock.now_ms(), &[tombstone]);
+            let ticket = shared.append(&guard, &shared.relay, vec![expires_ms], bytes)?;
+            shared.ids.remove_if(key, |_| true);
+            ticket
+        };
+        shared
+            .flush
+            .wait(&shared.db, ticket)
+            .map_err(shared.sled_err("forget flush"))?;
+        Ok(true)
+    }
+
+    /// Forgets every relay id (all become new), durable on return. Returns how many the index
+    /// held. Every relay segment goes in one atomic sled batch. Meant for a quiet relay: a
+    /// commit that races it may keep its ids in memory while their segment went (a restart
+    /// then forgets them too).
     ///
     /// # Errors
     ///
     /// A sled error or [`Error::Closed`].
     pub fn forget_all(&self) -> Result<u64, Error> {
         let shared = &self.shared;
-        let guard = shared.write_lock()?;
-        let records = shared.relay.tree.len() as u64;
+        let ticket = {
+            let _guard = shared.write_lock()?;
+            let mut batch = sled::Batch::default();
+            for key in shared.relay.segments.iter().keys() {
+                batch.remove(key.map_err(shared.sled_err("forget all"))?);
+            }
+            shared
+                .relay
+                .segments
+                .apply_batch(batch)
+                .map_err(shared.sled_err("forget all"))?;
+            shared.flush.ticket()
+        };
         shared
-            .relay
-            .tree
-            .clear()
-            .map_err(shared.sled_err("forget all"))?;
-        shared
-            .relay
-            .expiry
-            .clear()
-            .map_err(shared.sled_err("forget all"))?;
-        shared.relay.live.store(0, Ordering::Relaxed);
-        drop(guard);
-        shared.make_durable("forget all flush")?;
-        tracing::info!(dir = %shared.dir.display(), forgotten = records, "forgot every relay id");
-        Ok(records)
+            .flush
+            .wait(&shared.db, ticket)
+            .map_err(shared.sled_err("forget all flush"))?;
+        let forgotten = shared.ids.retain(|_| false) as u64;
+        compactor::rebuild(shared, compactor::Which::Relay, shared.clock.now_ms());
+        tracing::info!(dir = %shared.dir.display(), forgotten, "forgot every relay id");
+        Ok(forgotten)
     }
 
-    /// Forgets `id` (it becomes new). Returns whether a record was there. Durable on return.
-    ///
-    /// # Errors
-    ///
-    /// A refused id or a sled error.
-    pub fn forget(&self, id: &[u8]) -> Result<bool, Error> {
-        let shared = &self.shared;
-        shared.validate(id)?;
-        let removed = shared
-            .relay
-            .tree
-            .remove(id)
-            .map_err(shared.sled_err("forget"))?;
-        shared.make_durable("forget flush")?;
-        if removed.is_some() {
-            shared.relay.live.fetch_sub(1, Ordering::Relaxed);
-        }
-        Ok(removed.is_some())
-    }
-
-    /// Deletes ids expired at `now_ms`, at most about `max_ids` of them (whole index entries), and
-    /// drops Bloom generations that are all expired. Returns the number of ids deleted. The
+    /// Drops segments due at `now_ms` (rewriting their still-live entries forward) and removes
+    /// expired entries from the index, about `max_ids` entries per namespace; drops Bloom
+    /// generations that are all expired. Returns the number of ids and keys dropped. The
     /// compactor calls this on its own; tests call it to sweep at a chosen time.
     ///
     /// # Errors
     ///
-    /// A sled or record error.
+    /// A sled or segment error.
     pub fn sweep(&self, now_ms: u64, max_ids: usize) -> Result<u64, Error> {
         let shared = &self.shared;
-        Ok(compactor::sweep(shared, &shared.relay, now_ms, max_ids)?
-            + compactor::sweep(shared, &shared.kv, now_ms, max_ids)?)
+        Ok(
+            compactor::sweep(shared, compactor::Which::Relay, now_ms, max_ids)?
+                + compactor::sweep(shared, compactor::Which::Kv, now_ms, max_ids)?,
+        )
     }
 
-    /// Rebuilds the Bloom filter from sled's live ids now (the compactor does it once a window).
+    /// Rebuilds the Bloom filters from the index now (the compactor does it once a window).
     ///
     /// # Errors
     ///
-    /// A sled or record error; the current filter then stays in place.
+    /// None today; kept for callers that handle one.
     pub fn rebuild_filter(&self, now_ms: u64) -> Result<(), Error> {
         let shared = &self.shared;
-        compactor::rebuild(shared, &shared.relay, now_ms)?;
-        compactor::rebuild(shared, &shared.kv, now_ms)
+        compactor::rebuild(shared, compactor::Which::Relay, now_ms);
+        compactor::rebuild(shared, compactor::Which::Kv, now_ms);
+        Ok(())
     }
 
     /// The key-value namespace the Redis endpoint serves (apart from the relay's ids).
@@ -883,6 +1055,30 @@ impl Store {
         self.shared.wake_compactor();
     }
 
+    /// Writes a consistent copy of the store to `out` while writers go on (see
+    /// `backup.rs` for the format).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Backup`] when `out` fails, a sled error, or [`Error::Closed`].
+    pub fn backup(&self, out: &mut dyn std::io::Write) -> Result<BackupStats, Error> {
+        backup::write(&self.shared, out)
+    }
+
+    /// Creates a store in `config.dir` (which must be empty or missing) from a backup, and
+    /// returns what it held. Open the store afterwards with [`Store::open`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotEmpty`], [`Error::BadBackup`], [`Error::Backup`] when `input` fails, or a
+    /// sled error.
+    pub fn restore(
+        input: &mut dyn std::io::Read,
+        config: StoreConfig,
+    ) -> Result<BackupStats, Error> {
+        backup::restore(input, &config)
+    }
+
     /// Current figures.
     pub fn stats(&self) -> Stats {
         let shared = &self.shared;
@@ -893,11 +1089,13 @@ impl Store {
         let absent = shared.absent_lookups.load(Ordering::Relaxed);
         let fps = shared.false_positives.load(Ordering::Relaxed);
         Stats {
-            live_ids: shared.relay.live.load(Ordering::Relaxed),
-            redis_keys: shared.kv.live.load(Ordering::Relaxed),
+            live_ids: shared.ids.len() as u64,
+            redis_keys: shared.keys.len() as u64,
             in_flight: shared.in_flight.lock().expect("in-flight lock").len(),
             bloom_generations: generations,
             bloom_bytes,
+            index_bytes: (shared.ids.table_bytes() + shared.keys.tables().table_bytes()) as u64,
+            segments: (shared.relay.segments.len() + shared.kv.segments.len()) as u64,
             disk_bytes: shared.db.size_on_disk().unwrap_or(0),
             absent_lookups: absent,
             false_positives: fps,
@@ -908,18 +1106,24 @@ impl Store {
             },
             swept_ids: shared.swept_ids.load(Ordering::Relaxed),
             bloom_rebuilds: shared.bloom_rebuilds.load(Ordering::Relaxed),
-            oldest_expiry_ms: first_due(&shared.relay.expiry).ok().flatten(),
+            oldest_expiry_ms: shared
+                .relay
+                .segments
+                .first()
+                .ok()
+                .flatten()
+                .map(|(k, _)| segment::parse_key(&k).0),
             bloom_loaded_from: shared.origin,
         }
     }
 
-    /// Closes the store cleanly: stops the compactor, refuses further commits, flushes, and
-    /// persists the Bloom generations with a marker so the next open skips the rebuild. Other
-    /// handles still alive get [`Error::Closed`] on commit.
+    /// Closes the store cleanly: stops the compactor, refuses further writes, flushes, and
+    /// writes the index and filters to a snapshot with a marker so the next open skips the
+    /// replay. Other handles still alive get [`Error::Closed`] on writes.
     ///
     /// # Errors
     ///
-    /// A sled or snapshot I/O error; the next open then rebuilds the filter, nothing is lost.
+    /// A sled or snapshot I/O error; the next open then replays the segments, nothing is lost.
     pub fn close(self) -> Result<(), Error> {
         self.compactor.stop();
         let shared = &self.shared;
@@ -927,17 +1131,8 @@ impl Store {
         shared.closed.store(true, Ordering::SeqCst);
         shared.db.flush().map_err(shared.sled_err("close flush"))?;
         let token: [u8; 16] = rand::random();
-        let space = |sp: &Space| SpaceSnapshot {
-            live: sp.live.load(Ordering::Relaxed),
-            filters: sp.filters.read().expect("filter lock").to_snapshot(),
-        };
-        let snapshot = Snapshot {
-            version: SNAPSHOT_VERSION,
-            token,
-            spaces: vec![space(&shared.relay), space(&shared.kv)],
-        };
-        let path = shared.dir.join(SNAPSHOT_FILE);
-        write_snapshot(&path, &snapshot).map_err(|source| Error::Snapshot {
+        let path = shared.dir.join(snapshot::FILE);
+        snapshot::write(&path, &token, shared).map_err(|source| Error::Snapshot {
             path: path.clone(),
             source,
         })?;
@@ -948,16 +1143,30 @@ impl Store {
             .insert(SNAPSHOT_TOKEN_KEY, &token)
             .map_err(shared.sled_err("close"))?;
         shared.db.flush().map_err(shared.sled_err("close flush"))?;
-        tracing::info!(dir = %shared.dir.display(), "store closed, bloom snapshot written");
+        tracing::info!(dir = %shared.dir.display(), "store closed, index snapshot written");
         Ok(())
     }
+}
+
+/// The data dir's digest secret, made (and flushed) on first open.
+fn secret(db: &sled::Db, meta: &sled::Tree) -> sled::Result<Vec<u8>> {
+    if let Some(s) = meta.get(SECRET_KEY)? {
+        if s.len() >= index::SECRET_LEN {
+            return Ok(s.to_vec());
+        }
+    }
+    let mut secret = vec![0u8; index::SECRET_LEN];
+    rand::fill(&mut secret[..]);
+    meta.insert(SECRET_KEY, &secret[..])?;
+    db.flush()?;
+    Ok(secret)
 }
 
 /// How long `open` retries a held lock. sled finishes background I/O on its own threads, which
 /// keep the lock file open for a moment after the previous holder in this process dropped it.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
 
-/// Opens sled in the data dir, retrying a held lock for [`LOCK_WAIT`].
+/// Opens sled in a dir, retrying a held lock for [`LOCK_WAIT`].
 fn open_sled(config: &StoreConfig) -> Result<sled::Db, Error> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
@@ -990,97 +1199,6 @@ fn open_error(dir: &Path, source: sled::Error) -> Error {
             source,
         },
     }
-}
-
-/// Expiry of the first index entry, if any.
-pub(crate) fn first_due(expiry: &sled::Tree) -> sled::Result<Option<u64>> {
-    Ok(expiry.first()?.map(|(k, _)| record::index_key_expiry(&k)))
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Snapshot {
-    version: u32,
-    token: [u8; 16],
-    /// The relay's namespace, then the Redis endpoint's.
-    spaces: Vec<SpaceSnapshot>,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SpaceSnapshot {
-    live: u64,
-    filters: FiltersSnapshot,
-}
-
-fn write_snapshot(path: &Path, snapshot: &Snapshot) -> std::io::Result<()> {
-    let bytes = bincode::serde::encode_to_vec(snapshot, bincode::config::standard())
-        .map_err(std::io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// The snapshot's filters and record counts (relay, then Redis keys), if the file exists,
-/// decodes, and carries `token`.
-fn load_snapshot(path: &Path, token: &[u8]) -> Option<[(Filters, u64); 2]> {
-    let bytes = match fs::read(path) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), cause = %e, "bloom snapshot unreadable, rebuilding");
-            return None;
-        }
-    };
-    let decoded: Result<(Snapshot, usize), _> =
-        bincode::serde::decode_from_slice(&bytes, bincode::config::standard());
-    match decoded {
-        Ok((snap, _)) if snap.version == SNAPSHOT_VERSION && snap.token[..] == *token => {
-            let mut spaces = snap
-                .spaces
-                .into_iter()
-                .map(|sp| Filters::from_snapshot(sp.filters).map(|f| (f, sp.live)));
-            let relay = spaces.next()??;
-            let kv = spaces.next()??;
-            Some([relay, kv])
-        }
-        Ok(_) => {
-            tracing::warn!(path = %path.display(), "bloom snapshot does not match the store, rebuilding");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(path = %path.display(), cause = %e, "bloom snapshot corrupt, rebuilding");
-            None
-        }
-    }
-}
-
-pub(crate) enum ScanError {
-    Sled(sled::Error),
-    Record(Error),
-}
-
-/// Scans every record into `fresh`, keeping the live ones; returns it with the record count.
-/// Digests go straight into the filter (no list of ids in memory); should the live ids outgrow
-/// `fresh`'s sizing, it rolls a generation and the next rebuild sizes from the count returned.
-pub(crate) fn scan_live(
-    ids: &sled::Tree,
-    mut fresh: Filters,
-    now_ms: u64,
-) -> Result<(Filters, u64), ScanError> {
-    let mut records = 0u64;
-    for item in ids.iter() {
-        let (k, v) = item.map_err(ScanError::Sled)?;
-        records += 1;
-        let seen = record::decode(&k, &v).map_err(ScanError::Record)?;
-        if seen.is_live(now_ms) {
-            fresh.insert(digest(&k), seen.expires_ms);
-        }
-    }
-    Ok((fresh, records))
 }
 
 #[cfg(test)]

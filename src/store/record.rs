@@ -1,4 +1,5 @@
-//! On-disk encodings: the per-id record and the expiry index entries.
+//! The first layout's per-id records, read once to migrate a data dir to segments, and
+//! [`Seen`], what the store tells about a seen id.
 //!
 //! Every record starts with a format byte so that a future layout is recognised as such instead
 //! of being decoded as garbage. The payload after it is bincode (standard config, varints).
@@ -40,7 +41,8 @@ fn bincode_config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-/// Encodes a record: format byte, then the bincode payload.
+/// Encodes a record: format byte, then the bincode payload (the first layout; tests only).
+#[cfg(test)]
 pub(crate) fn encode(seen: Seen) -> Vec<u8> {
     let payload = RecordV1 {
         first_seen_ms: seen.first_seen_ms,
@@ -54,6 +56,7 @@ pub(crate) fn encode(seen: Seen) -> Vec<u8> {
 }
 
 /// Encodes a key-value record: format byte, the bincode header, then the value as is.
+#[cfg(test)]
 pub(crate) fn encode_kv(seen: Seen, value: &[u8]) -> Vec<u8> {
     let mut out = encode(seen);
     out[0] = FORMAT_KV_V1;
@@ -106,49 +109,6 @@ fn parse<'a>(id: &[u8], bytes: &'a [u8], accepted: &[u8]) -> Result<(Seen, &'a [
     Ok((seen, &payload[used..]))
 }
 
-/// Key of an expiry index entry: big-endian expiry then a unique sequence number, so a range
-/// scan up to `now` returns exactly the entries that are due, oldest first.
-pub(crate) fn index_key(expires_ms: u64, seq: u64) -> [u8; 16] {
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&expires_ms.to_be_bytes());
-    key[8..].copy_from_slice(&seq.to_be_bytes());
-    key
-}
-
-/// Upper bound (inclusive) of the index keys due at `now_ms`.
-pub(crate) fn index_key_due(now_ms: u64) -> [u8; 16] {
-    index_key(now_ms, u64::MAX)
-}
-
-/// Expiry encoded in an index key.
-pub(crate) fn index_key_expiry(key: &[u8]) -> u64 {
-    let mut be = [0u8; 8];
-    be.copy_from_slice(&key[..8]);
-    u64::from_be_bytes(be)
-}
-
-/// Appends one id to an index entry value: a little-endian u16 length, then the bytes.
-/// Ids are at most `u16::MAX` bytes (the configured limit is checked against that).
-pub(crate) fn push_index_id(value: &mut Vec<u8>, id: &[u8]) {
-    let len = u16::try_from(id.len()).expect("id length is bounded by MAX_ID_LIMIT");
-    value.extend_from_slice(&len.to_le_bytes());
-    value.extend_from_slice(id);
-}
-
-/// Iterates the ids of an index entry value. A truncated tail (never written by this build)
-/// ends the iteration rather than panicking.
-pub(crate) fn index_ids(mut value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    std::iter::from_fn(move || {
-        if value.len() < 2 {
-            return None;
-        }
-        let len = u16::from_le_bytes([value[0], value[1]]) as usize;
-        let id = value.get(2..2 + len)?;
-        value = &value[2 + len..];
-        Some(id)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,15 +155,5 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("format version 9"), "{err}");
-    }
-
-    #[test]
-    fn index_entries_round_trip_and_sort_by_expiry() {
-        let mut v = Vec::new();
-        push_index_id(&mut v, b"a");
-        push_index_id(&mut v, b"bcd");
-        assert_eq!(index_ids(&v).collect::<Vec<_>>(), vec![&b"a"[..], b"bcd"]);
-        assert!(index_key(5, u64::MAX) < index_key(6, 0));
-        assert_eq!(index_key_expiry(&index_key(77, 3)), 77);
     }
 }

@@ -1,0 +1,432 @@
+//! The exact index in memory: for relay ids, digest → expiry; for Redis keys, key → value and
+//! times. sled holds the same facts as segments; this is what answers.
+//!
+//! Both are split into [`SHARDS`] hash tables, each behind its own lock: a table grows one
+//! shard at a time (no pause to rehash millions of entries at once), the rebuild and the
+//! snapshot work shard by shard, and readers of one shard do not wait for a writer of another.
+//!
+//! A relay entry is 20 bytes: the low 96 bits of the id's keyed digest and the expiry. 96 bits
+//! keep two live ids from meeting with probability n²/2⁹⁷ (about 6·10⁻¹⁶ for 10 M live ids);
+//! the segments on disk keep all 128.
+
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use hashbrown::HashTable;
+
+use super::segment::KvEntry;
+
+/// Tables per index.
+pub(crate) const SHARDS: usize = 64;
+
+/// Digests of ids and keys, keyed by a per-data-dir secret so that ids crafted to collide in
+/// one store's digest do not collide in another's.
+#[derive(Clone)]
+pub(crate) struct Keyed {
+    secret: Box<[u8]>,
+}
+
+/// Bytes of the secret (xxh3 wants at least 136).
+pub(crate) const SECRET_LEN: usize = 192;
+
+impl Keyed {
+    pub(crate) fn new(secret: &[u8]) -> Keyed {
+        assert!(secret.len() >= SECRET_LEN, "digest secret too short");
+        Keyed {
+            secret: secret.into(),
+        }
+    }
+
+    /// The 128-bit digest written to disk.
+    pub(crate) fn digest(&self, bytes: &[u8]) -> u128 {
+        xxhash_rust::xxh3::xxh3_128_with_secret(bytes, &self.secret)
+    }
+}
+
+/// The part of a digest the memory index and the Bloom filter use.
+pub(crate) fn short(digest: u128) -> u128 {
+    digest & ((1u128 << 96) - 1)
+}
+
+fn shard_of(hash: u64) -> usize {
+    // The top bits pick the shard; hashbrown uses the low bits for the bucket and the top 7
+    // for its control bytes, which within one shard are then still well spread.
+    (hash >> 58) as usize % SHARDS
+}
+
+/// One relay entry: 96 bits of digest and the expiry, packed into 20 bytes (align 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Slot {
+    key: [u32; 3],
+    expires: [u32; 2],
+}
+
+impl Slot {
+    pub(crate) fn new(short: u128, expires_ms: u64) -> Slot {
+        Slot {
+            key: [short as u32, (short >> 32) as u32, (short >> 64) as u32],
+            expires: [expires_ms as u32, (expires_ms >> 32) as u32],
+        }
+    }
+
+    pub(crate) fn short(&self) -> u128 {
+        u128::from(self.key[0]) | u128::from(self.key[1]) << 32 | u128::from(self.key[2]) << 64
+    }
+
+    pub(crate) fn expires_ms(&self) -> u64 {
+        u64::from(self.expires[0]) | u64::from(self.expires[1]) << 32
+    }
+
+    fn hash(&self) -> u64 {
+        hash_short(self.short())
+    }
+
+    /// Little-endian bytes, for the snapshot.
+    pub(crate) fn to_bytes(self) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        for (i, w) in self.key.iter().chain(&self.expires).enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+
+    pub(crate) fn from_bytes(b: &[u8; 20]) -> Slot {
+        let w = |i: usize| u32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
+        Slot {
+            key: [w(0), w(1), w(2)],
+            expires: [w(3), w(4)],
+        }
+    }
+}
+
+fn hash_short(short: u128) -> u64 {
+    // The digest is already uniformly random: its low 64 bits are the hash.
+    short as u64
+}
+
+/// Shards of hash tables of `T`.
+pub(crate) struct Sharded<T> {
+    shards: Box<[RwLock<HashTable<T>>]>,
+}
+
+impl<T> Sharded<T> {
+    fn with_capacity(total: usize) -> Sharded<T> {
+        Sharded {
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(HashTable::with_capacity(total / SHARDS)))
+                .collect(),
+        }
+    }
+
+    fn read(&self, hash: u64) -> RwLockReadGuard<'_, HashTable<T>> {
+        self.shards[shard_of(hash)].read().expect("index lock")
+    }
+
+    fn write(&self, hash: u64) -> RwLockWriteGuard<'_, HashTable<T>> {
+        self.shards[shard_of(hash)].write().expect("index lock")
+    }
+
+    /// Entries in all shards.
+    pub(crate) fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().expect("index lock").len())
+            .sum()
+    }
+
+    /// Bytes the tables hold (buckets and control bytes, not what entries point to).
+    pub(crate) fn table_bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().expect("index lock").allocation_size())
+            .sum()
+    }
+
+    /// Calls `f` with one shard's table, under its read lock.
+    pub(crate) fn with_shard<R>(&self, shard: usize, f: impl FnOnce(&HashTable<T>) -> R) -> R {
+        f(&self.shards[shard].read().expect("index lock"))
+    }
+
+    /// Keeps the entries for which `keep` says so, shard by shard; returns how many went.
+    pub(crate) fn retain(&self, mut keep: impl FnMut(&T) -> bool) -> usize {
+        let mut removed = 0;
+        for s in self.shards.iter() {
+            let mut t = s.write().expect("index lock");
+            let before = t.len();
+            t.retain(|e| keep(e));
+            removed += before - t.len();
+        }
+        removed
+    }
+}
+
+/// Relay ids: digest → expiry.
+pub(crate) type Ids = Sharded<Slot>;
+
+impl Sharded<Slot> {
+    /// An index with room for `expected` ids before any shard grows.
+    pub(crate) fn ids(expected: usize) -> Ids {
+        Sharded::with_capacity(expected)
+    }
+
+    /// Expiry of a digest, live or not.
+    pub(crate) fn get(&self, short: u128) -> Option<u64> {
+        let hash = hash_short(short);
+        self.read(hash)
+            .find(hash, |s| s.short() == short)
+            .map(Slot::expires_ms)
+    }
+
+    /// Sets a digest's expiry; returns whether it was absent.
+    pub(crate) fn insert(&self, short: u128, expires_ms: u64) -> bool {
+        self.put(Slot::new(short, expires_ms))
+    }
+
+    /// Inserts or replaces a slot; returns whether its digest was absent.
+    pub(crate) fn put(&self, slot: Slot) -> bool {
+        let hash = slot.hash();
+        let mut t = self.write(hash);
+        match t.find_mut(hash, |s| s.key == slot.key) {
+            Some(s) => {
+                *s = slot;
+                false
+            }
+            None => {
+                t.insert_unique(hash, slot, Slot::hash);
+                true
+            }
+        }
+    }
+
+    /// Removes a digest if `when` holds for its expiry; returns whether it did.
+    pub(crate) fn remove_if(&self, short: u128, when: impl FnOnce(u64) -> bool) -> bool {
+        let hash = hash_short(short);
+        let mut t = self.write(hash);
+        match t.find_entry(hash, |s| s.short() == short) {
+            Ok(e) if when(e.get().expires_ms()) => {
+                e.remove();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Loads the slots of one shard as the snapshot wrote them (in the order the shard held
+    /// them, so the inserts walk the new table nearly in order).
+    pub(crate) fn load_shard(&self, shard: usize, slots: impl ExactSizeIterator<Item = Slot>) {
+        let mut t = self.shards[shard].write().expect("index lock");
+        t.reserve(slots.len(), Slot::hash);
+        for s in slots {
+            let hash = s.hash();
+            if shard_of(hash) == shard {
+                t.insert_unique(hash, s, Slot::hash);
+            }
+        }
+    }
+}
+
+/// A Redis key's entry: key and value in one allocation, the times, and the version of the
+/// write that made it (see `segment.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KvSlot {
+    /// The key, then the value.
+    data: Box<[u8]>,
+    key_len: u32,
+    pub(crate) set_ms: u64,
+    pub(crate) expires_ms: u64,
+    /// How long the entry must stay on disk (the longest expiry of the writes it shadows).
+    pub(crate) retain_ms: u64,
+    pub(crate) version: u64,
+}
+
+impl KvSlot {
+    pub(crate) fn new(key: &[u8], value: &[u8], set_ms: u64, expires_ms: u64) -> KvSlot {
+        let mut data = Vec::with_capacity(key.len() + value.len());
+        data.extend_from_slice(key);
+        data.extend_from_slice(value);
+        KvSlot {
+            data: data.into_boxed_slice(),
+            key_len: key.len() as u32,
+            set_ms,
+            expires_ms,
+            retain_ms: expires_ms,
+            version: 0,
+        }
+    }
+
+    /// The slot a put entry makes; `None` for a delete.
+    pub(crate) fn of(entry: &KvEntry) -> Option<KvSlot> {
+        match entry {
+            KvEntry::Put {
+                key,
+                value,
+                set_ms,
+                expires_ms,
+                retain_ms,
+                version,
+            } => Some(KvSlot {
+                retain_ms: *retain_ms,
+                version: *version,
+                ..KvSlot::new(key, value, *set_ms, *expires_ms)
+            }),
+            KvEntry::Delete { .. } => None,
+        }
+    }
+
+    /// The put entry that makes this slot.
+    pub(crate) fn entry(&self) -> KvEntry {
+        KvEntry::Put {
+            key: self.key().to_vec(),
+            value: self.value().to_vec(),
+            set_ms: self.set_ms,
+            expires_ms: self.expires_ms,
+            retain_ms: self.retain_ms,
+            version: self.version,
+        }
+    }
+
+    pub(crate) fn key(&self) -> &[u8] {
+        &self.data[..self.key_len as usize]
+    }
+
+    pub(crate) fn value(&self) -> &[u8] {
+        &self.data[self.key_len as usize..]
+    }
+}
+
+/// Redis keys: key → value and times. Hashes come from the keyed digest, so crafted keys
+/// cannot pile into one bucket chain.
+pub(crate) struct Keys {
+    tables: Sharded<KvSlot>,
+    keyed: Keyed,
+}
+
+impl Keys {
+    pub(crate) fn new(keyed: Keyed) -> Keys {
+        Keys {
+            tables: Sharded::with_capacity(0),
+            keyed,
+        }
+    }
+
+    fn hash(&self, key: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64_with_secret(key, &self.keyed.secret)
+    }
+
+    pub(crate) fn tables(&self) -> &Sharded<KvSlot> {
+        &self.tables
+    }
+
+    /// The entry of `key`, live or not.
+    pub(crate) fn get(&self, key: &[u8]) -> Option<KvSlot> {
+        let hash = self.hash(key);
+        self.tables
+            .read(hash)
+            .find(hash, |s| s.key() == key)
+            .cloned()
+    }
+
+    /// The version of `key`'s entry, if any (the compactor's "still the newest?").
+    pub(crate) fn version(&self, key: &[u8]) -> Option<u64> {
+        let hash = self.hash(key);
+        self.tables
+            .read(hash)
+            .find(hash, |s| s.key() == key)
+            .map(|s| s.version)
+    }
+
+    /// Inserts or replaces; returns the previous entry.
+    pub(crate) fn put(&self, slot: KvSlot) -> Option<KvSlot> {
+        let hash = self.hash(slot.key());
+        let mut t = self.tables.write(hash);
+        match t.find_mut(hash, |s| s.key() == slot.key()) {
+            Some(s) => Some(std::mem::replace(s, slot)),
+            None => {
+                let secret = &self.keyed.secret;
+                t.insert_unique(hash, slot, |s| {
+                    xxhash_rust::xxh3::xxh3_64_with_secret(s.key(), secret)
+                });
+                None
+            }
+        }
+    }
+
+    /// Removes `key` if `when` holds for its entry; returns the entry removed.
+    pub(crate) fn remove_if(
+        &self,
+        key: &[u8],
+        when: impl FnOnce(&KvSlot) -> bool,
+    ) -> Option<KvSlot> {
+        let hash = self.hash(key);
+        let mut t = self.tables.write(hash);
+        match t.find_entry(hash, |s| s.key() == key) {
+            Ok(e) if when(e.get()) => Some(e.remove().0),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.tables.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_twenty_bytes_and_round_trip() {
+        assert_eq!(std::mem::size_of::<Slot>(), 20);
+        let s = Slot::new(short(u128::MAX - 5), 1_764_000_000_123);
+        assert_eq!(s.short(), short(u128::MAX - 5));
+        assert_eq!(s.expires_ms(), 1_764_000_000_123);
+        assert_eq!(Slot::from_bytes(&s.to_bytes()), s);
+    }
+
+    #[test]
+    fn ids_insert_replace_remove() {
+        let ids = Ids::ids(100);
+        let keyed = Keyed::new(&[7u8; SECRET_LEN]);
+        let a = short(keyed.digest(b"a"));
+        assert!(ids.insert(a, 10));
+        assert!(!ids.insert(a, 20));
+        assert_eq!(ids.get(a), Some(20));
+        assert!(!ids.remove_if(a, |exp| exp <= 15));
+        assert!(ids.remove_if(a, |exp| exp <= 20));
+        assert_eq!(ids.get(a), None);
+        for i in 0u32..10_000 {
+            ids.insert(short(keyed.digest(&i.to_le_bytes())), 1);
+        }
+        assert_eq!(ids.len(), 10_000);
+    }
+
+    #[test]
+    fn digests_depend_on_the_secret() {
+        // Random secrets, as stores make them (a uniform one is degenerate for xxh3's short
+        // inputs, which fold parts of the secret together).
+        let random = || {
+            let mut s = vec![0u8; SECRET_LEN];
+            rand::fill(&mut s[..]);
+            s
+        };
+        let (one, two) = (Keyed::new(&random()), Keyed::new(&random()));
+        assert_ne!(one.digest(b"id"), two.digest(b"id"));
+        assert_eq!(one.digest(b"id"), one.digest(b"id"));
+    }
+
+    #[test]
+    fn keys_hold_values_and_times() {
+        let keys = Keys::new(Keyed::new(&[3u8; SECRET_LEN]));
+        assert_eq!(keys.put(KvSlot::new(b"k", b"v1", 1, 9)), None);
+        let old = keys.put(KvSlot::new(b"k", b"v2", 2, 9)).unwrap();
+        assert_eq!(old.value(), b"v1");
+        let now = keys.get(b"k").unwrap();
+        assert_eq!(
+            (now.key(), now.value(), now.set_ms),
+            (&b"k"[..], &b"v2"[..], 2)
+        );
+        assert_eq!(keys.version(b"k"), Some(0));
+        assert!(keys.remove_if(b"k", |s| s.expires_ms <= 8).is_none());
+        assert!(keys.remove_if(b"k", |_| true).is_some());
+        assert_eq!(keys.len(), 0);
+    }
+}

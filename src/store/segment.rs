@@ -1,0 +1,344 @@
+//! The unit on disk: one sled value per commit batch (a segment), in one of two trees (relay
+//! ids, Redis-endpoint keys).
+//!
+//! Key: the segment's expiry (big-endian ms: the median of its entries' expiries), then a
+//! sequence number (big-endian), so the compactor finds what is due with one range scan and
+//! the rebuild replays segments in the order they were written (newest entry wins).
+//!
+//! Value: a format byte, a kind byte, the commit time (varint ms), the entry count (varint),
+//! then the entries:
+//! - relay: the 16-byte keyed digest of the id, then a varint of
+//!   `(expires_ms - commit_ms) << 1 | tombstone`;
+//! - Redis keys: a tag byte (0 put, 1 delete), the key (varint length + bytes), then for a put
+//!   the value (varint length + bytes), the set time, the expiry and how much longer the entry
+//!   must stay on disk (varint ms each), and for a delete how long it must stay (varint ms);
+//!   for both the version last (varint). Versions order a key's writes however segments are
+//!   rewritten; an entry stays on disk as long as an older one it shadows does (an `EXPIRE`
+//!   that shortens a key, a `DEL`), so dropping it can never bring the older one back.
+
+use super::log::{put_varint, Reader};
+use super::Error;
+
+/// Format byte of this layout.
+pub(crate) const FORMAT_V2: u8 = 2;
+const KIND_RELAY: u8 = 1;
+const KIND_KV: u8 = 2;
+
+/// An entry of a relay segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RelayEntry {
+    /// The id's keyed 128-bit digest.
+    pub(crate) digest: u128,
+    /// When the id leaves the window (for a tombstone: when the entry it kills does).
+    pub(crate) expires_ms: u64,
+    /// `dedupd forget`: the id is no longer seen.
+    pub(crate) tombstone: bool,
+}
+
+/// An entry of a Redis-endpoint segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum KvEntry {
+    /// The key holds `value` from `set_ms` until `expires_ms`; the entry stays on disk until
+    /// `retain_ms` (≥ `expires_ms`).
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        set_ms: u64,
+        expires_ms: u64,
+        retain_ms: u64,
+        version: u64,
+    },
+    /// The key was deleted; the tombstone stays on disk until `expires_ms`.
+    Delete {
+        key: Vec<u8>,
+        expires_ms: u64,
+        version: u64,
+    },
+}
+
+impl KvEntry {
+    pub(crate) fn key(&self) -> &[u8] {
+        match self {
+            KvEntry::Put { key, .. } | KvEntry::Delete { key, .. } => key,
+        }
+    }
+
+    /// How long the entry must stay on disk.
+    pub(crate) fn retain_ms(&self) -> u64 {
+        match self {
+            KvEntry::Put { retain_ms, .. } => *retain_ms,
+            KvEntry::Delete { expires_ms, .. } => *expires_ms,
+        }
+    }
+
+    pub(crate) fn version(&self) -> u64 {
+        match self {
+            KvEntry::Put { version, .. } | KvEntry::Delete { version, .. } => *version,
+        }
+    }
+}
+
+/// Key of a segment: expiry, then sequence number, both big-endian.
+pub(crate) fn key(expires_ms: u64, seq: u64) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&expires_ms.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Inclusive upper bound of the keys of segments due at `now_ms`.
+pub(crate) fn due_bound(now_ms: u64) -> [u8; 16] {
+    key(now_ms, u64::MAX)
+}
+
+/// The (expiry, sequence) of a segment key.
+pub(crate) fn parse_key(k: &[u8]) -> (u64, u64) {
+    let word = |r: std::ops::Range<usize>| {
+        k.get(r)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_be_bytes)
+    };
+    (word(0..8), word(8..16))
+}
+
+/// The expiry a segment is filed under: the median of its entries', so the compactor reaches
+/// it once at least half of them are due, and what it rewrites forward is at most half.
+pub(crate) fn filing_expiry(mut expiries: Vec<u64>) -> u64 {
+    if expiries.is_empty() {
+        return 0;
+    }
+    let mid = expiries.len() / 2;
+    *expiries.select_nth_unstable(mid).1
+}
+
+fn header(kind: u8, commit_ms: u64, count: usize, per_entry: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + count * per_entry);
+    out.push(FORMAT_V2);
+    out.push(kind);
+    put_varint(&mut out, commit_ms);
+    put_varint(&mut out, count as u64);
+    out
+}
+
+/// Encodes a relay segment committed at `commit_ms`.
+pub(crate) fn encode_relay(commit_ms: u64, entries: &[RelayEntry]) -> Vec<u8> {
+    let mut out = header(KIND_RELAY, commit_ms, entries.len(), 21);
+    for e in entries {
+        out.extend_from_slice(&e.digest.to_le_bytes());
+        let life = e.expires_ms.saturating_sub(commit_ms);
+        put_varint(&mut out, (life << 1) | u64::from(e.tombstone));
+    }
+    out
+}
+
+/// Encodes a Redis-endpoint segment.
+pub(crate) fn encode_kv(commit_ms: u64, entries: &[KvEntry]) -> Vec<u8> {
+    let mut out = header(KIND_KV, commit_ms, entries.len(), 32);
+    for e in entries {
+        let put = |out: &mut Vec<u8>, bytes: &[u8]| {
+            put_varint(out, bytes.len() as u64);
+            out.extend_from_slice(bytes);
+        };
+        match e {
+            KvEntry::Put {
+                key,
+                value,
+                set_ms,
+                expires_ms,
+                retain_ms,
+                version,
+            } => {
+                out.push(0);
+                put(&mut out, key);
+                put(&mut out, value);
+                put_varint(&mut out, *set_ms);
+                put_varint(&mut out, *expires_ms);
+                put_varint(&mut out, retain_ms.saturating_sub(*expires_ms));
+                put_varint(&mut out, *version);
+            }
+            KvEntry::Delete {
+                key,
+                expires_ms,
+                version,
+            } => {
+                out.push(1);
+                put(&mut out, key);
+                put_varint(&mut out, *expires_ms);
+                put_varint(&mut out, *version);
+            }
+        }
+    }
+    out
+}
+
+fn corrupt(reason: &str) -> Error {
+    Error::Corrupt {
+        id: "<segment>".into(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads the header of a segment of `kind`: commit time and entry count.
+fn open(bytes: &[u8], kind: u8) -> Result<(Reader<'_>, u64, u64), Error> {
+    let mut r = Reader(bytes);
+    let format = r.byte().ok_or_else(|| corrupt("empty segment"))?;
+    if format != FORMAT_V2 {
+        return Err(Error::UnknownFormat {
+            id: "<segment>".into(),
+            version: format,
+        });
+    }
+    if r.byte() != Some(kind) {
+        return Err(corrupt("segment of another namespace"));
+    }
+    let commit_ms = r.varint().ok_or_else(|| corrupt("truncated header"))?;
+    let count = r.varint().ok_or_else(|| corrupt("truncated header"))?;
+    if count > bytes.len() as u64 {
+        return Err(corrupt("entry count exceeds the segment's size"));
+    }
+    Ok((r, commit_ms, count))
+}
+
+/// Decodes a relay segment: its commit time and entries.
+///
+/// # Errors
+///
+/// [`Error::UnknownFormat`] or [`Error::Corrupt`].
+pub(crate) fn decode_relay(bytes: &[u8]) -> Result<(u64, Vec<RelayEntry>), Error> {
+    let (mut r, commit_ms, count) = open(bytes, KIND_RELAY)?;
+    let mut entries = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let digest = r
+            .take(16)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(u128::from_le_bytes)
+            .ok_or_else(|| corrupt("truncated digest"))?;
+        let tagged = r.varint().ok_or_else(|| corrupt("truncated expiry"))?;
+        entries.push(RelayEntry {
+            digest,
+            expires_ms: commit_ms.saturating_add(tagged >> 1),
+            tombstone: tagged & 1 == 1,
+        });
+    }
+    if !r.0.is_empty() {
+        return Err(corrupt("trailing bytes"));
+    }
+    Ok((commit_ms, entries))
+}
+
+/// Decodes a Redis-endpoint segment.
+///
+/// # Errors
+///
+/// [`Error::UnknownFormat`] or [`Error::Corrupt`].
+pub(crate) fn decode_kv(bytes: &[u8]) -> Result<(u64, Vec<KvEntry>), Error> {
+    let (mut r, commit_ms, count) = open(bytes, KIND_KV)?;
+    let mut entries = Vec::with_capacity(count as usize);
+    let truncated = || corrupt("truncated entry");
+    for _ in 0..count {
+        let tag = r.byte().ok_or_else(truncated)?;
+        let len = r.varint().ok_or_else(truncated)?;
+        let key = r.take(len).ok_or_else(truncated)?.to_vec();
+        let entry = match tag {
+            0 => {
+                let len = r.varint().ok_or_else(truncated)?;
+                let value = r.take(len).ok_or_else(truncated)?.to_vec();
+                let set_ms = r.varint().ok_or_else(truncated)?;
+                let expires_ms = r.varint().ok_or_else(truncated)?;
+                let retain_ms = expires_ms.saturating_add(r.varint().ok_or_else(truncated)?);
+                KvEntry::Put {
+                    key,
+                    value,
+                    set_ms,
+                    expires_ms,
+                    retain_ms,
+                    version: r.varint().ok_or_else(truncated)?,
+                }
+            }
+            1 => KvEntry::Delete {
+                key,
+                expires_ms: r.varint().ok_or_else(truncated)?,
+                version: r.varint().ok_or_else(truncated)?,
+            },
+            _ => return Err(corrupt("unknown entry tag")),
+        };
+        entries.push(entry);
+    }
+    if !r.0.is_empty() {
+        return Err(corrupt("trailing bytes"));
+    }
+    Ok((commit_ms, entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_segment_round_trips_in_about_twenty_bytes_an_id() {
+        let t = 1_764_000_000_000;
+        let entries: Vec<RelayEntry> = (0..1024u128)
+            .map(|i| RelayEntry {
+                digest: i * 0x9e37_79b9_7f4a_7c15,
+                expires_ms: t + 86_400_000,
+                tombstone: i == 7,
+            })
+            .collect();
+        let bytes = encode_relay(t, &entries);
+        // 16-byte digest + 4-byte varint of a day in ms (shifted by one bit).
+        assert!(bytes.len() <= 16 + 1024 * 20, "{}", bytes.len());
+        assert_eq!(decode_relay(&bytes).unwrap(), (t, entries));
+    }
+
+    #[test]
+    fn kv_segment_round_trips() {
+        let entries = vec![
+            KvEntry::Put {
+                key: b"msg:1".to_vec(),
+                value: b"1".to_vec(),
+                set_ms: 5,
+                expires_ms: 90,
+                retain_ms: 120,
+                version: 7,
+            },
+            KvEntry::Delete {
+                key: b"msg:2".to_vec(),
+                expires_ms: 70,
+                version: 8,
+            },
+        ];
+        let bytes = encode_kv(5, &entries);
+        assert_eq!(decode_kv(&bytes).unwrap(), (5, entries));
+        // Either namespace refuses the other's segments.
+        assert!(decode_relay(&bytes).is_err());
+    }
+
+    #[test]
+    fn damaged_segments_are_errors_never_garbage() {
+        let bytes = encode_relay(
+            1,
+            &[RelayEntry {
+                digest: 3,
+                expires_ms: 9,
+                tombstone: false,
+            }],
+        );
+        for cut in 0..bytes.len() {
+            assert!(decode_relay(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut future = bytes.clone();
+        future[0] = 9;
+        assert!(matches!(
+            decode_relay(&future),
+            Err(Error::UnknownFormat { version: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn keys_sort_by_expiry_and_the_median_files_a_segment() {
+        assert!(key(5, u64::MAX) < key(6, 0));
+        assert_eq!(parse_key(&key(77, 3)), (77, 3));
+        assert_eq!(filing_expiry(vec![9, 1, 5, 7, 3]), 5);
+        assert_eq!(filing_expiry(vec![4; 10]), 4);
+    }
+}
