@@ -4,7 +4,9 @@
 //! `cargo bench --bench store` (needs the local Redis on 127.0.0.1:6379; `REDIS_URL` overrides).
 //! Benchmark ids are fixed so results compare across changes:
 //! `lookup/bloom_negative`, `lookup/present`, `claim_commit/durable_batch_1024`,
-//! `redis_set_nx_ex/pipeline_1`, `redis_set_nx_ex/pipeline_32`.
+//! `redis_set_nx_ex/pipeline_1`, `redis_set_nx_ex/pipeline_32`; `claim_commit/sled_key_per_id_1024`
+//! is the layout before segments (one sled key per id, one flush per batch), as the baseline
+//! of the commit path.
 
 use std::hint::black_box;
 use std::sync::OnceLock;
@@ -82,7 +84,7 @@ fn lookup(c: &mut Criterion) {
     group.bench_function("bloom_negative", |b| {
         b.iter(|| {
             i = next_probe(i);
-            black_box(store.check(absent[i].as_bytes(), now).unwrap())
+            black_box(store.lookup(absent[i].as_bytes(), now).unwrap())
         })
     });
 
@@ -93,7 +95,7 @@ fn lookup(c: &mut Criterion) {
     group.bench_function("present", |b| {
         b.iter(|| {
             i = next_probe(i);
-            let seen = store.check(present[i].as_bytes(), now).unwrap();
+            let seen = store.lookup(present[i].as_bytes(), now).unwrap();
             assert!(seen.is_some());
             black_box(seen)
         })
@@ -128,6 +130,31 @@ fn claim_commit(c: &mut Criterion) {
                     })
                     .collect();
                 store.commit(claims, now).unwrap();
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    // The baseline: what one sled key per id costs for the same batch, the same durability.
+    let db = sled::Config::new()
+        .path(dir.path().join("baseline"))
+        .cache_capacity(64 << 20)
+        .flush_every_ms(None)
+        .open()
+        .expect("open the baseline sled");
+    let tree = db.open_tree("ids").expect("baseline tree");
+    group.bench_function("sled_key_per_id_1024", |b| {
+        b.iter_batched(
+            || {
+                let ids: Vec<String> = (next..next + COMMIT_BATCH as u128).map(uuid_id).collect();
+                next += COMMIT_BATCH as u128;
+                ids
+            },
+            |ids| {
+                let record = system_now_ms().to_be_bytes();
+                for id in &ids {
+                    tree.insert(id.as_bytes(), &record).unwrap();
+                }
+                db.flush().unwrap();
             },
             BatchSize::PerIteration,
         )

@@ -367,24 +367,34 @@ async fn run_batch(
     });
     if !on_store {
         let mut out = out;
-        let flow = run_all(server, client, &batch, &mut out);
+        let flow = run_all(server, client, &batch, &mut out, &mut &server.kv);
         return (flow, out);
     }
     let server = server.clone();
     let mut moved = std::mem::take(client);
     let (moved, flow, out) = tokio::task::spawn_blocking(move || {
         let mut out = out;
-        let mut flow = run_all(&server, &mut moved, &batch, &mut out);
-        // The writes above were applied without waiting: one group flush makes the whole
-        // batch durable before any of its replies leaves. It also holds back a read of another
-        // connection's write until that write is durable.
-        if let Err(e) = server.kv.wait_durable(server.kv.last_ticket()) {
-            tracing::error!(cause = %e, "redis endpoint: flush failed, closing the connection");
-            out.clear();
-            Reply::err(format!("the store could not make the writes durable: {e}"))
-                .encode(moved.proto, &mut out);
-            flow = Flow::Close;
-        }
+        // The whole batch is one store transaction: its writes go to disk as one segment, and
+        // one group flush (shared with every other writer) makes them durable before any of
+        // its replies leaves. That also holds back a read of another connection's write until
+        // that write is durable.
+        let ran = server
+            .kv
+            .batch(|tx| run_all(&server, &mut moved, &batch, &mut out, tx));
+        let durable = ran.and_then(|(flow, ticket)| {
+            server.kv.wait_durable(ticket)?;
+            Ok(flow)
+        });
+        let flow = match durable {
+            Ok(flow) => flow,
+            Err(e) => {
+                tracing::error!(cause = %e, "redis endpoint: the store could not take the batch, closing the connection");
+                out.clear();
+                Reply::err(format!("the store could not make the writes durable: {e}"))
+                    .encode(moved.proto, &mut out);
+                Flow::Close
+            }
+        };
         (moved, flow, out)
     })
     .await
@@ -393,10 +403,16 @@ async fn run_batch(
     (flow, out)
 }
 
-fn run_all(server: &Server, client: &mut Client, batch: &[Request], out: &mut Vec<u8>) -> Flow {
+fn run_all(
+    server: &Server,
+    client: &mut Client,
+    batch: &[Request],
+    out: &mut Vec<u8>,
+    keys: &mut dyn command::Keys,
+) -> Flow {
     for request in batch {
         let (reply, flow) = match request {
-            Request::Args(args) => command::execute(server, client, args, &mut &server.kv),
+            Request::Args(args) => command::execute(server, client, args, keys),
             Request::Oversize(len) => (
                 Reply::err(format!(
                     "argument of {len} bytes is over the limit of {} bytes (DEDUPD_REDIS_MAX_VALUE)",

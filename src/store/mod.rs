@@ -701,13 +701,14 @@ impl Store {
                     &keys,
                     now_ms,
                 )?;
-                (
-                    BloomOrigin::Rebuilt,
-                    ids,
-                    keys,
-                    Filters::unready(capacity, config.fp_rate, now_ms),
-                    Filters::unready(capacity, config.fp_rate, now_ms),
-                )
+                // The index answers alone until the compactor has filled the filter from it;
+                // an empty namespace has nothing to fill.
+                let filters = |empty: bool| match empty {
+                    true => Filters::new(capacity, config.fp_rate, now_ms),
+                    false => Filters::unready(capacity, config.fp_rate, now_ms),
+                };
+                let (relay, kv) = (filters(ids.len() == 0), filters(keys.len() == 0));
+                (BloomOrigin::Rebuilt, ids, keys, relay, kv)
             }
         };
         let first_due = |tree: &sled::Tree| {
@@ -790,6 +791,21 @@ impl Store {
             first_seen_ms,
             expires_ms,
         }))
+    }
+
+    /// Whether `id` is live at `now_ms`, and until when: the filter, then the index; nothing
+    /// on disk is read. Claims in flight are not consulted.
+    ///
+    /// # Errors
+    ///
+    /// A refused id.
+    pub fn lookup(&self, id: &[u8], now_ms: u64) -> Result<Option<Live>, Error> {
+        let shared = &self.shared;
+        shared.validate(id)?;
+        let key = short(shared.keyed.digest(id));
+        Ok(shared
+            .live_id(key, now_ms)
+            .map(|expires_ms| Live { expires_ms }))
     }
 
     /// The prefilter's answer alone: `false` means certainly not live. For tests and diagnostics.
