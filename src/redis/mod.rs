@@ -378,9 +378,16 @@ async fn run_batch(
         // one group flush (shared with every other writer) makes them durable before any of
         // its replies leaves. That also holds back a read of another connection's write until
         // that write is durable.
-        let ran = server
-            .kv
-            .batch(|tx| run_all(&server, &mut moved, &batch, &mut out, tx));
+        // `SCRIPT` (`KILL` above all) must not wait for the store's lock: the script it stops
+        // may hold it. A batch of nothing else runs outside any transaction.
+        let ran = if batch.iter().all(is_script_admin) {
+            let flow = run_all(&server, &mut moved, &batch, &mut out, &mut &server.kv);
+            Ok((flow, server.kv.last_ticket()))
+        } else {
+            server
+                .kv
+                .batch(|tx| run_all(&server, &mut moved, &batch, &mut out, tx))
+        };
         let durable = ran.and_then(|(flow, ticket)| {
             server.kv.wait_durable(ticket)?;
             Ok(flow)
@@ -401,6 +408,11 @@ async fn run_batch(
     .expect("a redis command does not panic");
     *client = moved;
     (flow, out)
+}
+
+/// Whether a request is `SCRIPT ...`, which touches the script cache, not the keys.
+fn is_script_admin(request: &Request) -> bool {
+    matches!(request, Request::Args(args) if args[0].eq_ignore_ascii_case(b"script"))
 }
 
 fn run_all(
