@@ -1,14 +1,14 @@
 //! dedupd against a 3-node RabbitMQ cluster on loopback, started by the harness from the installed
-//! `rabbitmq-server` (tests/common/cluster.rs): the node that leads the source queue goes away
+//! `rabbitmq-server` (tests/support/cluster.rs): the node that leads the source queue goes away
 //! mid-stream, and nothing is lost. Random names, the cluster stopped and removed at the end.
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use common::cluster::Cluster;
-use common::*;
+use support::cluster::Cluster;
+use support::*;
 
 /// 10 000 persistent messages with 20 % repeats of 8 000 ids: message `i`'s id.
 fn id(i: u64) -> String {

@@ -9,13 +9,13 @@
 //! one at a time (a process-wide lock), and whatever stops the broker restores it when dropped,
 //! even when the test fails. Run with `-- --nocapture` to see the figures.
 
-mod faults_support;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use faults_support::*;
+use support::faults::*;
 
 /// One scenario at a time in this binary: they disturb the broker for everyone. (A tokio mutex:
 /// each test holds it across its awaits, and it is not poisoned by a failed test.)

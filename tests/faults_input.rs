@@ -6,14 +6,14 @@
 //!
 //! These do not disturb the broker for others, so they run in parallel.
 
-mod faults_support;
+mod support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use amqprs::{BasicProperties, FieldTable, FieldValue};
-use faults_support::*;
 use proptest::prelude::*;
+use support::faults::*;
 
 /// 16 MiB: a large message, well inside RabbitMQ's default 128 MiB limit.
 const HUGE: usize = 16 << 20;

@@ -3,12 +3,12 @@
 //! crash window; then a third one with an empty data dir catches up from the id stream and, once
 //! active, drops every id seen before. Real binaries, random names, cleaned up.
 
-mod common;
+mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::*;
 
 /// Prefetch of the relays: the most that can pass twice after a `kill -9`.
 const PREFETCH: &str = "200";

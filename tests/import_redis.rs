@@ -3,13 +3,13 @@
 //! running dedupd, then checked through the relay on the real local RabbitMQ and through the
 //! Redis endpoint.
 
-mod common;
+mod support;
 
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::*;
 
 /// The shared local Redis the keys are imported from.
 const SOURCE: &str = "redis://127.0.0.1:6379/";

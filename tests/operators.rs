@@ -3,14 +3,14 @@
 //! `dedupd` binary against the real local RabbitMQ (127.0.0.1:5672, guest/guest), each test on
 //! its own random queues and temporary data dir, deleting what it declared.
 
-mod common;
+mod support;
 
 use amqprs::channel::{
     BasicPublishArguments, ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments,
 };
 use amqprs::{BasicProperties, FieldTable, FieldValue};
 
-use common::*;
+use support::*;
 
 /// Properties with the given string headers, persistent.
 fn headers(pairs: &[(&str, &str)]) -> BasicProperties {

@@ -2,14 +2,14 @@
 //! service and against a bare data dir, `dedupd config`, the systemd notifications and JSON logs.
 //! Real binary, real broker, random names, temp dirs.
 
-mod common;
+mod support;
 
 use std::os::unix::net::UnixDatagram;
 use std::process::Output;
 use std::time::Duration;
 
 use amqprs::BasicProperties;
-use common::*;
+use support::*;
 
 /// Runs `dedupd <args>` against `data` (and the service's port, if any).
 fn admin(data: &std::path::Path, port: Option<u16>, args: &[&str]) -> Output {

@@ -3,13 +3,13 @@
 //! that exists with the other type stops start-up naming it. Real binary, real local broker,
 //! random names, cleaned up.
 
-mod common;
+mod support;
 
 use std::process::Command;
 
 use amqprs::{BasicProperties, FieldTable, FieldValue};
 
-use common::*;
+use support::*;
 
 /// A message the relay cannot forward, ever, when it connects as another user than the
 /// publisher: the broker refuses a publish whose `user_id` is not the connection's user by

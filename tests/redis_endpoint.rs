@@ -3,7 +3,7 @@
 //! command sequences go to both, under a random key prefix that is deleted afterwards, and the
 //! replies must be the same, over RESP2 and RESP3.
 
-mod common;
+mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Connection, Value};
 
-use common::{dedupd, free_port, WAIT};
+use support::{dedupd, free_port, WAIT};
 
 /// The shared local Redis the replies are compared with.
 const ORACLE: &str = "redis://127.0.0.1:6379/";

@@ -2,16 +2,15 @@
 //! (127.0.0.1:5672, guest/guest). Each test uses its own random queue and exchange names and a
 //! temporary data dir, and deletes what it declared. No broker is a failure, not a skip.
 
-mod common;
+mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use amqprs::channel::{QueueBindArguments, QueueDeleteArguments};
 use amqprs::{BasicProperties, FieldTable, FieldValue};
 
-use common::*;
+use support::*;
 
 // ---------------------------------------------------------------------------------------------
 // The tests.
@@ -313,8 +312,12 @@ async fn short_ttl_lets_an_id_through_again_after_it() {
     broker.publish(id_props("ttl"), b"1").await;
     broker.publish(id_props("ttl"), b"2").await;
     assert_eq!(relay.wait_settled(2), (1, 1, 0));
-    // The one sleep these tests allow: past the 1 s window, the id is new again.
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Past the 1 s window the id is new again: wait until the service says so, not a guess.
+    eventually(
+        WAIT,
+        || format!("the id never expired:\n{}", relay.log()),
+        || matches!(relay.get("/ids/ttl"), Some((404, _))),
+    );
     broker.publish(id_props("ttl"), b"3").await;
     assert_eq!(relay.wait_settled(3), (2, 1, 0));
     assert_eq!(
@@ -489,14 +492,7 @@ async fn unhealthy_without_broker_and_still_stops_cleanly() {
         data.path(),
         &[("DEDUPD_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")],
     );
-    let deadline = Instant::now() + WAIT;
-    let code = loop {
-        if let Some((code, _)) = relay.get("/healthz") {
-            break code;
-        }
-        assert!(Instant::now() < deadline, "{}", relay.log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = eventually(WAIT, || relay.log(), || relay.get("/healthz")).0;
     assert_eq!(code, 503);
     let (status, log) = relay.terminate();
     assert!(status.success(), "{log}");
@@ -520,17 +516,14 @@ async fn reconnects_after_losing_its_consumer_and_resumes() {
         .queue_delete(QueueDeleteArguments::new(&broker.source))
         .await
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while relay
-        .metrics()
-        .get("dedupd_reconnects_total")
-        .copied()
-        .unwrap_or(0.0)
-        < 1.0
-    {
-        assert!(Instant::now() < deadline, "{}", relay.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(
+        WAIT,
+        || format!("never reconnected:\n{}", relay.log()),
+        || {
+            let m = relay.metrics();
+            m.get("dedupd_reconnects_total").copied().unwrap_or(0.0) >= 1.0
+        },
+    );
     relay.wait_healthy();
     broker.publish(id_props("before"), b"dup").await;
     broker.publish(id_props("after"), b"after").await;
@@ -577,19 +570,16 @@ async fn reconnects_after_the_broker_drops_the_connection_and_loses_nothing() {
 
     // It reconnects, and every message reaches the destination. A message whose publish was
     // under way when the connection dropped may pass twice (the documented window); none is lost.
-    let deadline = Instant::now() + WAIT;
+    let mut waiting = Waiting::new(WAIT);
     let mut seen: HashMap<String, u32> = HashMap::new();
     while seen.len() < n as usize {
         for id in ids_of(&broker.drain(&broker.out).await) {
             *seen.entry(id).or_default() += 1;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} ids arrived:\n{}",
-            seen.len(),
-            relay.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let arrived = seen.len();
+        waiting
+            .again(|| format!("{arrived} of {n} ids arrived:\n{}", relay.log()))
+            .await;
     }
     let m = relay.metrics();
     assert!(m["dedupd_reconnects_total"] >= 1.0, "{}", relay.log());
@@ -672,7 +662,7 @@ async fn kill_9_mid_stream_loses_nothing_and_measures_the_repeat_window() {
     // The restarted relay sees the same data dir; the broker redelivers what was unacked.
     let mut relay = Relay::start(&broker, data.path(), &[]);
     relay.wait_healthy();
-    let deadline = Instant::now() + WAIT;
+    let mut waiting = Waiting::new(WAIT);
     let mut seen: HashMap<String, u32> = HashMap::new();
     for id in &before {
         *seen.entry(id.clone()).or_default() += 1;
@@ -681,13 +671,10 @@ async fn kill_9_mid_stream_loses_nothing_and_measures_the_repeat_window() {
         for id in ids_of(&broker.drain(&broker.out).await) {
             *seen.entry(id).or_default() += 1;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} ids arrived:\n{}",
-            seen.len(),
-            relay.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let arrived = seen.len();
+        waiting
+            .again(|| format!("{arrived} of {n} ids arrived:\n{}", relay.log()))
+            .await;
     }
     // Nothing lost; repeats only from the window between confirm and source ack.
     let repeats: u32 = seen.values().map(|c| c - 1).sum();

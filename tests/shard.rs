@@ -4,7 +4,7 @@
 //! names and deletes what it declared. The plugin is enabled if it is not; a broker or plugin
 //! that cannot be had is a failure, not a skip.
 
-mod common;
+mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use amqprs::channel::{BasicPublishArguments, ExchangeDeleteArguments, QueueDeleteArguments};
 use amqprs::connection::{Connection, OpenConnectionArguments};
-use common::{dedupd, id_props, ids_of, Broker, Relay, WAIT};
 use dedupd::shard::{self, Ring};
 use dedupd::Config;
 use rand::seq::SliceRandom;
+use support::{dedupd, id_props, ids_of, Broker, Relay, WAIT};
 
 /// Enables `rabbitmq_consistent_hash_exchange` once per test binary (idempotent: a plugin
 /// already enabled stays so). Panics, naming the command, if it cannot.
@@ -528,7 +528,7 @@ async fn header_ids_are_hashed_on_the_header() {
             broker
                 .ch
                 .basic_publish(
-                    common::header_props("x-id", Some(&format!("h-{i}"))),
+                    support::header_props("x-id", Some(&format!("h-{i}"))),
                     format!("round {round}").into_bytes(),
                     BasicPublishArguments::new(&ring.exchange, ""),
                 )

@@ -4,14 +4,14 @@
 //! client certificate are each one log line naming the cause, then reconnect attempts, never a
 //! crash and never plaintext.
 
-mod common;
+mod support;
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::*;
 
 /// Longest wait for a refusal to show in the log.
 const REFUSAL_WAIT: Duration = Duration::from_secs(20);

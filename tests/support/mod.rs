@@ -1,8 +1,13 @@
-//! Shared harness of the black-box tests: the test's broker side (random names, publish,
-//! drain, cleanup) and a running `dedupd` process (metrics, health, signals).
+//! The one harness of the black-box tests (every suite under `tests/` includes it with
+//! `mod support;`): the test's broker side (randomly named scratch objects, publish, drain,
+//! cleanup, deleted on drop if a test fails half-way), a running `dedupd` process (metrics,
+//! health, signals), [`eventually`] for every wait, and beside them [`cluster`] (extra broker
+//! nodes), [`faults`] (what the fault tests add) and [`raw`] (AMQP bytes amqprs will not send).
 #![allow(dead_code)] // each test binary uses part of it
 
 pub mod cluster;
+pub mod faults;
+pub mod raw;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,6 +29,114 @@ use amqprs::{BasicProperties, FieldTable, FieldValue};
 pub const WAIT: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------------
+// Waiting for a condition.
+
+/// What a condition polled by [`eventually`] answers: `true` / `Some(value)` once it holds.
+pub trait Holds {
+    /// What [`eventually`] returns once the condition holds.
+    type Value;
+    /// `Some` once the condition holds.
+    fn holds(self) -> Option<Self::Value>;
+}
+
+impl Holds for bool {
+    type Value = ();
+    fn holds(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Holds for Option<T> {
+    type Value = T;
+    fn holds(self) -> Option<T> {
+        self
+    }
+}
+
+/// The deadline and pacing of one wait, for the loops whose condition needs `&mut` state (which
+/// a closure given to [`eventually_async`] cannot lend to its future): poll, and call
+/// [`Waiting::again`] when the condition does not hold yet.
+pub struct Waiting {
+    within: Duration,
+    deadline: Instant,
+    pause: Duration,
+}
+
+impl Waiting {
+    /// A wait of at most `within` from now.
+    pub fn new(within: Duration) -> Waiting {
+        Waiting {
+            within,
+            deadline: Instant::now() + within,
+            pause: Duration::from_millis(1),
+        }
+    }
+
+    /// How long this wait has taken so far.
+    pub fn elapsed(&self) -> Duration {
+        self.within
+            .saturating_sub(self.deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// The pause before the next poll: 1 ms, doubling up to 50 ms, so a condition that holds
+    /// soon is seen soon and a slow one is not polled in a busy loop. Panics with `what()`
+    /// (evaluated only then, so it can show the last state or a log) once the time is up.
+    fn next(&mut self, what: impl FnOnce() -> String) -> Duration {
+        if Instant::now() >= self.deadline {
+            panic!("not within {:?}: {}", self.within, what());
+        }
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(Duration::from_millis(50));
+        pause
+    }
+
+    /// Pauses before the next poll (see [`Waiting::next`]), or panics once the time is up.
+    pub async fn again(&mut self, what: impl FnOnce() -> String) {
+        tokio::time::sleep(self.next(what)).await;
+    }
+
+    /// [`Waiting::again`], blocking the thread.
+    pub fn again_blocking(&mut self, what: impl FnOnce() -> String) {
+        std::thread::sleep(self.next(what));
+    }
+}
+
+/// Polls `condition` until it holds and returns its value; panics with `what()` (evaluated only
+/// then, so it can show the last state or a log) once `within` has passed.
+pub fn eventually<H: Holds>(
+    within: Duration,
+    what: impl FnOnce() -> String,
+    mut condition: impl FnMut() -> H,
+) -> H::Value {
+    let mut waiting = Waiting::new(within);
+    let mut what = Some(what);
+    loop {
+        if let Some(value) = condition().holds() {
+            return value;
+        }
+        waiting.again_blocking(|| what.take().map(|w| w()).unwrap_or_default());
+    }
+}
+
+/// [`eventually`] for a condition that awaits (a broker round trip, say).
+pub async fn eventually_async<H: Holds, F: std::future::Future<Output = H>>(
+    within: Duration,
+    what: impl FnOnce() -> String,
+    mut condition: impl FnMut() -> F,
+) -> H::Value {
+    let mut waiting = Waiting::new(within);
+    let mut what = Some(what);
+    loop {
+        if let Some(value) = condition().await.holds() {
+            return value;
+        }
+        waiting
+            .again(|| what.take().map(|w| w()).unwrap_or_default())
+            .await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The broker side of a test.
 
 /// A test's connection to the broker and its randomly named topology.
@@ -36,6 +149,8 @@ pub struct Broker {
     pub out: String,
     /// Exchange and queue for copies of duplicates, when a test wants them.
     pub dups: String,
+    /// Set once [`Broker::cleanup`] ran; otherwise dropping deletes the objects (a failed test).
+    cleaned: bool,
 }
 
 impl Broker {
@@ -64,6 +179,7 @@ impl Broker {
             dest: format!("{base}.out"),
             out: format!("{base}.out-q"),
             dups: format!("{base}.dups"),
+            cleaned: false,
         }
     }
 
@@ -200,21 +316,37 @@ impl Broker {
 
     /// Waits until `queue` holds `n` ready messages.
     pub async fn wait_count(&self, queue: &str, n: u32) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let got = self.count(queue).await;
-            if got == n {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{queue} holds {got}, want {n}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually_async(
+            WAIT,
+            || format!("{queue} never held {n}"),
+            || async { self.count(queue).await == n },
+        )
+        .await
+    }
+
+    /// The queues and exchanges this test may have declared, dedupd's for it included
+    /// (`<source>.ids`: the id stream of DEDUPD_HA=on).
+    fn objects(&self) -> ([String; 5], [String; 3]) {
+        (
+            [
+                self.source.clone(),
+                self.dead(),
+                self.out.clone(),
+                self.dups.clone(),
+                format!("{}.ids", self.source),
+            ],
+            [
+                format!("{}.dlx", self.source),
+                self.dest.clone(),
+                self.dups.clone(),
+            ],
+        )
     }
 
     /// Drains the destination queue into `seen` (id -> copies) until it holds `want` distinct
     /// ids; on timeout the panic shows the logs of `relays`.
     pub async fn collect(&self, seen: &mut HashMap<String, u32>, want: usize, relays: &[&Relay]) {
-        let deadline = Instant::now() + WAIT;
+        let mut waiting = Waiting::new(WAIT);
         loop {
             for id in ids_of(&self.drain(&self.out).await) {
                 *seen.entry(id).or_default() += 1;
@@ -222,38 +354,48 @@ impl Broker {
             if seen.len() >= want {
                 return;
             }
-            let logs: Vec<String> = relays.iter().map(|r| r.log()).collect();
-            assert!(
-                Instant::now() < deadline,
-                "{} of {want} ids arrived:\n{}",
-                seen.len(),
-                logs.join("\n----\n")
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let arrived = seen.len();
+            waiting
+                .again(|| {
+                    let logs: Vec<String> = relays.iter().map(|r| r.log()).collect();
+                    format!(
+                        "{arrived} of {want} ids arrived:\n{}",
+                        logs.join("\n----\n")
+                    )
+                })
+                .await;
         }
     }
 
     /// Deletes everything this test may have declared.
-    pub async fn cleanup(self) {
-        // `<source>.ids`: the id stream of DEDUPD_HA=on.
-        let ids = format!("{}.ids", self.source);
-        for q in [&self.source, &self.dead(), &self.out, &self.dups, &ids] {
+    pub async fn cleanup(mut self) {
+        self.cleaned = true;
+        let (queues, exchanges) = self.objects();
+        for q in &queues {
             let _ = self.ch.queue_delete(QueueDeleteArguments::new(q)).await;
         }
-        for x in [
-            format!("{}.dlx", self.source),
-            self.dest.clone(),
-            self.dups.clone(),
-        ] {
+        for x in &exchanges {
             let _ = self
                 .ch
-                .exchange_delete(ExchangeDeleteArguments::new(&x))
+                .exchange_delete(ExchangeDeleteArguments::new(x))
                 .await;
         }
         // Closed explicitly: a channel left to its drop guard is closed from a spawned task that
         // the test's runtime may cancel half-way, which makes amqprs panic in its dispatcher.
         let _ = self.ch.clone().close().await;
-        let _ = self.conn.close().await;
+        let _ = self.conn.clone().close().await;
+    }
+}
+
+impl Drop for Broker {
+    /// A test that failed half-way leaves its objects behind unless they go here; synchronous,
+    /// over a raw connection (the async one may belong to a runtime that is going away).
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let (queues, exchanges) = self.objects();
+        let _ = std::panic::catch_unwind(|| raw::raw_delete(&queues, &exchanges));
     }
 }
 
@@ -347,6 +489,11 @@ pub struct Relay {
     pub log: PathBuf,
 }
 
+/// A relay's log so far (empty if it has none yet).
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
 /// A free TCP port on loopback (free when asked; good enough between tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -396,7 +543,7 @@ impl Relay {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
     }
 
     /// `GET path` on the metrics port: status code and body, `None` if nothing listens.
@@ -414,24 +561,20 @@ impl Relay {
 
     /// Waits for `/healthz` to answer 200 (connected and consuming).
     pub fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some((200, _)) = self.get("/healthz") {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "dedupd exited with {status} before being healthy:\n{}",
-                    self.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dedupd never healthy:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = self.log.clone();
+        eventually(
+            WAIT,
+            || format!("dedupd never healthy:\n{}", read_log(&log)),
+            || {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!(
+                        "dedupd exited with {status} before being healthy:\n{}",
+                        self.log()
+                    );
+                }
+                matches!(self.get("/healthz"), Some((200, _)))
+            },
+        )
     }
 
     /// The `dedupd_*` samples of `/metrics`, by full name with labels.
@@ -454,35 +597,35 @@ impl Relay {
             .unwrap_or(0.0) as u64
     }
 
+    /// (forwarded, duplicate, dead-lettered) so far.
+    pub fn settled(&self) -> (u64, u64, u64) {
+        let m = self.metrics();
+        (
+            Self::outcome(&m, "forwarded"),
+            Self::outcome(&m, "duplicate"),
+            Self::outcome(&m, "dead_lettered"),
+        )
+    }
+
     /// Waits until `n` source messages are settled; returns (forwarded, duplicate, dead).
     pub fn wait_settled(&self, n: u64) -> (u64, u64, u64) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let m = self.metrics();
-            let counts = (
-                Self::outcome(&m, "forwarded"),
-                Self::outcome(&m, "duplicate"),
-                Self::outcome(&m, "dead_lettered"),
-            );
-            if counts.0 + counts.1 + counts.2 >= n {
-                return counts;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {counts:?} of {n} settled:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually(
+            WAIT,
+            || format!("{:?} of {n} settled:\n{}", self.settled(), self.log()),
+            || {
+                let counts = self.settled();
+                (counts.0 + counts.1 + counts.2 >= n).then_some(counts)
+            },
+        )
     }
 
     /// Waits until at least `n` messages were forwarded: a point in the middle of a stream.
     pub fn wait_forwarded(&self, n: u64) {
-        let deadline = Instant::now() + WAIT;
-        while self.wait_settled(1).0 < n {
-            assert!(Instant::now() < deadline, "fewer than {n} forwarded");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        eventually(
+            WAIT,
+            || format!("fewer than {n} forwarded:\n{}", self.log()),
+            || self.settled().0 >= n,
+        )
     }
 
     /// Messages forwarded so far.
@@ -542,18 +685,12 @@ impl Relay {
 
     /// Waits for the process to exit on its own.
     pub fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dedupd did not exit:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = self.log.clone();
+        eventually(
+            WAIT,
+            || format!("dedupd did not exit:\n{}", read_log(&log)),
+            || self.child.try_wait().unwrap(),
+        )
     }
 }
 
