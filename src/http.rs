@@ -13,15 +13,19 @@
 //! routes reveal and change the store: they need `Authorization: Bearer <DEDUPD_ADMIN_TOKEN>`, or,
 //! with no token configured, an endpoint bound to a loopback address (see [`AdminAccess`]).
 //!
-//! A deliberately small HTTP/1.1 server on tokio: one request per connection, answered and
-//! closed. A handful of routes do not justify a web framework.
+//! Served by axum (HTTP/1.1 with keep-alive, so `dedupd import-redis` reuses its connections);
+//! it stops accepting on shutdown and lets requests in progress finish.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::State as Shared;
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::Router;
 use percent_encoding::percent_decode_str;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::admin::{self, Answer};
 use crate::config::Secret;
@@ -29,10 +33,6 @@ use crate::metrics::{Metrics, Role};
 use crate::shutdown::Shutdown;
 use crate::store::{system_now_ms, Store};
 
-/// Longest request head read; anything longer is answered 431 and closed.
-const MAX_HEAD: usize = 8 * 1024;
-/// A client gets this long to send its request and read the answer.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Content type of the Prometheus text format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -109,122 +109,121 @@ pub(crate) struct State {
     pub(crate) admin: AdminAccess,
 }
 
-/// Serves the endpoint on `listener` until `shutdown` fires.
+/// Serves the endpoint on `listener` until `shutdown` fires, then lets the requests in progress
+/// finish.
 pub(crate) async fn serve(listener: TcpListener, state: State, mut shutdown: Shutdown) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.fired() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors and the like: say so, back off, keep serving.
-                    tracing::warn!(cause = %e, "HTTP endpoint accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(CLIENT_TIMEOUT, answer(stream, state)).await;
-        });
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/stats", get(stats))
+        .route("/ids", delete(forget_all))
+        .route("/ids/{*id}", get(id_route).delete(id_route).put(id_route))
+        .fallback(unknown)
+        .with_state(state);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.fired().await })
+        .await;
+    if let Err(e) = served {
+        tracing::warn!(cause = %e, "HTTP endpoint stopped");
     }
 }
 
-/// Reads one request head from `stream` and answers it.
-async fn answer(mut stream: TcpStream, state: State) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_HEAD {
-            return respond(&mut stream, 431, "text/plain", "").await;
-        }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
+async fn healthz(Shared(state): Shared<State>) -> Response {
+    // With DEDUPD_HA=on a standby is healthy too: the body says which one it is.
+    let role = match state.metrics.role() {
+        Role::Alone => String::new(),
+        role => format!(" ({})", role.name()),
+    };
+    if state.metrics.is_healthy() {
+        (StatusCode::OK, format!("ok{role}\n")).into_response()
+    } else {
+        let body = format!("not consuming{role}\n");
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     }
-    let head = String::from_utf8_lossy(&head);
-    let mut lines = head.split("\r\n");
-    let line = lines.next().unwrap_or_default();
-    let authorization = lines.find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        name.eq_ignore_ascii_case("authorization")
-            .then(|| value.trim())
-    });
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/healthz") => {
-            // With DEDUPD_HA=on a standby is healthy too: the body says which one it is.
-            let role = match state.metrics.role() {
-                Role::Alone => String::new(),
-                role => format!(" ({})", role.name()),
-            };
-            if state.metrics.is_healthy() {
-                respond(&mut stream, 200, "text/plain", &format!("ok{role}\n")).await
-            } else {
-                let body = format!("not consuming{role}\n");
-                respond(&mut stream, 503, "text/plain", &body).await
-            }
-        }
-        ("GET", "/metrics") => {
-            // `stats` asks sled for its size on disk: blocking, so off the async workers.
-            let store = state.store.clone();
-            let stats = tokio::task::spawn_blocking(move || store.stats())
-                .await
-                .ok();
-            let text = state
-                .metrics
-                .render(stats.as_ref(), state.store.ttl(), system_now_ms());
-            respond(&mut stream, 200, PROMETHEUS_TEXT, &text).await
-        }
-        ("GET", "/stats") => {
-            let (store, metrics, uptime) = (state.store, state.metrics, state.started.elapsed());
-            let answer = blocking(move || admin::stats(&store, Some((&metrics, uptime)))).await;
-            respond_json(&mut stream, answer).await
-        }
-        ("DELETE", "/ids") => {
-            if let Some(refused) = state.admin.refusal(authorization) {
-                return respond_json(&mut stream, refused).await;
-            }
-            // Forgetting every id takes saying so, as `dedupd forget --all --yes` does.
-            let answer = if query_param(target, "all") == Some("true") {
-                let store = state.store;
-                blocking(move || admin::forget_all(&store)).await
-            } else {
-                let error = "DELETE /ids forgets every id: add ?all=true to mean it";
-                Answer {
-                    status: 400,
-                    body: serde_json::json!({ "error": error }),
-                }
-            };
-            respond_json(&mut stream, answer).await
-        }
-        (method @ ("GET" | "DELETE" | "PUT"), p) if p.starts_with("/ids/") => {
-            if let Some(refused) = state.admin.refusal(authorization) {
-                return respond_json(&mut stream, refused).await;
-            }
-            let id: Vec<u8> = percent_decode_str(&p["/ids/".len()..]).collect();
-            let store = state.store;
-            let answer = match method {
-                "GET" => blocking(move || admin::check(&store, &id)).await,
-                "DELETE" => blocking(move || admin::forget(&store, &id)).await,
-                _ => match ttl_param(target) {
-                    Ok(ttl) => blocking(move || admin::record(&store, &id, ttl)).await,
-                    Err(body) => Answer { status: 400, body },
-                },
-            };
-            respond_json(&mut stream, answer).await
-        }
-        ("GET", _) => {
-            let hint = "try /healthz, /metrics, /stats or /ids/{id}\n";
-            respond(&mut stream, 404, "text/plain", hint).await
-        }
-        _ => respond(&mut stream, 405, "text/plain", "").await,
+}
+
+async fn metrics(Shared(state): Shared<State>) -> Response {
+    // `stats` asks sled for its size on disk: blocking, so off the async workers.
+    let store = state.store.clone();
+    let stats = tokio::task::spawn_blocking(move || store.stats())
+        .await
+        .ok();
+    let text = state
+        .metrics
+        .render(stats.as_ref(), state.store.ttl(), system_now_ms());
+    ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response()
+}
+
+async fn stats(Shared(state): Shared<State>) -> Response {
+    let (store, metrics, uptime) = (state.store, state.metrics, state.started.elapsed());
+    json(blocking(move || admin::stats(&store, Some((&metrics, uptime)))).await)
+}
+
+/// `DELETE /ids?all=true`: forgetting every id takes saying so, as `dedupd forget --all --yes`
+/// does.
+async fn forget_all(Shared(state): Shared<State>, headers: HeaderMap, uri: Uri) -> Response {
+    if let Some(refused) = state.admin.refusal(authorization(&headers)) {
+        return json(refused);
     }
+    let target = uri.to_string();
+    if query_param(&target, "all") != Some("true") {
+        let error = "DELETE /ids forgets every id: add ?all=true to mean it";
+        return json(Answer {
+            status: 400,
+            body: serde_json::json!({ "error": error }),
+        });
+    }
+    let store = state.store;
+    json(blocking(move || admin::forget_all(&store)).await)
+}
+
+/// `GET`, `DELETE` or `PUT /ids/{id}`: the id is the rest of the path, percent-decoded to bytes
+/// (an id need not be UTF-8).
+async fn id_route(
+    Shared(state): Shared<State>,
+    method: Method,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    if let Some(refused) = state.admin.refusal(authorization(&headers)) {
+        return json(refused);
+    }
+    let raw = uri.path().strip_prefix("/ids/").unwrap_or_default();
+    let id: Vec<u8> = percent_decode_str(raw).collect();
+    let store = state.store;
+    let answer = match method {
+        Method::GET => blocking(move || admin::check(&store, &id)).await,
+        Method::DELETE => blocking(move || admin::forget(&store, &id)).await,
+        _ => match ttl_param(&uri.to_string()) {
+            Ok(ttl) => blocking(move || admin::record(&store, &id, ttl)).await,
+            Err(body) => Answer { status: 400, body },
+        },
+    };
+    json(answer)
+}
+
+async fn unknown(method: Method) -> Response {
+    if method == Method::GET {
+        let hint = "try /healthz, /metrics, /stats or /ids/{id}\n";
+        (StatusCode::NOT_FOUND, hint).into_response()
+    } else {
+        StatusCode::METHOD_NOT_ALLOWED.into_response()
+    }
+}
+
+/// The `Authorization` header's value, if any.
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// An admin answer as a JSON response.
+fn json(answer: Answer) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = format!("{}\n", answer.body);
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// The value of query parameter `name` in `target`, if given.
@@ -258,45 +257,6 @@ async fn blocking(f: impl FnOnce() -> Answer + Send + 'static) -> Answer {
             status: 500,
             body: serde_json::json!({ "error": e.to_string() }),
         })
-}
-
-async fn respond_json(stream: &mut TcpStream, answer: Answer) -> std::io::Result<()> {
-    let body = format!("{}\n", answer.body);
-    respond(stream, answer.status, "application/json", &body).await
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    }
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status} {}\r\n\
-         Content-Type: {content_type}\r\n\
-         Content-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        reason(status),
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]

@@ -88,7 +88,11 @@ impl Endpoint {
 
     fn healthz(&self) -> Option<u16> {
         let mut s = TcpStream::connect(("127.0.0.1", self.http)).ok()?;
-        write!(s, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        write!(
+            s,
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
         let mut text = String::new();
         s.read_to_string(&mut text).ok()?;
         text.split(' ').nth(1)?.parse().ok()

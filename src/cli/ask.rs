@@ -5,8 +5,7 @@
 //! (`DEDUPD_METRICS_ADDR`); when nothing answers there they open the data dir themselves, which
 //! only works while no service holds it. Either way the answer comes from [`crate::admin`].
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
@@ -107,6 +106,19 @@ pub fn answer(config: &Config, request: &Request) -> Result<Answer, Error> {
     Ok(answer)
 }
 
+/// The process' HTTP client: one pool of keep-alive connections, so `import-redis`' workers
+/// reuse theirs instead of opening one per id. Statuses are answers here, not errors.
+fn agent() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(HTTP_TIMEOUT))
+            .http_status_as_error(false)
+            .build()
+            .into()
+    })
+}
+
 /// Why [`over_http`] got no answer.
 pub(crate) enum HttpFailure {
     /// Nothing listens on the address.
@@ -144,29 +156,30 @@ pub(crate) fn over_http(
             ),
         ),
     };
-    let mut stream =
-        TcpStream::connect_timeout(&addr, HTTP_TIMEOUT).map_err(|_| HttpFailure::NoService)?;
-    let bad = |e: std::io::Error| HttpFailure::Bad(e.to_string());
-    stream.set_read_timeout(Some(HTTP_TIMEOUT)).map_err(bad)?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT)).map_err(bad)?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .map_err(bad)?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(bad)?;
-    let raw = String::from_utf8_lossy(&raw);
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| HttpFailure::Bad("no HTTP head".into()))?;
-    let status: u16 = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| HttpFailure::Bad(format!("bad status line {head:?}")))?;
-    let body = serde_json::from_str(body)
+    let url = format!("http://{addr}{path}");
+    let agent = agent();
+    let mut call = match method {
+        "GET" => agent.get(&url).force_send_body(),
+        "DELETE" => agent.delete(&url).force_send_body(),
+        _ => agent.put(&url),
+    };
+    if let Some(token) = token {
+        call = call.header("Authorization", &format!("Bearer {token}"));
+    }
+    let mut response = call.send_empty().map_err(|e| match e {
+        // Nobody listening: the caller falls back to the data dir.
+        ureq::Error::ConnectionFailed => HttpFailure::NoService,
+        ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            HttpFailure::NoService
+        }
+        e => HttpFailure::Bad(e.to_string()),
+    })?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| HttpFailure::Bad(e.to_string()))?;
+    let body = serde_json::from_str(&body)
         .map_err(|e| HttpFailure::Bad(format!("status {status}, body is not JSON: {e}")))?;
     Ok(Answer { status, body })
 }
