@@ -7,7 +7,6 @@ mod support;
 
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -199,15 +198,17 @@ impl Endpoint {
             .spawn()
             .expect("start dedupd");
         let mut endpoint = Endpoint { child, port, http };
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                endpoint.child.try_wait().unwrap().is_none(),
-                "dedupd exited"
-            );
-            assert!(Instant::now() < deadline, "endpoint never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually(
+            WAIT,
+            || "endpoint never listened".into(),
+            || {
+                assert!(
+                    endpoint.child.try_wait().unwrap().is_none(),
+                    "dedupd exited"
+                );
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            },
+        );
         endpoint
     }
 

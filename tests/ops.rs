@@ -70,15 +70,15 @@ async fn metrics_count_what_was_published() {
     assert_eq!(relay.wait_settled(32), (20, 10, 2));
     // Acks may wait briefly to be folded into one multiple ack; the relay latency is recorded as
     // they leave. Wait (bounded) until all 30 acked deliveries are in the histogram.
-    let deadline = std::time::Instant::now() + WAIT;
-    let m = loop {
-        let m = relay.metrics();
-        let acked = m.get("dedupd_relay_seconds_count").copied().unwrap_or(0.0);
-        if acked >= 30.0 || std::time::Instant::now() > deadline {
-            break m;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let m = eventually(
+        WAIT,
+        || format!("fewer than 30 acks in the histogram:\n{}", relay.log()),
+        || {
+            let m = relay.metrics();
+            let acked = m.get("dedupd_relay_seconds_count").copied().unwrap_or(0.0);
+            (acked >= 30.0).then_some(m)
+        },
+    );
     let get = |k: &str| {
         *m.get(k)
             .unwrap_or_else(|| panic!("{k} missing from /metrics"))

@@ -99,23 +99,24 @@ async fn quorum_delivery_limit_dead_letters_a_message_that_keeps_failing_and_cou
         "{:?}",
         dead[0].0.headers()
     );
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let m = relay.metrics();
-        let counted = m
+    let counted = || {
+        relay
+            .metrics()
             .get("dedupd_dead_lettered_total{reason=\"delivery_limit\"}")
             .copied()
-            .unwrap_or(0.0);
-        if counted == 1.0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "delivery_limit dead letters counted: {counted}\n{}",
-            relay.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+            .unwrap_or(0.0)
+    };
+    eventually(
+        WAIT,
+        || {
+            let got = counted();
+            format!(
+                "delivery_limit dead letters counted: {got}\n{}",
+                relay.log()
+            )
+        },
+        || counted() == 1.0,
+    );
 
     // The relay goes on: a quorum source dedupes as a classic one does.
     relay.wait_healthy();

@@ -9,7 +9,7 @@ mod support;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 
@@ -144,14 +144,16 @@ impl Listener {
             .spawn()
             .expect("start socat (the TLS tests need it on PATH)");
         let mut listener = Listener { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = listener.child.try_wait() {
-                panic!("socat exited with {status}: {spec}");
-            }
-            assert!(Instant::now() < deadline, "socat never listened: {spec}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually(
+            Duration::from_secs(10),
+            || format!("socat never listened: {spec}"),
+            || {
+                if let Ok(Some(status)) = listener.child.try_wait() {
+                    panic!("socat exited with {status}: {spec}");
+                }
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            },
+        );
         listener
     }
 
@@ -207,18 +209,20 @@ async fn refused(listener: &Listener, env: &[(&str, &str)], cause: &str) {
             .count()
     };
     // Two attempts refused for the same reason: it is reconnecting, not stuck or dead.
-    let deadline = Instant::now() + REFUSAL_WAIT;
-    while attempts(&relay.log()) < 2 {
-        if let Ok(Some(status)) = relay.child.try_wait() {
-            panic!("dedupd exited with {status}:\n{}", relay.log());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no two refusals naming {cause:?}:\n{}",
-            relay.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let log = relay.log.clone();
+    eventually(
+        REFUSAL_WAIT,
+        || {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            format!("no two refusals naming {cause:?}:\n{log}")
+        },
+        || {
+            if let Ok(Some(status)) = relay.child.try_wait() {
+                panic!("dedupd exited with {status}:\n{}", relay.log());
+            }
+            attempts(&relay.log()) >= 2
+        },
+    );
     assert!(
         matches!(relay.get("/healthz"), Some((503, _))),
         "healthy despite the refusal:\n{}",
