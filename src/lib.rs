@@ -2,22 +2,31 @@
 //!
 //! # Layout
 //!
-//! - [`store`]: the dedup engine ([`Store`]): Bloom prefilter in memory, sled on disk as the
-//!   exact truth, a background compactor expiring ids past their window. No AMQP in it.
-//! - [`relay`]: the AMQP side (amqprs): connection and reconnects, topology, the per-message
-//!   protocol (claim, publish with confirms, commit, ack), dead-lettering.
-//! - [`config`]: the typed [`Config`] parsed once from `DEDUPD_*` variables, and their table.
-//! - [`http`]: the operator's endpoint: `/healthz`, `/metrics`, `/stats`, `/ids/{id}`.
+//! Dependencies point one way, down this list: a part uses only parts above it, never its
+//! caller.
+//!
+//! - [`store`]: the dedup engine ([`Store`]): Bloom prefilter and exact index in memory, sled
+//!   segments on disk as the truth, a background compactor expiring ids past their window. No
+//!   AMQP or RESP in it.
+//! - [`config`]: the typed [`Config`], one section per part, parsed once from `DEDUPD_*`
+//!   variables, each declared once where its section reads it.
+//! - [`shutdown`]: SIGINT/SIGTERM cancelling the token every task watches.
 //! - [`metrics`]: what dedupd counts, rendered as Prometheus text.
-//! - [`cli`]: the admin subcommands (`check`, `forget`, `stats`), over HTTP or the data dir.
-//! - [`admin`]: check / forget / stats answers, served over HTTP or from the data dir directly.
-//! - [`redis`]: the Redis-protocol endpoint (RESP2/RESP3) on the store's key-value namespace,
-//!   and `dedupd import-redis`.
-//! - [`service`]: the one place that opens the store, starts the endpoints and the relay, and
-//!   stops them in order on one shutdown signal; [`run`] is the entry.
-//! - [`shutdown`]: SIGINT/SIGTERM cancelling the token the service stops on.
+//! - `amqp` (crate-private): connection (TLS for `amqps://`), topology, and the quarantine
+//!   sweep of undecodable messages; serves the relay and the shard commands.
+//! - [`relay`]: the relay protocol as a pure state machine, driven by one session per broker
+//!   connection; reconnects, per-message windows, the HA standby.
+//! - [`redis`]: the Redis-protocol endpoint (RESP2/RESP3, Lua scripts) on the store's key-value
+//!   namespace.
+//! - [`admin`]: check / forget / record / stats answers about the store.
+//! - [`http`]: the operator's endpoint (axum): `/healthz`, `/metrics`, `/stats`, `/ids/{id}`.
 //! - [`shard`]: past one node, a consistent-hash exchange spreading ids over N dedupd instances,
 //!   and the re-sharding cut-over.
+//! - [`service`]: the one place that opens the store, starts the endpoints and the relay, and
+//!   stops them in a written order on one shutdown signal; [`run`] is the entry.
+//! - [`cli`]: the command line (clap): runs the service, or an admin command over the HTTP
+//!   endpoint or the data dir (`cli::ask`), `import-redis` (`cli::import_redis`), `topology`.
+//!   `main.rs` only parses, calls [`cli::run`] and maps the error to an exit code.
 
 #![warn(missing_docs)]
 

@@ -3,6 +3,7 @@
 //! [`run`] does what it says and returns the exit code.
 
 pub mod ask;
+pub mod import_redis;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -10,7 +11,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, ConfigError, LogFormat};
-use crate::redis::import;
 use crate::shard;
 use ask::Request;
 
@@ -75,7 +75,7 @@ enum Command {
     Config,
     /// Copy a Redis' live keys with their TTL: as the relay's seen ids (key minus the prefix),
     /// or as the Redis endpoint's keys
-    ImportRedis(import::Options),
+    ImportRedis(import_redis::Options),
     /// Declare a consistent-hash ring of N source queues, or cut over to a new one
     Topology(shard::TopologyArgs),
 }
@@ -104,7 +104,7 @@ pub enum Error {
     Admin(#[from] ask::Error),
     /// `import-redis` stopped.
     #[error(transparent)]
-    Import(#[from] import::Error),
+    Import(#[from] import_redis::Error),
     /// `topology` failed.
     #[error(transparent)]
     Shard(#[from] shard::Error),
@@ -167,7 +167,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Some(Command::ImportRedis(options)) => {
             options.check().map_err(Error::Usage)?;
             init_logging(&config);
-            let summary = import::run(&config, &options)?;
+            let summary = import_redis::run(&config, &options)?;
             // Refused keys (empty or too long ids) would pass again: not a clean import.
             return Ok(exit_if(summary.complete()));
         }
@@ -287,7 +287,7 @@ mod tests {
         let o = options(&["redis://h"]).unwrap();
         assert_eq!(
             (o.pattern.as_str(), o.strip_prefix, o.into),
-            ("*", None, import::Namespace::Relay)
+            ("*", None, import_redis::Namespace::Relay)
         );
         let o = options(&[
             "redis://h",
@@ -302,7 +302,7 @@ mod tests {
         assert_eq!(o.strip_prefix.as_deref(), Some("msg:"));
         assert_eq!(
             options(&["redis://h", "--into", "redis"]).unwrap().into,
-            import::Namespace::Redis
+            import_redis::Namespace::Redis
         );
         assert!(options(&[]).is_err());
         assert!(options(&["redis://h", "--match"]).is_err());

@@ -5,7 +5,6 @@
 //! - [`command`]: the commands, with Redis' own arities and error texts;
 //! - [`info`]: the `INFO` text;
 //! - [`glob`]: `SCAN ... MATCH` patterns;
-//! - [`import`]: `dedupd import-redis`, copying live keys from a Redis.
 //!
 //! Each connection reads what the client sent, parses every complete request in it (a pipeline
 //! arrives as one read), runs them in order, and writes all their replies in one write. Requests
@@ -14,9 +13,8 @@
 
 mod command;
 mod glob;
-pub mod import;
 mod info;
-mod resp;
+pub(crate) mod resp;
 mod script;
 
 use std::collections::{HashMap, VecDeque};

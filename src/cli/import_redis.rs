@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 
 use percent_encoding::percent_decode_str;
 
-use super::resp::Reply;
 use crate::admin::{self, Recorded};
 use crate::cli::ask::{self, HttpFailure, Request};
 use crate::config::Config;
+use crate::redis::resp::Reply;
 use crate::store::kv::{Condition, Expiry, Kv, Ticket};
 use crate::store::{system_now_ms, Error as StoreError, Store};
 
