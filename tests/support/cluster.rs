@@ -189,13 +189,13 @@ impl Cluster {
                 "messages_ready",
                 "messages_unacknowledged",
                 "consumers",
-                "single_active_consumer_tag",
             ],
         );
         let consumers = ctl(node, &["-q", "list_consumers"]);
         format!(
-            "queues:\n{}\nconsumers:\n{}",
+            "queues:\n{}{}\nconsumers:\n{}",
             String::from_utf8_lossy(&queues.stdout),
+            String::from_utf8_lossy(&queues.stderr),
             String::from_utf8_lossy(&consumers.stdout)
         )
     }
