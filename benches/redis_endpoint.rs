@@ -5,6 +5,9 @@
 //! - a private in-memory `redis-server` (no persistence),
 //! - a private `redis-server` with `appendonly yes`, `appendfsync always` (durable on reply too),
 //!
+//! and the same claim as a Lua script (`EVAL "return redis.call('set',KEYS[1],ARGV[1],'NX','EX',
+//! 86400)" 1 msg:__rand_int__ 1`) on each, so what a script costs comes from the same run.
+//!
 //! each started here on a free loopback port with its own temporary directory (never the shared
 //! Redis on 6379). Then memory per key: `BENCH_KEYS` (default 100 000) distinct keys loaded into a
 //! fresh dedupd and a fresh in-memory Redis, dedupd's resident memory and disk against Redis'
@@ -19,6 +22,14 @@ use std::time::{Duration, Instant};
 
 /// The command benchmarked: the seed consumer's dedup check.
 const SET_NX: &[&str] = &["SET", "msg:__rand_int__", "1", "NX", "EX", "86400"];
+/// The same claim as a script (lock and claim helpers ship such scripts).
+const EVAL_NX: &[&str] = &[
+    "EVAL",
+    "return redis.call('set',KEYS[1],ARGV[1],'NX','EX',86400)",
+    "1",
+    "msg:__rand_int__",
+    "1",
+];
 /// Each measured run lasts about this long (its request count comes from a short probe run).
 const RUN_FOR: Duration = Duration::from_secs(4);
 
@@ -112,30 +123,31 @@ fn redis_server(name: &'static str, persistence: &[&str]) -> Server {
 }
 
 /// Requests per second of `redis-benchmark` with `clients` and `pipeline` for `n` requests.
-fn rate(port: u16, clients: u32, pipeline: u32, n: u64, keyspace: u64) -> f64 {
+fn rate(command: &[&str], port: u16, clients: u32, pipeline: u32, n: u64, keyspace: u64) -> f64 {
     let out = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-c", &clients.to_string(), "-P", &pipeline.to_string()])
         .args(["-n", &n.to_string(), "-r", &keyspace.to_string(), "--csv"])
-        .args(SET_NX)
+        .args(command)
         .stderr(Stdio::null())
         .output()
         .expect("redis-benchmark on PATH");
     let text = String::from_utf8_lossy(&out.stdout);
-    // `"test","rps",...` then one line per test: the second field is requests per second.
+    // `"test","rps",...` then one line per test: the second field is requests per second (split
+    // on `","`: a script's text, the test's name, has commas of its own).
     text.lines()
         .rev()
-        .filter_map(|l| l.split(',').nth(1))
+        .filter_map(|l| l.split("\",\"").nth(1))
         .find_map(|f| f.trim_matches('"').parse::<f64>().ok())
         .unwrap_or_else(|| panic!("no rate in redis-benchmark output: {text}"))
 }
 
 /// A probe run sizes the measured run so that it lasts about [`RUN_FOR`].
-fn measure(port: u16, clients: u32, pipeline: u32) -> f64 {
+fn measure(command: &[&str], port: u16, clients: u32, pipeline: u32) -> f64 {
     let probe_n = u64::from(clients * pipeline).max(500) * 4;
-    let probe = rate(port, clients, pipeline, probe_n, 1_000_000);
+    let probe = rate(command, port, clients, pipeline, probe_n, 1_000_000);
     let n = ((probe * RUN_FOR.as_secs_f64()) as u64).max(probe_n);
-    rate(port, clients, pipeline, n, 1_000_000)
+    rate(command, port, clients, pipeline, n, 1_000_000)
 }
 
 fn redis_used_memory(port: u16) -> u64 {
@@ -188,7 +200,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// Loads about `keys` distinct keys (a keyspace far larger than the count, so few collide).
 fn load(port: u16, keys: u64) -> u64 {
-    rate(port, 50, 32, keys, 100_000_000);
+    rate(SET_NX, port, 50, 32, keys, 100_000_000);
     dbsize(port)
 }
 
@@ -211,12 +223,18 @@ fn main() {
     ];
     let settings = [(1, 1), (50, 32)];
     let mut table = Vec::new();
+    let mut scripts = Vec::new();
     for server in &servers {
         let rates: Vec<f64> = settings
             .iter()
-            .map(|&(c, p)| measure(server.port, c, p))
+            .map(|&(c, p)| measure(SET_NX, server.port, c, p))
             .collect();
         table.push((server.name, rates));
+        let rates: Vec<f64> = settings
+            .iter()
+            .map(|&(c, p)| measure(EVAL_NX, server.port, c, p))
+            .collect();
+        scripts.push((server.name, rates));
     }
     println!(
         "\nredis-benchmark {} -r 1000000 (requests/s)\n",
@@ -233,6 +251,21 @@ fn main() {
             "dedupd / {name}: {:.2}x at -c1 -P1, {:.2}x at -c50 -P32",
             ours[0] / rates[0],
             ours[1] / rates[1]
+        );
+    }
+    println!(
+        "\nthe same as a script: redis-benchmark {} -r 1000000 (requests/s)\n",
+        EVAL_NX.join(" ")
+    );
+    println!("| server | `-c1 -P1` | `-c50 -P32` | EVAL / SET at `-c1 -P1` | at `-c50 -P32` |");
+    println!("|---|---|---|---|---|");
+    for ((name, rates), (_, plain)) in scripts.iter().zip(&table) {
+        println!(
+            "| {name} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            rates[0],
+            rates[1],
+            rates[0] / plain[0],
+            rates[1] / plain[1]
         );
     }
     drop(servers);
