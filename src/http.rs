@@ -6,6 +6,7 @@
 //! - `GET /stats`: the store's and relay's figures as JSON;
 //! - `GET /ids/{id}` and `DELETE /ids/{id}`: check or forget one id (percent-encoded);
 //! - `DELETE /ids?all=true`: forget every id;
+//! - `GET /backup`: a consistent backup of the store, streamed (chunked) as it is taken;
 //! - `PUT /ids/{id}?ttl_ms=N`: record one id as seen for N ms (the window without `ttl_ms`),
 //!   as `dedupd import-redis` does; an id already live is left alone.
 //!
@@ -117,6 +118,7 @@ pub(crate) async fn serve(listener: TcpListener, state: State, mut shutdown: Shu
         .route("/metrics", get(metrics))
         .route("/stats", get(stats))
         .route("/ids", delete(forget_all))
+        .route("/backup", get(backup))
         .route("/ids/{*id}", get(id_route).delete(id_route).put(id_route))
         .fallback(unknown)
         .with_state(state);
@@ -175,6 +177,77 @@ async fn forget_all(Shared(state): Shared<State>, headers: HeaderMap, uri: Uri) 
     }
     let store = state.store;
     json(blocking(move || admin::forget_all(&store)).await)
+}
+
+/// `GET /backup`: the store's backup as a chunked body, sent as the store writes it. A backup that
+/// fails half-way ends the body with an error, so the connection closes without the last chunk
+/// and the client knows it is incomplete; one that fails before its first byte is a 500.
+async fn backup(Shared(state): Shared<State>, headers: HeaderMap) -> Response {
+    if let Some(refused) = state.admin.refusal(authorization(&headers)) {
+        return json(refused);
+    }
+    let started = Instant::now();
+    let mut backup = crate::backup::Streaming::start(state.store);
+    let Some(first) = backup.next().await else {
+        let why = match backup.finish().await {
+            Ok(_) => "the store wrote an empty backup".to_string(),
+            Err(why) => why,
+        };
+        tracing::warn!(%why, "backup failed");
+        return json(Answer {
+            status: 500,
+            body: serde_json::json!({ "error": format!("backup failed: {why}") }),
+        });
+    };
+    tracing::info!("backup requested over HTTP: streaming");
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(1);
+    tokio::spawn(async move {
+        let mut bytes = first.len() as u64;
+        if tx.send(Ok(first)).await.is_err() {
+            return; // the client went away; dropping the backup stops its thread
+        }
+        while let Some(chunk) = backup.next().await {
+            bytes += chunk.len() as u64;
+            if tx.send(Ok(chunk)).await.is_err() {
+                tracing::warn!(bytes, "backup client went away; backup abandoned");
+                return;
+            }
+        }
+        match backup.finish().await {
+            Ok(stats) => tracing::info!(
+                bytes,
+                ms = started.elapsed().as_millis() as u64,
+                ?stats,
+                "backup streamed"
+            ),
+            Err(why) => {
+                // An error ends the body without its last chunk: never a short backup.
+                tracing::warn!(%why, bytes, "backup failed half-way; the stream is cut");
+                let _ = tx.send(Err(std::io::Error::other(why))).await;
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(Chunks(rx));
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        body,
+    )
+        .into_response()
+}
+
+/// The chunks of a backup as the stream a response body is made of.
+struct Chunks(tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>);
+
+impl futures_core::Stream for Chunks {
+    type Item = std::io::Result<Vec<u8>>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
 }
 
 /// `GET`, `DELETE` or `PUT /ids/{id}`: the id is the rest of the path, percent-decoded to bytes

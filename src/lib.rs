@@ -19,6 +19,7 @@
 //! - [`redis`]: the Redis-protocol endpoint (RESP2/RESP3, Lua scripts) on the store's key-value
 //!   namespace.
 //! - [`admin`]: check / forget / record / stats answers about the store.
+//! - [`backup`]: `dedupd backup` (online, streamed from the service) and `dedupd restore`.
 //! - [`http`]: the operator's endpoint (axum): `/healthz`, `/metrics`, `/stats`, `/ids/{id}`.
 //! - [`shard`]: past one node, a consistent-hash exchange spreading ids over N dedupd instances,
 //!   and the re-sharding cut-over.
@@ -35,6 +36,7 @@ pub mod store;
 pub use store::{Claim, Error as StoreError, Seen, Settled, Stats, Store, StoreConfig, Verdict};
 pub mod admin;
 pub(crate) mod amqp;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod http;

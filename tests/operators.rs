@@ -350,6 +350,204 @@ async fn forget_all_lets_every_id_through_again_behind_the_token() {
     broker.cleanup().await;
 }
 
+/// Opens a data dir in this process (no service may hold it), small.
+fn open_store(dir: &std::path::Path) -> dedupd::Store {
+    let mut config = dedupd::StoreConfig::new(dir);
+    config.expected_ids = 10_000;
+    config.cache_bytes = 4 << 20;
+    dedupd::Store::open(config).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_under_load_restores_every_id_recorded_before_it() {
+    const BEFORE: u64 = 500;
+    const DURING: u64 = 3000;
+    let broker = Broker::connect().await;
+    broker.bind_out().await;
+    let data = tempfile::tempdir().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let token = "t0ken-for-backups";
+    let mut relay = Relay::start(&broker, data.path(), &[("DEDUPD_ADMIN_TOKEN", token)]);
+    relay.wait_healthy();
+    assert_eq!(request(&relay, "GET", "/backup", None).0, 401);
+
+    // Ids recorded before the backup: all of them must be in it.
+    for i in 0..BEFORE {
+        broker.publish(id_props(&format!("a-{i}")), b"before").await;
+    }
+    assert_eq!(relay.wait_settled(BEFORE), (BEFORE, 0, 0));
+    // Then a stream under which the backup is taken.
+    let publisher = {
+        let ch = broker.conn.open_channel(None).await.unwrap();
+        let source = broker.source.clone();
+        tokio::spawn(async move {
+            for i in 0..DURING {
+                let args = BasicPublishArguments::new("", &source);
+                let props = id_props(&format!("b-{i}"));
+                ch.basic_publish(props, b"during".to_vec(), args)
+                    .await
+                    .unwrap();
+            }
+            let _ = ch.close().await;
+        })
+    };
+    relay.wait_forwarded(BEFORE + 100);
+    let file = scratch.path().join("dedupd.backup");
+    let port = relay.port.unwrap().to_string();
+    let before = relay.wait_settled(1).0;
+    let backup = dedupd()
+        .args(["backup", file.to_str().unwrap()])
+        .env("DEDUPD_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("DEDUPD_ADMIN_TOKEN", token)
+        .output()
+        .unwrap();
+    let after = relay.wait_settled(1).0;
+    let out = String::from_utf8_lossy(&backup.stdout);
+    assert!(
+        backup.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["bytes"], std::fs::metadata(&file).unwrap().len());
+    assert!(!scratch.path().join("dedupd.backup.partial").exists());
+    println!("backup under load: {out}; forwarded {before} -> {after} meanwhile");
+    // The relay kept forwarding: the whole stream passes, once.
+    publisher.await.unwrap();
+    assert_eq!(relay.wait_settled(BEFORE + DURING), (BEFORE + DURING, 0, 0));
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
+
+    // Restore into a new dir; into a dir that holds something: refused, one line.
+    let restored = scratch.path().join("restored");
+    let restore = |from: &std::path::Path, dir: &std::path::Path| {
+        dedupd()
+            .args(["restore", from.to_str().unwrap(), "--data-dir"])
+            .arg(dir)
+            .env("DEDUPD_METRICS_ADDR", "off")
+            .output()
+            .unwrap()
+    };
+    let done = restore(&file, &restored);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let refused = restore(&file, data.path());
+    assert_eq!(refused.status.code(), Some(1));
+    let line = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        line.contains("not empty") && line.lines().count() == 1,
+        "{line}"
+    );
+
+    // Every id recorded before the backup is there, with what the original says of it; nothing
+    // is there that the original does not hold.
+    let now = dedupd::store::system_now_ms();
+    let original = open_store(data.path());
+    let copy = open_store(&restored);
+    let mut during_kept = Vec::new();
+    for id in (0..BEFORE).map(|i| format!("a-{i}")) {
+        let want = original.check(id.as_bytes(), now).unwrap();
+        assert!(want.is_some(), "{id} recorded by the relay");
+        assert_eq!(copy.check(id.as_bytes(), now).unwrap(), want, "{id}");
+    }
+    for id in (0..DURING).map(|i| format!("b-{i}")) {
+        if let Some(seen) = copy.check(id.as_bytes(), now).unwrap() {
+            assert_eq!(original.check(id.as_bytes(), now).unwrap(), Some(seen));
+            during_kept.push(id);
+        }
+    }
+    assert_eq!(copy.stats().live_ids, BEFORE + during_kept.len() as u64);
+    println!(
+        "{} of the {DURING} ids recorded during the backup are in it",
+        during_kept.len()
+    );
+    original.close().unwrap();
+    copy.close().unwrap();
+
+    // And through the relay: on the restored dir, every id of the backup is a duplicate.
+    let mut relay = Relay::start(&broker, &restored, &[]);
+    relay.wait_healthy();
+    for i in 0..BEFORE {
+        broker.publish(id_props(&format!("a-{i}")), b"again").await;
+    }
+    for id in &during_kept {
+        broker.publish(id_props(id), b"again").await;
+    }
+    let n = BEFORE + during_kept.len() as u64;
+    assert_eq!(relay.wait_settled(n), (0, n, 0));
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
+    broker.cleanup().await;
+}
+
+#[test]
+fn offline_backup_to_stdout_restores_from_stdin() {
+    use std::io::Write;
+    let data = tempfile::tempdir().unwrap();
+    let now = dedupd::store::system_now_ms();
+    let store = open_store(data.path());
+    let ids = (0..1000).map(|i| (format!("x-{i}").into_bytes(), None));
+    dedupd::admin::record_ids(&store, ids, now).unwrap();
+    store.close().unwrap();
+
+    // No service: the command opens the data dir, the backup goes to stdout.
+    let backup = dedupd()
+        .args(["backup", "-"])
+        .env("DEDUPD_METRICS_ADDR", "off")
+        .env("DEDUPD_DATA_DIR", data.path())
+        .output()
+        .unwrap();
+    assert!(
+        backup.status.success(),
+        "{}",
+        String::from_utf8_lossy(&backup.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&backup.stderr)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["bytes"], backup.stdout.len());
+
+    let restored = tempfile::tempdir().unwrap();
+    let dir = restored.path().join("data");
+    let mut restore = dedupd()
+        .args(["restore", "-", "--data-dir"])
+        .arg(&dir)
+        .env("DEDUPD_METRICS_ADDR", "off")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    restore
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&backup.stdout)
+        .unwrap();
+    let done = restore.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let copy = open_store(&dir);
+    let original = open_store(data.path());
+    for i in 0..1000 {
+        let id = format!("x-{i}");
+        let seen = copy.check(id.as_bytes(), now).unwrap();
+        assert!(seen.is_some(), "{id}");
+        assert_eq!(seen, original.check(id.as_bytes(), now).unwrap());
+    }
+    assert_eq!(copy.stats().live_ids, 1000);
+}
+
 #[test]
 fn id_command_gives_the_hashed_id_of_parts() {
     let id = |env: &[(&str, &str)], args: &[&str]| {

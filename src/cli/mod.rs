@@ -6,6 +6,7 @@ pub mod ask;
 pub mod import_redis;
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -17,7 +18,8 @@ use ask::Request;
 /// What the help says below the commands: where admin commands go, then every variable.
 fn after_help() -> String {
     format!(
-        "check, forget, stats and import-redis ask the running service at DEDUPD_METRICS_ADDR \
+        "check, forget, stats, backup and import-redis ask the running service at \
+         DEDUPD_METRICS_ADDR \
          (import-redis --into redis: at DEDUPD_REDIS_ADDR), or open DEDUPD_DATA_DIR directly \
          when no service answers there.\n\n{}",
         config::help()
@@ -71,6 +73,20 @@ enum Command {
     },
     /// The store's figures as JSON
     Stats,
+    /// A consistent backup of the store, taken while the service runs, into <FILE> (`-`:
+    /// stdout)
+    Backup {
+        /// The backup file, written whole or not at all; `-` for standard output.
+        file: PathBuf,
+    },
+    /// Restore a backup into an empty or new data dir (with the service stopped)
+    Restore {
+        /// The backup file; `-` for standard input.
+        file: PathBuf,
+        /// The data dir to create: empty or absent.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// The effective configuration, secrets masked
     Config,
     /// Copy a Redis' live keys with their TTL: as the relay's seen ids (key minus the prefix),
@@ -108,6 +124,9 @@ pub enum Error {
     /// `topology` failed.
     #[error(transparent)]
     Shard(#[from] shard::Error),
+    /// `backup` or `restore` failed.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::Error),
 }
 
 impl Error {
@@ -156,6 +175,24 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             let id = crate::relay::id_of(&config, scope.as_deref().map(str::as_bytes), &parts)
                 .map_err(|why| Error::Usage(format!("dedupd id: {why}")))?;
             println!("{}", String::from_utf8_lossy(&id));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::Backup { file }) => {
+            init_logging(&config);
+            let summary = crate::backup::backup(&config, &file)?;
+            // With `-` the backup itself is on stdout: the summary goes to stderr.
+            let line = summary.to_json("file", &file).to_string();
+            if file == Path::new("-") {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::Restore { file, data_dir }) => {
+            init_logging(&config);
+            let summary = crate::backup::restore(&config, &file, &data_dir)?;
+            println!("{}", summary.to_json("data_dir", &data_dir));
             return Ok(ExitCode::SUCCESS);
         }
         Some(Command::Topology(args)) => {

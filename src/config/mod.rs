@@ -222,7 +222,7 @@ impl HttpConfig {
             "DEDUPD_ADMIN_TOKEN",
             "DEDUPD_ADMIN_TOKEN_FILE",
             DefaultValue::Unset("no token: admin on loopback only".into()),
-            "bearer token required by `GET`/`DELETE /ids/{id}` (and sent by the admin commands); never logged",
+            "bearer token required by the admin routes (`/ids`, `/backup`; sent by the admin commands); never logged",
             "the admin token",
         )?;
         Ok(HttpConfig { addr, admin_token })
