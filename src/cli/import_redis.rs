@@ -15,19 +15,18 @@
 //!   `SET key value PX ttl` to the service's `DEDUPD_REDIS_ADDR` when it answers there, else
 //!   straight into the data dir. A key already there is refreshed (value and TTL).
 //!
-//! Either way a rerun is harmless. The Redis client is a few lines of RESP2 over a std
-//! `TcpStream`: the command needs four commands of it, not a client library.
+//! Either way a rerun is harmless. Both the source and the endpoint are spoken to through the
+//! `redis` crate's blocking client: a command line has no runtime to share.
 
-use std::io::{self, BufRead, BufReader, IsTerminal, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::io::{self, IsTerminal, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use percent_encoding::percent_decode_str;
+use redis::{IntoConnectionInfo, Value};
 
 use crate::admin::{self, Recorded};
 use crate::cli::ask::{self, HttpFailure, Request};
 use crate::config::Config;
-use crate::redis::resp::Reply;
 use crate::store::kv::{Condition, Expiry, Kv, Ticket};
 use crate::store::{system_now_ms, Error as StoreError, Store};
 
@@ -41,8 +40,6 @@ const PIPELINE_BYTES: usize = 64 * 1024;
 const HTTP_WORKERS: usize = 8;
 /// How long a Redis (source or target) may take to answer before the import gives up.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most bytes of one bulk reply accepted (Redis' own `proto-max-bulk-len`).
-const MAX_BULK: usize = 512 * 1024 * 1024;
 /// Progress line refresh on a terminal.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
@@ -193,22 +190,21 @@ impl Summary {
 /// See [`Error`].
 pub fn run(config: &Config, options: &Options) -> Result<Summary, Error> {
     refuse_hashed_ids(config, options.into)?;
-    let url = RedisUrl::parse(&options.url)?;
-    let mut source = Client::connect(&url).map_err(|why| Error::Source {
-        url: url.shown.clone(),
-        why,
-    })?;
+    let mut source = Source::connect(&options.url)?;
     let mut target = Target::open(config, options.into)?;
     let started = Instant::now();
     let mut progress = Progress::new(options.into);
     let mut summary = Summary::default();
-    let mut cursor = b"0".to_vec();
+    let mut cursor = 0;
+    let shown = source.shown.clone();
     let source_err = |why: String| Error::Source {
-        url: url.shown.clone(),
+        url: shown.clone(),
         why,
     };
     loop {
-        let (next, keys) = source.scan(&cursor, &options.pattern).map_err(source_err)?;
+        let (next, keys) = source
+            .scan(cursor, &options.pattern)
+            .map_err(|e| source_err(e.to_string()))?;
         summary.read += keys.len() as u64;
         let items = source
             .fetch(keys, options.into == Namespace::Redis, &mut summary)
@@ -219,7 +215,7 @@ pub fn run(config: &Config, options: &Options) -> Result<Summary, Error> {
         };
         summary.recorded += target.put(items)?;
         progress.show(&summary, started);
-        if next == b"0" {
+        if next == 0 {
             break;
         }
         cursor = next;
@@ -228,7 +224,7 @@ pub fn run(config: &Config, options: &Options) -> Result<Summary, Error> {
     progress.clear();
     println!(
         "import-redis: {} into {}: {} ({:.1} s)",
-        url.shown,
+        shown,
         target.describe(),
         summary.line(options.into),
         started.elapsed().as_secs_f64()
@@ -263,232 +259,47 @@ fn strip(items: Vec<Item>, prefix: &[u8], summary: &mut Summary) -> Vec<Item> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The source: a Redis URL and a small RESP2 client.
+// The source, read through the `redis` crate.
 
-/// A parsed `redis://` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RedisUrl {
-    /// Host name or address (IPv6 without its brackets).
-    host: String,
-    /// Port, 6379 unless given.
-    port: u16,
-    /// ACL user for `AUTH`, if any.
-    user: Option<String>,
-    /// Password for `AUTH`, if any.
-    password: Option<String>,
-    /// Database to `SELECT` (0 needs none).
-    db: u32,
+/// The form of URL asked for, in error messages.
+const URL_FORM: &str = "redis://[[user]:password@]host[:port][/db]";
+
+/// The source Redis: connected, authenticated, its database selected.
+struct Source {
     /// The URL for messages: the password masked.
     shown: String,
+    /// The connection, with [`IO_TIMEOUT`] on reads and writes.
+    con: redis::Connection,
 }
 
-impl RedisUrl {
-    fn parse(url: &str) -> Result<RedisUrl, Error> {
-        // Never echo a password, even in the error about the URL itself.
-        let masked = match url
-            .split_once("://")
-            .and_then(|(s, r)| Some((s, r.rsplit_once('@')?)))
-        {
-            Some((scheme, (userinfo, rest))) => {
-                let user = userinfo.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}:***@{rest}")
-            }
-            None => url.to_string(),
+impl Source {
+    /// Parses `url` and connects to its server.
+    fn connect(url: &str) -> Result<Source, Error> {
+        let shown = masked(url);
+        let client = redis::Client::open(url).map_err(|e| Error::Url {
+            url: shown.clone(),
+            why: format!("{e}; expected {URL_FORM}"),
+        })?;
+        let source_err = |e: redis::RedisError| Error::Source {
+            url: shown.clone(),
+            why: e.to_string(),
         };
-        let bad = |why: &str| Error::Url {
-            url: masked.clone(),
-            why: why.into(),
-        };
-        let rest = match url.split_once("://") {
-            Some(("redis", rest)) => rest,
-            Some(("rediss", _)) => return Err(bad("TLS (rediss://) is not supported")),
-            _ => return Err(bad("expected redis://[[user]:password@]host[:port][/db]")),
-        };
-        let rest = rest.split(['?', '#']).next().unwrap_or("");
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let decode = |s: &str| -> Result<Option<String>, Error> {
-            if s.is_empty() {
-                return Ok(None);
-            }
-            let text = percent_decode_str(s)
-                .decode_utf8()
-                .map_err(|_| bad("user or password is not UTF-8 once percent-decoded"))?;
-            Ok(Some(text.into_owned()))
-        };
-        let (user, password) = match userinfo.map(|u| u.split_once(':').unwrap_or((u, ""))) {
-            Some((user, password)) => (decode(user)?, decode(password)?),
-            None => (None, None),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            // `[::1]:6379`, `host:6379`; a bare IPv6 address needs its brackets.
-            Some((h, p)) if !p.contains(']') => (h, p.parse().map_err(|_| bad("bad port"))?),
-            _ => (hostport, 6379),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        let db = match path {
-            "" => 0,
-            p => p
-                .parse()
-                .map_err(|_| bad("the path must be a database number"))?,
-        };
-        let shown = if password.is_some() {
-            masked
-        } else {
-            url.to_string()
-        };
-        Ok(RedisUrl {
-            host: host.to_string(),
-            port,
-            user,
-            password,
-            db,
-            shown,
-        })
-    }
-}
-
-/// A RESP2 reply, as much of it as the import needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Value {
-    /// `+OK`.
-    Simple(String),
-    /// `-ERR ...`, code included.
-    Error(String),
-    /// `:n`.
-    Int(i64),
-    /// `$n` bytes.
-    Bulk(Vec<u8>),
-    /// `$-1`, `*-1` (or RESP3's `_`).
-    Nil,
-    /// `*n` replies.
-    Array(Vec<Value>),
-}
-
-/// A blocking RESP2 connection: requests pipelined, replies read in order.
-struct Client {
-    /// Replies come in through here.
-    reader: BufReader<TcpStream>,
-    /// Requests go out through here (a clone of the reader's socket).
-    writer: TcpStream,
-}
-
-impl Client {
-    /// Connects to `url`'s server, authenticates and selects its database.
-    fn connect(url: &RedisUrl) -> Result<Client, String> {
-        Client::connect_to(
-            (url.host.as_str(), url.port),
-            url.user.as_deref(),
-            url.password.as_deref(),
-        )
-        .and_then(|mut c| {
-            if url.db != 0 {
-                c.ok(&[b"SELECT", url.db.to_string().as_bytes()])?;
-            }
-            Ok(c)
-        })
+        let con = client
+            .get_connection_with_timeout(IO_TIMEOUT)
+            .and_then(with_timeouts)
+            .map_err(source_err)?;
+        Ok(Source { shown, con })
     }
 
-    fn connect_to(
-        addr: impl ToSocketAddrs,
-        user: Option<&str>,
-        password: Option<&str>,
-    ) -> Result<Client, String> {
-        let mut last = None;
-        let addrs = addr
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve: {e}"))?;
-        let stream = addrs
-            .into_iter()
-            .find_map(|a| match TcpStream::connect_timeout(&a, IO_TIMEOUT) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    last = Some(e);
-                    None
-                }
-            })
-            .ok_or_else(|| {
-                format!(
-                    "cannot connect: {}",
-                    last.map_or("no address".into(), |e| e.to_string())
-                )
-            })?;
-        let setup = |s: &TcpStream| {
-            s.set_read_timeout(Some(IO_TIMEOUT))?;
-            s.set_write_timeout(Some(IO_TIMEOUT))?;
-            s.set_nodelay(true)?;
-            s.try_clone()
-        };
-        let writer = setup(&stream).map_err(|e| e.to_string())?;
-        let mut client = Client {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        match (user, password) {
-            (Some(u), Some(p)) => client.ok(&[b"AUTH", u.as_bytes(), p.as_bytes()])?,
-            (None, Some(p)) => client.ok(&[b"AUTH", p.as_bytes()])?,
-            _ => {}
-        }
-        Ok(client)
-    }
-
-    /// Runs one command that must answer `+OK`.
-    fn ok(&mut self, args: &[&[u8]]) -> Result<(), String> {
-        let name = String::from_utf8_lossy(args[0]).into_owned();
-        match self
-            .pipeline(&[args.iter().map(|a| a.to_vec()).collect()])?
-            .pop()
-        {
-            Some(Value::Simple(_)) => Ok(()),
-            other => Err(format!("{name} answered {}", shown(other.as_ref()))),
-        }
-    }
-
-    /// Sends `commands` in one write and reads their replies, in order.
-    fn pipeline(&mut self, commands: &[Vec<Vec<u8>>]) -> Result<Vec<Value>, String> {
-        let mut out = Vec::new();
-        for args in commands {
-            Reply::Array(args.iter().cloned().map(Reply::Bulk).collect()).encode(2, &mut out);
-        }
-        self.writer
-            .write_all(&out)
-            .map_err(|e| format!("write failed: {e}"))?;
-        (0..commands.len())
-            .map(|_| read_value(&mut self.reader).map_err(|e| format!("read failed: {e}")))
-            .collect()
-    }
-
-    /// One `SCAN` step: the next cursor and the keys of this page.
-    fn scan(&mut self, cursor: &[u8], pattern: &str) -> Result<(Vec<u8>, Vec<Vec<u8>>), String> {
-        let count = SCAN_COUNT.to_string();
-        let command = [
-            b"SCAN".as_slice(),
-            cursor,
-            b"MATCH",
-            pattern.as_bytes(),
-            b"COUNT",
-            count.as_bytes(),
-        ];
-        let reply = self.pipeline(&[command.iter().map(|a| a.to_vec()).collect()])?;
-        if let [Value::Array(parts)] = reply.as_slice() {
-            if let [Value::Bulk(next), Value::Array(keys)] = parts.as_slice() {
-                let keys = keys
-                    .iter()
-                    .filter_map(|k| match k {
-                        Value::Bulk(k) => Some(k.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                return Ok((next.clone(), keys));
-            }
-        }
-        Err(format!("SCAN answered {}", shown(reply.first())))
+    /// One `SCAN` step: the next cursor (0 when done) and the keys of this page.
+    fn scan(&mut self, cursor: u64, pattern: &str) -> redis::RedisResult<(u64, Vec<Vec<u8>>)> {
+        redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT)
+            .query(&mut self.con)
     }
 
     /// The remaining TTL (and the value, with `values`) of each key, pipelined; keys gone in
@@ -499,40 +310,40 @@ impl Client {
         values: bool,
         summary: &mut Summary,
     ) -> Result<Vec<Item>, String> {
-        let mut commands = Vec::with_capacity(keys.len() * 2);
+        let mut pipe = redis::pipe();
+        // A GET answering WRONGTYPE is a key to skip, not a failed import.
+        pipe.ignore_errors();
         for key in &keys {
-            commands.push(vec![b"PTTL".to_vec(), key.clone()]);
+            pipe.cmd("PTTL").arg(key);
             if values {
-                commands.push(vec![b"GET".to_vec(), key.clone()]);
+                pipe.cmd("GET").arg(key);
             }
         }
-        let mut replies = self.pipeline(&commands)?.into_iter();
+        let replies: Vec<Value> = pipe.query(&mut self.con).map_err(|e| e.to_string())?;
+        let mut replies = replies.into_iter();
         let mut items = Vec::with_capacity(keys.len());
         for key in keys {
-            let ttl = replies.next();
-            let value = if values {
-                replies.next()
-            } else {
-                Some(Value::Nil)
-            };
-            let ttl = match ttl {
+            let ttl = match replies.next() {
                 Some(Value::Int(-1)) => None,
                 Some(Value::Int(ms)) if ms > 0 => Some(Duration::from_millis(ms as u64)),
                 Some(Value::Int(_)) => {
                     summary.gone += 1; // -2: expired or deleted since SCAN
+                    if values {
+                        replies.next();
+                    }
                     continue;
                 }
-                other => return Err(format!("PTTL answered {}", shown(other.as_ref()))),
+                other => return Err(format!("PTTL answered {other:?}")),
             };
-            let value = match value {
-                Some(Value::Bulk(v)) => v,
-                Some(Value::Nil) if !values => Vec::new(),
+            let value = match values.then(|| replies.next()) {
+                None => Vec::new(),
+                Some(Some(Value::BulkString(v))) => v,
                 // Gone since, or WRONGTYPE: only strings have a value to copy.
-                Some(Value::Nil | Value::Error(_)) => {
+                Some(Some(Value::Nil | Value::ServerError(_))) => {
                     summary.gone += 1;
                     continue;
                 }
-                other => return Err(format!("GET answered {}", shown(other.as_ref()))),
+                Some(other) => return Err(format!("GET answered {other:?}")),
             };
             items.push(Item { key, value, ttl });
         }
@@ -540,54 +351,27 @@ impl Client {
     }
 }
 
-/// A reply for an error message.
-fn shown(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::Error(e)) => format!("-{e}"),
-        Some(v) => format!("{v:?}"),
-        None => "nothing".into(),
-    }
+/// Sets [`IO_TIMEOUT`] on both directions of `con`, so a Redis that stops answering stops the
+/// import instead of hanging it.
+fn with_timeouts(con: redis::Connection) -> redis::RedisResult<redis::Connection> {
+    con.set_read_timeout(Some(IO_TIMEOUT))?;
+    con.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(con)
 }
 
-/// Reads one RESP2 reply (and RESP3's null, which some proxies send).
-fn read_value(r: &mut impl BufRead) -> io::Result<Value> {
-    let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
-    let mut line = Vec::new();
-    r.read_until(b'\n', &mut line)?;
-    if !line.ends_with(b"\r\n") {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    let text = String::from_utf8_lossy(&line[1..line.len() - 2]).into_owned();
-    let number = || -> io::Result<i64> {
-        text.parse()
-            .map_err(|_| invalid(format!("bad length or integer {text:?}")))
-    };
-    Ok(match line[0] {
-        b'+' => Value::Simple(text),
-        b'-' => Value::Error(text),
-        b':' => Value::Int(number()?),
-        b'_' => Value::Nil,
-        b'$' => match usize::try_from(number()?) {
-            Err(_) => Value::Nil,
-            Ok(n) if n > MAX_BULK => return Err(invalid(format!("bulk of {n} bytes"))),
-            Ok(n) => {
-                let mut bytes = vec![0; n + 2];
-                r.read_exact(&mut bytes)?;
-                bytes.truncate(n);
-                Value::Bulk(bytes)
-            }
-        },
-        b'*' => match usize::try_from(number()?) {
-            Err(_) => Value::Nil,
-            Ok(n) => Value::Array((0..n).map(|_| read_value(r)).collect::<io::Result<_>>()?),
-        },
-        other => {
-            return Err(invalid(format!(
-                "unexpected reply type {:?}",
-                other as char
-            )))
+/// `url` with its password replaced by `***`, for messages; works on URLs that do not parse too,
+/// so not even the error about a bad URL echoes a password.
+fn masked(url: &str) -> String {
+    match url
+        .split_once("://")
+        .and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?)))
+    {
+        Some((scheme, (userinfo, rest))) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{rest}")
         }
-    })
+        None => url.to_string(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -607,7 +391,7 @@ enum Target {
         /// `DEDUPD_REDIS_ADDR`.
         addr: SocketAddr,
         /// Connected (and authenticated with `DEDUPD_REDIS_PASSWORD`, if set).
-        client: Client,
+        con: redis::Connection,
     },
     /// The data dir, opened here: the relay's ids or the Redis endpoint's keys.
     Dir {
@@ -633,9 +417,14 @@ impl Target {
             }
             Namespace::Redis => {
                 if let Some(addr) = config.redis.addr.filter(answers) {
-                    let client = Client::connect_to(addr, None, config.redis.password.as_deref())
-                        .map_err(|why| Error::Target { addr, why })?;
-                    return Ok(Target::RedisEndpoint { addr, client });
+                    let con =
+                        connect_endpoint(addr, config.redis.password.as_deref()).map_err(|e| {
+                            Error::Target {
+                                addr,
+                                why: e.to_string(),
+                            }
+                        })?;
+                    return Ok(Target::RedisEndpoint { addr, con });
                 }
                 if let Some(addr) = metrics {
                     return Err(Error::Target {
@@ -689,8 +478,8 @@ impl Target {
                 into: Namespace::Redis,
             } => Ok(put_kv(&store.kv(), items)?),
             Target::RelayHttp { addr, token } => put_http(*addr, token.as_deref(), items),
-            Target::RedisEndpoint { addr, client } => {
-                put_resp(client, items).map_err(|why| Error::Target { addr: *addr, why })
+            Target::RedisEndpoint { addr, con } => {
+                put_resp(con, items).map_err(|why| Error::Target { addr: *addr, why })
             }
         }
     }
@@ -727,30 +516,49 @@ fn put_kv(kv: &Kv, items: Vec<Item>) -> Result<Recorded, StoreError> {
     Ok(done)
 }
 
+/// Connects to the service's Redis endpoint at `addr`, with `AUTH password` if given.
+fn connect_endpoint(
+    addr: SocketAddr,
+    password: Option<&str>,
+) -> redis::RedisResult<redis::Connection> {
+    let mut redis = redis::RedisConnectionInfo::default();
+    if let Some(password) = password {
+        redis = redis.set_password(password);
+    }
+    // The address as given, unspecified (0.0.0.0) included, which reaches the local listener.
+    let info = (addr.ip().to_string(), addr.port())
+        .into_connection_info()?
+        .set_redis_settings(redis);
+    redis::Client::open(info)?
+        .get_connection_with_timeout(IO_TIMEOUT)
+        .and_then(with_timeouts)
+}
+
 /// `SET key value [PX ttl]` for each item, pipelined in bounded chunks.
-fn put_resp(client: &mut Client, items: Vec<Item>) -> Result<Recorded, String> {
+fn put_resp(con: &mut redis::Connection, items: Vec<Item>) -> Result<Recorded, String> {
     let mut done = Recorded::default();
-    let mut chunk = Vec::new();
+    let mut chunk = redis::pipe();
+    // A key the endpoint refuses (too long) is counted, not a failed import.
+    chunk.ignore_errors();
     let mut bytes = 0;
     let mut items = items.into_iter().peekable();
     while let Some(item) = items.next() {
         bytes += item.key.len() + item.value.len();
-        let mut set = vec![b"SET".to_vec(), item.key, item.value];
-        if let Some(ttl) = item.ttl {
-            set.push(b"PX".to_vec());
-            set.push(ttl.as_millis().max(1).to_string().into_bytes());
-        }
+        chunk.cmd("SET").arg(item.key).arg(item.value);
         // No PX: the endpoint gives the key the window, as a key without TTL deserves.
-        chunk.push(set);
+        if let Some(ttl) = item.ttl {
+            chunk.arg("PX").arg(ttl.as_millis().max(1) as u64);
+        }
         if bytes >= PIPELINE_BYTES || items.peek().is_none() {
-            for reply in client.pipeline(&chunk)? {
+            let replies: Vec<Value> = chunk.query(con).map_err(|e| e.to_string())?;
+            for reply in replies {
                 match reply {
-                    Value::Simple(_) => done.added += 1,
-                    Value::Error(e) => {
+                    Value::Okay => done.added += 1,
+                    Value::ServerError(e) => {
                         tracing::warn!(reply = %e, "the Redis endpoint refused a key");
                         done.refused += 1;
                     }
-                    other => return Err(format!("SET answered {}", shown(Some(&other)))),
+                    other => return Err(format!("SET answered {other:?}")),
                 }
             }
             chunk.clear();
@@ -893,53 +701,39 @@ mod tests {
     }
 
     #[test]
-    fn url_parses_auth_port_db_and_masks_the_password() {
-        let u = RedisUrl::parse("redis://127.0.0.1:6379").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.db), ("127.0.0.1", 6379, 0));
-        assert_eq!((u.user, u.password), (None, None));
-        let u = RedisUrl::parse("redis://app:p%40ss@cache.internal/3").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.db), ("cache.internal", 6379, 3));
-        assert_eq!(u.user.as_deref(), Some("app"));
-        assert_eq!(u.password.as_deref(), Some("p@ss"));
-        assert!(!u.shown.contains("p%40ss"), "{}", u.shown);
-        let u = RedisUrl::parse("redis://:secret@[::1]:6380/").unwrap();
-        assert_eq!((u.host.as_str(), u.port), ("::1", 6380));
-        assert_eq!((u.user, u.password.as_deref()), (None, Some("secret")));
-
+    fn bad_urls_are_refused_before_connecting_and_never_echo_the_password() {
         for bad in [
             "http://h",
             "rediss://h",
             "redis://",
             "redis://h:x",
             "redis://h/zero",
+            "redis://u:hunter2@h:x",
         ] {
-            assert!(RedisUrl::parse(bad).is_err(), "{bad}");
+            let Err(e) = Source::connect(bad) else {
+                panic!("{bad} was accepted");
+            };
+            assert!(matches!(e, Error::Url { .. }), "{bad}: {e}");
+            let e = e.to_string();
+            assert!(e.contains("redis://[[user]:password@]host"), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
         }
-        let e = RedisUrl::parse("redis://u:hunter2@h:x")
-            .unwrap_err()
-            .to_string();
-        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]
-    fn replies_parse_as_redis_sends_them() {
-        let wire = b"+OK\r\n-ERR no\r\n:-2\r\n$3\r\na\r\n\r\n$-1\r\n*2\r\n$1\r\n0\r\n*0\r\n_\r\n";
-        let mut r = &wire[..];
-        let got: Vec<Value> = (0..7).map(|_| read_value(&mut r).unwrap()).collect();
+    fn messages_mask_the_password() {
         assert_eq!(
-            got,
-            vec![
-                Value::Simple("OK".into()),
-                Value::Error("ERR no".into()),
-                Value::Int(-2),
-                Value::Bulk(b"a\r\n".to_vec()),
-                Value::Nil,
-                Value::Array(vec![Value::Bulk(b"0".to_vec()), Value::Array(vec![])]),
-                Value::Nil,
-            ]
+            masked("redis://127.0.0.1:6379/2"),
+            "redis://127.0.0.1:6379/2"
         );
-        assert!(read_value(&mut &b"$5\r\nab"[..]).is_err(), "short bulk");
-        assert!(read_value(&mut &b"?x\r\n"[..]).is_err(), "unknown type");
+        assert_eq!(
+            masked("redis://app:p%40ss@cache.internal/3"),
+            "redis://app:***@cache.internal/3"
+        );
+        assert_eq!(
+            masked("redis://:s@cr@t@[::1]:6380"),
+            "redis://:***@[::1]:6380"
+        );
     }
 
     #[test]

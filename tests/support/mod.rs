@@ -407,7 +407,10 @@ pub fn full_props(id: &str, i: u64) -> BasicProperties {
         FieldValue::from(format!("t{i}")),
     );
     headers.insert("x-num".try_into().unwrap(), FieldValue::l(i as i64));
-    headers.insert("x-flag".try_into().unwrap(), FieldValue::t(i % 2 == 0));
+    headers.insert(
+        "x-flag".try_into().unwrap(),
+        FieldValue::t(i.is_multiple_of(2)),
+    );
     headers.insert(
         "x-bytes".try_into().unwrap(),
         FieldValue::x(vec![0u8, 1, 255, i as u8].try_into().unwrap()),
