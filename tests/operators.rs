@@ -252,22 +252,8 @@ fn headers_with_id(id: &str, pairs: &[(&str, &str)]) -> BasicProperties {
 
 /// `method path` on the relay's endpoint with `token` as bearer: status and body.
 fn request(relay: &Relay, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    use std::io::{Read, Write};
     let port = relay.port.expect("metrics port");
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    let code = text.split(' ').nth(1).unwrap().parse().unwrap();
-    (code, text.split_once("\r\n\r\n").unwrap().1.to_string())
+    support::http(port, method, path, token).expect("the endpoint answers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

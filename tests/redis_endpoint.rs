@@ -9,11 +9,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::{Connection, Value};
 
-use support::{dedupd, free_port, WAIT};
+use support::{dedupd, eventually, free_port, read_log, WAIT};
 
 /// The shared local Redis the replies are compared with.
 const ORACLE: &str = "redis://127.0.0.1:6379/";
@@ -50,18 +50,17 @@ impl Endpoint {
             http,
             log,
         };
-        let deadline = Instant::now() + WAIT;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = endpoint.child.try_wait() {
-                panic!("dedupd exited with {status}:\n{}", endpoint.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "endpoint never listened:\n{}",
-                endpoint.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = endpoint.log.clone();
+        eventually(
+            WAIT,
+            || format!("endpoint never listened:\n{}", read_log(&log)),
+            || {
+                if let Ok(Some(status)) = endpoint.child.try_wait() {
+                    panic!("dedupd exited with {status}:\n{}", endpoint.log());
+                }
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            },
+        );
         endpoint
     }
 
@@ -87,15 +86,7 @@ impl Endpoint {
     }
 
     fn healthz(&self) -> Option<u16> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.http)).ok()?;
-        write!(
-            s,
-            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.split(' ').nth(1)?.parse().ok()
+        support::http(self.http, "GET", "/healthz", None).map(|(status, _)| status)
     }
 }
 
@@ -582,9 +573,14 @@ fn expiry_follows_px_pexpire_and_pxat_in_the_past() {
         Some("OK")
     );
     assert_eq!(set(&mut con, &["short", "v", "NX", "PX", "30"]), None);
-    std::thread::sleep(Duration::from_millis(60));
-    let ttl: i64 = redis::cmd("PTTL").arg("short").query(&mut con).unwrap();
-    assert_eq!(ttl, -2);
+    let pttl = |con: &mut Connection, key: &str| -> i64 {
+        redis::cmd("PTTL").arg(key).query(con).unwrap()
+    };
+    eventually(
+        WAIT,
+        || "PX 30 never expired".into(),
+        || pttl(&mut con, "short") == -2,
+    );
     assert_eq!(
         set(&mut con, &["short", "v", "NX", "PX", "30"]).as_deref(),
         Some("OK")
@@ -596,9 +592,14 @@ fn expiry_follows_px_pexpire_and_pxat_in_the_past() {
         .query(&mut con)
         .unwrap();
     assert_eq!(one, 1);
-    std::thread::sleep(Duration::from_millis(20));
-    let v: Option<String> = redis::cmd("GET").arg("plain").query(&mut con).unwrap();
-    assert_eq!(v, None);
+    let get = |con: &mut Connection| -> Option<String> {
+        redis::cmd("GET").arg("plain").query(con).unwrap()
+    };
+    eventually(
+        WAIT,
+        || "PEXPIRE 1 never expired".into(),
+        || get(&mut con).is_none(),
+    );
     // PXAT in the past: OK, and no key.
     assert_eq!(
         set(&mut con, &["past", "v", "PXAT", "1000"]).as_deref(),
@@ -818,20 +819,18 @@ fn script_kill_and_flush() {
             .unwrap_err()
             .to_string()
     });
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match redis::cmd("SCRIPT").arg("KILL").query::<String>(&mut con) {
-            Ok(ok) => {
-                assert_eq!(ok, "OK");
-                break;
-            }
+    let killed = eventually(
+        WAIT,
+        || "the script never ran".into(),
+        || match redis::cmd("SCRIPT").arg("KILL").query::<String>(&mut con) {
+            Ok(ok) => Some(ok),
             Err(e) => {
                 assert_eq!(e.code(), Some("NOTBUSY"), "{e}");
-                assert!(Instant::now() < deadline, "the script never ran");
-                std::thread::sleep(Duration::from_millis(20));
+                None
             }
-        }
-    }
+        },
+    );
+    assert_eq!(killed, "OK");
     let err = runner.join().unwrap();
     assert!(err.contains("Script killed"), "{err}");
 }

@@ -11,10 +11,10 @@ pub mod raw;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use amqprs::channel::{
@@ -493,8 +493,34 @@ pub struct Relay {
 }
 
 /// A relay's log so far (empty if it has none yet).
-fn read_log(path: &Path) -> String {
+pub fn read_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// `method path` on the HTTP endpoint at 127.0.0.1:`port`, with `token` as a bearer token:
+/// status and body, `None` if nothing answers. The tests' one HTTP client.
+pub fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+    static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
+    let agent = AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(30)))
+            // A status is an answer here, not an error.
+            .http_status_as_error(false)
+            // A fresh connection per request: tests restart dedupd on the same port, and a
+            // pooled connection to the process before would answer with an error.
+            .max_idle_connections(0)
+            .build()
+            .into()
+    });
+    let mut request = ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("http://127.0.0.1:{port}{path}"));
+    if let Some(token) = token {
+        request = request.header("Authorization", format!("Bearer {token}"));
+    }
+    let mut response = agent.run(request.body(ureq::SendBody::none()).ok()?).ok()?;
+    let body = response.body_mut().read_to_string().ok()?;
+    Some((response.status().as_u16(), body))
 }
 
 /// A free TCP port on loopback (free when asked; good enough between tests).
@@ -551,19 +577,7 @@ impl Relay {
 
     /// `GET path` on the metrics port: status code and body, `None` if nothing listens.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        let port = self.port?;
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
-        let code = text.split(' ').nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n")?.1.to_string();
-        Some((code, body))
+        http(self.port?, "GET", path, None)
     }
 
     /// Waits for `/healthz` to answer 200 (connected and consuming).
