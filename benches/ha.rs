@@ -19,21 +19,15 @@
 //! applied every id of the stream (its catch-up rate).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use amqprs::channel::{
-    BasicPublishArguments, Channel, ConfirmSelectArguments, ExchangeDeleteArguments,
-    QueueDeleteArguments,
-};
-use amqprs::BasicProperties;
+use amqprs::channel::{ExchangeDeleteArguments, QueueDeleteArguments};
 
-#[path = "support/broker.rs"]
-mod broker;
-use broker::{bind_out, connect, ready};
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::{bind_out, connect, eventually, fill, free_port, http, ready, Waiting};
 
 /// Body size, as in CALIBRATION.md.
 const BODY: usize = 256;
@@ -143,11 +137,7 @@ struct Dedupd {
 
 impl Dedupd {
     fn start(bin: &Path, source: &str, dest: &str, data: &Path, setup: Setup) -> Dedupd {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut cmd = Command::new(bin);
         cmd.env("DEDUPD_SOURCE_QUEUE", source)
             .env("DEDUPD_DEST_EXCHANGE", dest)
@@ -166,20 +156,16 @@ impl Dedupd {
         }
         let child = cmd.spawn().expect("start dedupd");
         let d = Dedupd { child, port };
-        let deadline = Instant::now() + WAIT;
-        while !d.get("/healthz").is_some_and(|b| b.starts_with("ok")) {
-            assert!(Instant::now() < deadline, "dedupd never healthy");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually(
+            WAIT,
+            || "dedupd never healthy".into(),
+            || d.get("/healthz").is_some_and(|b| b.starts_with("ok")),
+        );
         d
     }
 
     fn get(&self, path: &str) -> Option<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        Some(text.split_once("\r\n\r\n")?.1.to_string())
+        http(self.port, "GET", path, None).map(|(_, body)| body)
     }
 
     fn metrics(&self) -> HashMap<String, f64> {
@@ -220,25 +206,25 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
     // dedupd declares the source (and the stream) as it wants them; then it is stopped and the
     // queue filled.
     Dedupd::start(bin, &source, &dest, dir_a.path(), setup).stop();
-    fill(&ch, &source, ids).await;
+    fill(&ch, &source, ids, BODY).await;
 
     let start = Instant::now();
     let active = Dedupd::start(bin, &source, &dest, dir_a.path(), setup);
     let standby =
         (setup == Setup::Ha).then(|| Dedupd::start(bin, &source, &dest, dir_b.path(), setup));
     let mut lags = Vec::new();
-    let deadline = Instant::now() + WAIT;
+    // Polled every 10 ms: the error of the time measured, and the lag's sampling.
+    let mut waiting = Waiting::every(WAIT, Duration::from_millis(10));
     loop {
         if ready(&ch, &out).await >= distinct && ready(&ch, &source).await == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "drain did not finish");
         if let Some(s) = &standby {
             if let Some(lag) = s.metrics().get("dedupd_ha_lag_seconds") {
                 lags.push(*lag);
             }
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        waiting.again(|| "drain did not finish".into()).await;
     }
     let elapsed = start.elapsed();
     assert_eq!(
@@ -257,6 +243,8 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
         let want = distinct as f64;
         let started = Instant::now();
         let fresh = Dedupd::start(bin, &source, &dest, dir_c.path(), setup);
+        // Polled every 5 ms: the error of the time measured.
+        let mut waiting = Waiting::every(WAIT, Duration::from_millis(5));
         loop {
             let applied = fresh
                 .metrics()
@@ -266,8 +254,7 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
             if applied >= want {
                 break;
             }
-            assert!(started.elapsed() < WAIT, "fresh node never caught up");
-            std::thread::sleep(Duration::from_millis(5));
+            waiting.again_blocking(|| "fresh node never caught up".into());
         }
         let took = started.elapsed();
         fresh.stop();
@@ -297,27 +284,5 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
         elapsed,
         lag,
         catch_up,
-    }
-}
-
-/// Publishes the workload into `source` with confirms, and waits until the queue holds it.
-async fn fill(ch: &Channel, source: &str, ids: &[String]) {
-    ch.confirm_select(ConfirmSelectArguments::new(false))
-        .await
-        .unwrap();
-    let body = vec![b'x'; BODY];
-    for id in ids {
-        let props = BasicProperties::default()
-            .with_message_id(id)
-            .with_persistence(true)
-            .finish();
-        ch.basic_publish(props, body.clone(), BasicPublishArguments::new("", source))
-            .await
-            .unwrap();
-    }
-    let deadline = Instant::now() + WAIT;
-    while ready(ch, source).await < ids.len() {
-        assert!(Instant::now() < deadline, "{source} never filled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

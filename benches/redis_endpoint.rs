@@ -15,10 +15,13 @@
 //!
 //! `cargo bench --bench redis_endpoint` (needs `redis-server` and `redis-benchmark` on PATH).
 
-use std::net::TcpListener;
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::{eventually, free_port};
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The command benchmarked: the seed consumer's dedup check.
 const SET_NX: &[&str] = &["SET", "msg:__rand_int__", "1", "NX", "EX", "86400"];
@@ -48,24 +51,18 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_listening(port: u16, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "server on {port} exited"
-        );
-        assert!(Instant::now() < deadline, "server on {port} never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(
+        Duration::from_secs(30),
+        || format!("server on {port} never listened"),
+        || {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "server on {port} exited"
+            );
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        },
+    )
 }
 
 fn dedupd() -> Server {

@@ -26,9 +26,9 @@ use amqprs::channel::{
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return};
 use tokio::sync::mpsc;
 
-#[path = "support/broker.rs"]
-mod broker;
-use broker::{bind_out, connect, ready};
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::{bind_out, connect, fill, ready, Waiting};
 
 /// Body size, as in CALIBRATION.md.
 const BODY: usize = 256;
@@ -156,7 +156,7 @@ async fn run(relay: Relay<'_>, ids: &[String], expect_out: usize) -> Figures {
     .await
     .unwrap();
     bind_out(&ch, &dest, &out).await;
-    fill(&ch, &source, ids).await;
+    fill(&ch, &source, ids, BODY).await;
 
     let broker = broker_pid();
     let broker_cpu = cpu_seconds(broker);
@@ -221,37 +221,15 @@ async fn run(relay: Relay<'_>, ids: &[String], expect_out: usize) -> Figures {
     }
 }
 
-/// Publishes the workload into `source` with confirms, and waits until the queue holds it.
-async fn fill(ch: &Channel, source: &str, ids: &[String]) {
-    ch.confirm_select(ConfirmSelectArguments::new(false))
-        .await
-        .unwrap();
-    let body = vec![b'x'; BODY];
-    for id in ids {
-        let props = BasicProperties::default()
-            .with_message_id(id)
-            .with_persistence(true)
-            .finish();
-        ch.basic_publish(props, body.clone(), BasicPublishArguments::new("", source))
-            .await
-            .unwrap();
-    }
-    let deadline = Instant::now() + WAIT;
-    while ready(ch, source).await < ids.len() {
-        assert!(Instant::now() < deadline, "{source} never filled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Waits until `out` holds `n` messages and `source` none; the time since `start`.
 async fn drained(ch: &Channel, source: &str, out: &str, n: usize, start: Instant) -> Duration {
-    let deadline = Instant::now() + WAIT;
+    // Polled every 5 ms: the error of the time measured.
+    let mut waiting = Waiting::every(WAIT, Duration::from_millis(5));
     loop {
         if ready(ch, out).await >= n && ready(ch, source).await == 0 {
             return start.elapsed();
         }
-        assert!(Instant::now() < deadline, "drain did not finish");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        waiting.again(|| "drain did not finish".into()).await;
     }
 }
 

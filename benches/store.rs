@@ -23,7 +23,7 @@ const COMMIT_BATCH: usize = 1024;
 /// Ids cycled through by the lookup loops (enough to defeat the CPU cache on the sled side).
 const PROBES: usize = 100_000;
 
-#[path = "support/ids.rs"]
+#[path = "../tests/support/ids.rs"]
 mod ids;
 use ids::uuid_id;
 

@@ -19,7 +19,7 @@ use dedupd::{Store, StoreConfig, Verdict};
 
 const BATCH: u64 = 1024;
 
-#[path = "../benches/support/ids.rs"]
+#[path = "../tests/support/ids.rs"]
 #[allow(dead_code)]
 mod ids;
 use ids::uuid_id;

@@ -14,7 +14,7 @@ use dedupd::{Store, StoreConfig, Verdict};
 const BATCH: u64 = 1024;
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
-#[path = "../benches/support/ids.rs"]
+#[path = "../tests/support/ids.rs"]
 mod ids;
 use ids::uuid_id;
 

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::eventually;
 use support::faults::*;
 
 /// One scenario at a time in this binary: they disturb the broker for everyone. (A tokio mutex:
@@ -206,13 +207,11 @@ impl BrokerStopped {
         let t = Instant::now();
         let (ok, text) = rabbitmqctl(&["start_app"], Duration::from_secs(120));
         let (up, wait_text) = rabbitmqctl(&["await_startup"], Duration::from_secs(120));
-        let deadline = Instant::now() + WAIT;
-        while !port_open() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(
-            ok && up && port_open(),
-            "the broker did not come back: {text} {wait_text}"
+        assert!(ok && up, "the broker did not come back: {text} {wait_text}");
+        eventually(
+            WAIT,
+            || format!("the broker does not accept connections: {text} {wait_text}"),
+            port_open,
         );
         t.elapsed()
     }

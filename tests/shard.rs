@@ -17,7 +17,9 @@ use amqprs::connection::{Connection, OpenConnectionArguments};
 use dedupd::shard::{self, Ring};
 use dedupd::Config;
 use rand::seq::SliceRandom;
-use support::{dedupd, id_props, ids_of, Broker, Relay, WAIT};
+use support::{
+    dedupd, eventually, eventually_async, id_props, ids_of, Broker, Relay, Waiting, WAIT,
+};
 
 /// Enables `rabbitmq_consistent_hash_exchange` once per test binary (idempotent: a plugin
 /// already enabled stays so). Panics, naming the command, if it cannot.
@@ -75,40 +77,26 @@ fn settled(relay: &Relay) -> (u64, u64, u64) {
 
 /// Waits until the relays together settled `n` messages.
 fn wait_all_settled(relays: &[Relay], n: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let total: u64 = relays
+    let total = || -> u64 {
+        relays
             .iter()
             .map(|r| {
                 let (f, d, x) = settled(r);
                 f + d + x
             })
-            .sum();
-        if total >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{total} of {n} settled; last log:\n{}",
-            relays.last().map(Relay::log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The relays' settled counts once they stop moving (nothing left in flight).
-fn steady(relays: &[Relay]) -> Vec<(u64, u64, u64)> {
-    let deadline = Instant::now() + WAIT;
-    let mut last: Vec<_> = relays.iter().map(settled).collect();
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let now: Vec<_> = relays.iter().map(settled).collect();
-        if now == last {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "never steady: {now:?}");
-        last = now;
-    }
+            .sum()
+    };
+    eventually(
+        WAIT,
+        || {
+            format!(
+                "{} of {n} settled; last log:\n{}",
+                total(),
+                relays.last().map(Relay::log).unwrap_or_default()
+            )
+        },
+        || total() >= n,
+    )
 }
 
 /// `distinct` ids named `<tag>-<i>`, plus one more copy of every `every`-th, shuffled.
@@ -165,20 +153,49 @@ async fn publish(broker: &Broker, exchange: &str, ids: &[String]) {
     }
 }
 
-/// Drains the output queue until it stays empty for a moment; counts per id.
-async fn drain_out(broker: &Broker, into: &mut HashMap<String, u32>) {
-    let mut quiet = 0;
-    while quiet < 3 {
-        let got = broker.drain(&broker.out).await;
-        if got.is_empty() {
-            quiet += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        } else {
-            quiet = 0;
+/// Takes what the output queue holds now into `into` (copies per id).
+async fn drain_into(broker: &Broker, into: &mut HashMap<String, u32>) {
+    for id in ids_of(&broker.drain(&broker.out).await) {
+        *into.entry(id).or_default() += 1;
+    }
+}
+
+/// Ready messages in all of `queues`.
+async fn queued(broker: &Broker, queues: impl Iterator<Item = String>) -> u32 {
+    let mut n = 0;
+    for q in queues {
+        n += broker.count(&q).await;
+    }
+    n
+}
+
+/// Drains the output queue into `into` until every queue of `queues` is empty and every id of
+/// `want` arrived.
+async fn drain_until_all_arrived(
+    broker: &Broker,
+    queues: &[String],
+    want: &[&String],
+    into: &mut HashMap<String, u32>,
+    relays: &[&Relay],
+) {
+    let mut waiting = Waiting::new(WAIT);
+    loop {
+        drain_into(broker, into).await;
+        let left = queued(broker, queues.iter().cloned()).await;
+        let arrived = want.iter().filter(|id| into.contains_key(**id)).count();
+        if left == 0 && arrived == want.len() {
+            return;
         }
-        for id in ids_of(&got) {
-            *into.entry(id).or_default() += 1;
-        }
+        waiting
+            .again(|| {
+                let logs: Vec<String> = relays.iter().map(|r| r.log()).collect();
+                format!(
+                    "{left} queued, {arrived} of {} ids arrived:\n{}",
+                    want.len(),
+                    logs.join("\n----\n")
+                )
+            })
+            .await;
     }
 }
 
@@ -234,8 +251,9 @@ async fn three_shards_forward_every_id_once_and_each_gets_a_share() {
     publish_parallel(&ring.exchange, &ids, 4).await;
     wait_all_settled(&relays, 10_000);
 
+    // Every message settled: each forwarded copy was confirmed, so it is in the queue already.
     let mut seen = HashMap::new();
-    drain_out(&broker, &mut seen).await;
+    drain_into(&broker, &mut seen).await;
     assert_eq!(seen.len(), 8000, "every id arrives");
     let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
@@ -277,18 +295,12 @@ async fn kill_9_of_one_shard_mid_stream_loses_nothing_and_repeats_at_most_a_pref
     // All 10 000 queued before the relays start, so the kill lands mid-stream for sure.
     let ids = with_copies("k", 8000, 4);
     publish_parallel(&ring.exchange, &ids, 4).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let mut queued = 0;
-        for q in ring.queues() {
-            queued += broker.count(&q).await;
-        }
-        if queued == 10_000 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{queued} of 10 000 queued");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_async(
+        WAIT,
+        || "the 10 000 were never all queued".into(),
+        || async { queued(&broker, ring.queues()).await == 10_000 },
+    )
+    .await;
 
     const PREFETCH: &str = "300";
     let env = [("DEDUPD_PREFETCH", PREFETCH)];
@@ -296,52 +308,34 @@ async fn kill_9_of_one_shard_mid_stream_loses_nothing_and_repeats_at_most_a_pref
     let mut relays: Vec<Relay> = (0..3)
         .map(|i| start_shard(&broker, &ring, i, dirs[i as usize].path(), &env))
         .collect();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (f, d, _) = settled(&relays[1]);
-        if f + d >= 400 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "shard 1 never got going");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    eventually(
+        WAIT,
+        || format!("shard 1 never got going:\n{}", relays[1].log()),
+        || {
+            let (f, d, _) = settled(&relays[1]);
+            f + d >= 400
+        },
+    );
     // SIGKILL: no drain, no ack, no flush beyond what was already durable.
     relays[1].child.kill().unwrap();
     relays[1].child.wait().unwrap();
-    let killed_after = {
-        let mut n = 0;
-        for q in ring.queues() {
-            n += broker.count(&q).await;
-        }
-        10_000 - n
-    };
+    let killed_after = 10_000 - queued(&broker, ring.queues()).await;
     relays[1] = start_shard(&broker, &ring, 1, dirs[1].path(), &env);
 
     // Wait until every shard's queue is empty and every id arrived.
     let mut seen = HashMap::new();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        drain_out(&broker, &mut seen).await;
-        let mut left = 0;
-        for q in ring.queues() {
-            left += broker.count(&q).await;
-        }
-        if left == 0 && seen.len() == 8000 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of 8000 ids arrived, {left} queued:\n{}",
-            seen.len(),
-            relays[1].log()
-        );
-    }
-    // A graceful stop acks what is still in flight; then nothing more can arrive.
+    let distinct: Vec<String> = (0..8000).map(|i| format!("k-{i}")).collect();
+    let want: Vec<&String> = distinct.iter().collect();
+    let queues: Vec<String> = ring.queues().collect();
+    let shards: Vec<&Relay> = relays.iter().collect();
+    drain_until_all_arrived(&broker, &queues, &want, &mut seen, &shards).await;
+    // A graceful stop acks what is still in flight, each forwarded copy confirmed, so in the
+    // queue: after it, one drain takes everything that will ever arrive.
     for relay in relays {
         let (status, log) = relay.terminate();
         assert!(status.success(), "{log}");
     }
-    drain_out(&broker, &mut seen).await;
+    drain_into(&broker, &mut seen).await;
     assert_eq!(seen.len(), 8000, "nothing lost");
     let repeats: u32 = seen.values().map(|n| n - 1).sum();
     eprintln!("kill -9 of shard 1 (about {killed_after} of 10 000 taken): {repeats} repeats");
@@ -454,48 +448,36 @@ async fn reshard_two_to_three_with_old_shards_answering_for_one_ttl_lets_no_dupl
     // Which copies the old shards dropped depends on the ring of the moment, so wait for the
     // end state: every id arrived, and no queue of either ring holds anything.
     let want: Vec<&String> = first.iter().chain(&second).chain(&third).collect();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        drain_out(&broker, &mut seen).await;
-        let mut left = 0;
-        for q in old.queues().chain(new.queues()) {
-            left += broker.count(&q).await;
-        }
-        if left == 0 && want.iter().all(|id| seen.contains_key(*id)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{left} queued, {} of {} ids arrived",
-            seen.len(),
-            want.len()
-        );
-    }
+    let queues: Vec<String> = old.queues().chain(new.queues()).collect();
+    let all: Vec<&Relay> = old_relays.iter().chain(&new_relays).collect();
+    drain_until_all_arrived(&broker, &queues, &want, &mut seen, &all).await;
 
-    // The old shards receive nothing any more: new ids go straight to the new ring.
-    let old_before = steady(&old_relays);
-    let fourth: Vec<String> = (0..200).map(|i| format!("r4-{i}")).collect();
-    publish(&broker, &entry, &fourth).await;
-    let deadline = Instant::now() + WAIT;
-    while !fourth.iter().all(|id| seen.contains_key(id)) {
-        drain_out(&broker, &mut seen).await;
-        assert!(Instant::now() < deadline, "the fourth batch never arrived");
-    }
-    let old_after: Vec<_> = old_relays.iter().map(settled).collect();
-    assert_eq!(old_before, old_after, "the old shards got messages");
-    for q in old.queues() {
-        assert_eq!(broker.count(&q).await, 0, "{q}");
-    }
+    // The old shards receive nothing any more: stopped (gracefully: what they hold is settled),
+    // their queues stay empty while new ids go straight to the new ring. A message routed to
+    // them now would wait there, with no consumer, to be seen below.
     for relay in old_relays {
         let (status, log) = relay.terminate();
         assert!(status.success(), "{log}");
+    }
+    let fourth: Vec<String> = (0..200).map(|i| format!("r4-{i}")).collect();
+    publish(&broker, &entry, &fourth).await;
+    let fourth_ref: Vec<&String> = fourth.iter().collect();
+    let new_queues: Vec<String> = new.queues().collect();
+    let new_ones: Vec<&Relay> = new_relays.iter().collect();
+    drain_until_all_arrived(&broker, &new_queues, &fourth_ref, &mut seen, &new_ones).await;
+    for q in old.queues() {
+        assert_eq!(
+            broker.count(&q).await,
+            0,
+            "{q} got messages after the cut-over"
+        );
     }
     for relay in new_relays {
         let (status, log) = relay.terminate();
         assert!(status.success(), "{log}");
     }
     // Stopped gracefully, nothing is in flight: what arrived is all that will.
-    drain_out(&broker, &mut seen).await;
+    drain_into(&broker, &mut seen).await;
     let want: Vec<&String> = want.into_iter().chain(&fourth).collect();
     assert_eq!(seen.len(), want.len(), "every id arrives");
     for id in want {

@@ -34,16 +34,7 @@ pub const PREFETCH: usize = 1000;
 // ---------------------------------------------------------------------------------------------
 // The broker.
 
-/// Opens a connection to the local broker, or panics saying the tests need it.
-pub async fn connect() -> Connection {
-    let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
-    tokio::time::timeout(Duration::from_secs(10), Connection::open(&args))
-        .await
-        .expect("RabbitMQ on 127.0.0.1:5672 did not answer within 10 s: the fault tests need it")
-        .expect(
-            "cannot connect to RabbitMQ on 127.0.0.1:5672 (guest/guest): the fault tests need it",
-        )
-}
+pub use super::connect;
 
 /// A test's randomly named topology and a connection that comes back after a broker outage.
 pub struct Broker {

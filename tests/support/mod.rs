@@ -1,5 +1,6 @@
-//! The one harness of the black-box tests (every suite under `tests/` includes it with
-//! `mod support;`): the test's broker side (randomly named scratch objects, publish, drain,
+//! The one harness of the black-box tests and the end-to-end benches (every suite under `tests/`
+//! includes it with `mod support;`, every bench with `#[path = "../tests/support/mod.rs"]`): the
+//! broker connection, the test's broker side (randomly named scratch objects, publish, drain,
 //! cleanup, deleted on drop if a test fails half-way), a running `dedupd` process (metrics,
 //! health, signals), [`eventually`] for every wait, and beside them [`cluster`] (extra broker
 //! nodes), [`faults`] (what the fault tests add) and [`raw`] (AMQP bytes amqprs will not send).
@@ -7,6 +8,7 @@
 
 pub mod cluster;
 pub mod faults;
+pub mod ids;
 pub mod raw;
 
 use std::collections::HashMap;
@@ -19,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use amqprs::channel::{
     BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicPublishArguments, Channel,
-    ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments,
-    QueueDeleteArguments,
+    ConfirmSelectArguments, ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments,
+    QueueDeclareArguments, QueueDeleteArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{BasicProperties, FieldTable, FieldValue};
@@ -60,6 +62,8 @@ pub struct Waiting {
     within: Duration,
     deadline: Instant,
     pause: Duration,
+    /// The longest pause between polls.
+    most: Duration,
 }
 
 impl Waiting {
@@ -69,6 +73,17 @@ impl Waiting {
             within,
             deadline: Instant::now() + within,
             pause: Duration::from_millis(1),
+            most: Duration::from_millis(50),
+        }
+    }
+
+    /// A wait of at most `within` that polls every `pause`: for the benches' timings, where the
+    /// pause bounds the error of the time measured.
+    pub fn every(within: Duration, pause: Duration) -> Waiting {
+        Waiting {
+            pause,
+            most: pause,
+            ..Waiting::new(within)
         }
     }
 
@@ -78,7 +93,8 @@ impl Waiting {
             .saturating_sub(self.deadline.saturating_duration_since(Instant::now()))
     }
 
-    /// The pause before the next poll: 1 ms, doubling up to 50 ms, so a condition that holds
+    /// The pause before the next poll: 1 ms, doubling up to 50 ms (or the fixed pause of
+    /// [`Waiting::every`]), so a condition that holds
     /// soon is seen soon and a slow one is not polled in a busy loop. Panics with `what()`
     /// (evaluated only then, so it can show the last state or a log) once the time is up.
     fn next(&mut self, what: impl FnOnce() -> String) -> Duration {
@@ -86,7 +102,7 @@ impl Waiting {
             panic!("not within {:?}: {}", self.within, what());
         }
         let pause = self.pause;
-        self.pause = (self.pause * 2).min(Duration::from_millis(50));
+        self.pause = (self.pause * 2).min(self.most);
         pause
     }
 
@@ -134,6 +150,69 @@ pub async fn eventually_async<H: Holds, F: std::future::Future<Output = H>>(
             .again(|| what.take().map(|w| w()).unwrap_or_default())
             .await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The broker.
+
+/// A connection to the local broker, or a panic that says the tests and benches need it.
+pub async fn connect() -> Connection {
+    let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
+    tokio::time::timeout(Duration::from_secs(10), Connection::open(&args))
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 did not answer within 10 s")
+        .expect("cannot connect to RabbitMQ on 127.0.0.1:5672 (guest/guest)")
+}
+
+/// Ready messages in `queue`.
+pub async fn ready(ch: &Channel, queue: &str) -> usize {
+    let (_, n, _) = ch
+        .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
+        .await
+        .unwrap_or_else(|e| panic!("passive declare of {queue}: {e}"))
+        .expect("declare-ok");
+    n as usize
+}
+
+/// Publishes one persistent message of `body_len` bytes per id into `queue` with publisher
+/// confirms, and waits until the queue holds them all.
+pub async fn fill(ch: &Channel, queue: &str, ids: &[String], body_len: usize) {
+    ch.confirm_select(ConfirmSelectArguments::new(false))
+        .await
+        .unwrap();
+    let body = vec![b'x'; body_len];
+    for id in ids {
+        let props = BasicProperties::default()
+            .with_message_id(id)
+            .with_persistence(true)
+            .finish();
+        ch.basic_publish(props, body.clone(), BasicPublishArguments::new("", queue))
+            .await
+            .unwrap();
+    }
+    eventually_async(
+        WAIT * 10,
+        || format!("{queue} never held the {} messages", ids.len()),
+        || async { ready(ch, queue).await >= ids.len() },
+    )
+    .await
+}
+
+/// Declares the destination exchange as dedupd does (fanout, durable) and binds `out` to it.
+pub async fn bind_out(ch: &Channel, dest: &str, out: &str) {
+    ch.exchange_declare(
+        ExchangeDeclareArguments::new(dest, "fanout")
+            .durable(true)
+            .finish(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(QueueDeclareArguments::new(out).durable(true).finish())
+        .await
+        .unwrap();
+    ch.queue_bind(QueueBindArguments::new(out, dest, ""))
+        .await
+        .unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -657,14 +736,11 @@ impl Relay {
     /// Waits until more than `than` messages were forwarded; returns how long that took.
     pub fn wait_forwarding(&self, than: u64) -> Duration {
         let started = Instant::now();
-        while self.forwarded() <= than {
-            assert!(
-                started.elapsed() < WAIT,
-                "never forwarded more than {than}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        eventually(
+            WAIT,
+            || format!("never forwarded more than {than}:\n{}", self.log()),
+            || self.forwarded() > than,
+        );
         started.elapsed()
     }
 
@@ -675,24 +751,21 @@ impl Relay {
 
     /// Waits until `/healthz` answers 200 naming `role` (`DEDUPD_HA=on`: active or standby).
     pub fn wait_role(&mut self, role: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some((200, body)) = self.get("/healthz") {
-                if body.contains(role) {
-                    return;
+        let log = self.log.clone();
+        let last = std::cell::RefCell::new(None);
+        eventually(
+            WAIT,
+            || format!("never {role}: {:?}\n{}", last.borrow(), read_log(&log)),
+            || {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    panic!("dedupd exited with {status}:\n{}", self.log());
                 }
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("dedupd exited with {status}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "never {role}: {:?}\n{}",
-                self.get("/healthz"),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                let got = self.get("/healthz");
+                let holds = matches!(&got, Some((200, body)) if body.contains(role));
+                *last.borrow_mut() = got;
+                holds
+            },
+        )
     }
 
     /// Sends SIGTERM and waits for the exit.

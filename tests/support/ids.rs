@@ -1,5 +1,5 @@
-//! Ids shaped like the message ids producers use, shared by the store bench and the footprint
-//! example (both include this file with `#[path]`).
+//! Ids shaped like the message ids producers use, shared by the store bench and the examples
+//! (which include this file alone with `#[path]`: they need nothing else of the harness).
 
 /// A UUID-shaped 36-byte id from a number: distinct numbers give distinct, random-looking ids.
 pub fn uuid_id(n: u128) -> String {
