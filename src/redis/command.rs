@@ -399,8 +399,7 @@ fn set(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreE
     let mut cond = Condition::Always;
     let mut get = false;
     let mut keep = false;
-    // (unit in ms, absolute?, the number as given)
-    let mut expire: Option<(i64, bool, &[u8])> = None;
+    let mut expire: Option<ExpireOption> = None;
     let mut i = 3;
     while i < args.len() {
         let opt = args[i].to_ascii_uppercase();
@@ -411,13 +410,10 @@ fn set(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreE
             (b"GET", _) => get = true,
             (b"KEEPTTL", _) if expire.is_none() => keep = true,
             (b"EX" | b"PX" | b"EXAT" | b"PXAT", Some(n)) if !keep => {
-                let unit: i64 = if opt[0] == b'E' { 1000 } else { 1 };
-                let absolute = opt.len() == 4;
-                // Another kind of expiry already given is a conflict; the same kind again wins.
-                if expire.is_some_and(|(u, a, _)| (u, a) != (unit, absolute)) {
+                let Some(option) = ExpireOption::after(expire, &opt, n) else {
                     return Ok(syntax_error());
-                }
-                expire = Some((unit, absolute, n));
+                };
+                expire = Some(option);
                 i += 1;
             }
             _ => return Ok(syntax_error()),
@@ -427,16 +423,10 @@ fn set(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreE
     let expiry = match expire {
         None if keep => Expiry::Keep,
         None => Expiry::Window,
-        Some((unit, absolute, n)) => {
-            let Some(n) = parse_i64(n) else {
-                return Ok(not_an_integer());
-            };
-            let base = if absolute { 0 } else { now_ms };
-            match expire_at(n, unit, base).filter(|_| n > 0) {
-                Some(at) => Expiry::At(at),
-                None => return Ok(invalid_expire("set")),
-            }
-        }
+        Some(option) => match option.expiry("set", now_ms) {
+            Ok(expiry) => expiry,
+            Err(reply) => return Ok(reply),
+        },
     };
     let out = kv.set(&args[1], &args[2], cond, expiry, now_ms)?;
     Ok(if get {
@@ -448,25 +438,57 @@ fn set(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreE
     })
 }
 
+/// An expiry option of `SET` or `GETEX` as given (`EX s`, `PX ms`, `EXAT s`, `PXAT ms`), read
+/// with the other options and checked after them, as Redis does.
+#[derive(Debug, Clone, Copy)]
+struct ExpireOption<'a> {
+    /// Its unit in ms: 1000 for `EX`/`EXAT`, 1 for `PX`/`PXAT`.
+    unit: i64,
+    /// `EXAT`/`PXAT`: a time, not a duration.
+    absolute: bool,
+    /// The number as given.
+    n: &'a [u8],
+}
+
+impl<'a> ExpireOption<'a> {
+    /// Option `opt` (upper-cased) with its number `n`, given after `before`: `None` if that was
+    /// another kind of expiry (a conflict); the same kind again wins.
+    fn after(before: Option<Self>, opt: &[u8], n: &'a [u8]) -> Option<Self> {
+        let unit = if opt[0] == b'E' { 1000 } else { 1 };
+        let absolute = opt.len() == 4;
+        if before.is_some_and(|b| (b.unit, b.absolute) != (unit, absolute)) {
+            return None;
+        }
+        Some(ExpireOption { unit, absolute, n })
+    }
+
+    /// The expiry it gives at `now_ms`, or the error reply of command `name`.
+    fn expiry(self, name: &str, now_ms: u64) -> Result<Expiry, Reply> {
+        let n = parse_i64(self.n).ok_or_else(not_an_integer)?;
+        let base = if self.absolute { 0 } else { now_ms };
+        expire_at(n, self.unit, base)
+            .filter(|_| n > 0)
+            .map(Expiry::At)
+            .ok_or_else(|| invalid_expire(name))
+    }
+}
+
 /// `GETEX key [EX s|PX ms|EXAT s|PXAT ms|PERSIST]`, parsed as Redis 7 does: options first,
 /// then a missing key is nil whatever its expiry says, then the expiry is checked. `PERSIST`
 /// gives the key the dedup window (dedupd has no key without an expiry).
 fn getex(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreError> {
     let mut persist = false;
-    // (unit in ms, absolute?, the number as given)
-    let mut expire: Option<(i64, bool, &[u8])> = None;
+    let mut expire: Option<ExpireOption> = None;
     let mut i = 2;
     while i < args.len() {
         let opt = args[i].to_ascii_uppercase();
         match (opt.as_slice(), args.get(i + 1)) {
             (b"PERSIST", _) if expire.is_none() => persist = true,
             (b"EX" | b"PX" | b"EXAT" | b"PXAT", Some(n)) if !persist => {
-                let unit: i64 = if opt[0] == b'E' { 1000 } else { 1 };
-                let absolute = opt.len() == 4;
-                if expire.is_some_and(|(u, a, _)| (u, a) != (unit, absolute)) {
+                let Some(option) = ExpireOption::after(expire, &opt, n) else {
                     return Ok(syntax_error());
-                }
-                expire = Some((unit, absolute, n));
+                };
+                expire = Some(option);
                 i += 1;
             }
             _ => return Ok(syntax_error()),
@@ -479,16 +501,10 @@ fn getex(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, Stor
     let expiry = match expire {
         None if persist => Expiry::Window,
         None => return Ok(Reply::Bulk(current.value)),
-        Some((unit, absolute, n)) => {
-            let Some(n) = parse_i64(n) else {
-                return Ok(not_an_integer());
-            };
-            let base = if absolute { 0 } else { now_ms };
-            match expire_at(n, unit, base).filter(|_| n > 0) {
-                Some(at) => Expiry::At(at),
-                None => return Ok(invalid_expire("getex")),
-            }
-        }
+        Some(option) => match option.expiry("getex", now_ms) {
+            Ok(expiry) => expiry,
+            Err(reply) => return Ok(reply),
+        },
     };
     // An expiry already past deletes the key, as in Redis.
     kv.expire(&args[1], expiry, now_ms)?;

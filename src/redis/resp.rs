@@ -325,24 +325,9 @@ impl Reply {
                 out.extend_from_slice(s.as_bytes());
                 out.extend_from_slice(b"\r\n");
             }
-            Reply::Status(s) => {
-                out.push(b'+');
-                // A status is one line, like an error.
-                out.extend(
-                    s.bytes()
-                        .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-                );
-                out.extend_from_slice(b"\r\n");
-            }
-            Reply::Error(e) => {
-                out.push(b'-');
-                // An error is one line: a newline inside would end the reply early.
-                out.extend(
-                    e.bytes()
-                        .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-                );
-                out.extend_from_slice(b"\r\n");
-            }
+            // A status or an error is one line: a newline inside would end the reply early.
+            Reply::Status(s) => one_line(out, b'+', s),
+            Reply::Error(e) => one_line(out, b'-', e),
             Reply::Int(n) => header(out, b':', *n),
             Reply::Bulk(b) => bulk(out, b),
             Reply::Null if resp3 => out.extend_from_slice(b"_\r\n"),
@@ -385,6 +370,16 @@ impl Reply {
             Reply::Double(text) => bulk(out, text.as_bytes()),
         }
     }
+}
+
+/// `kind` and `text` as one line: a CR or LF inside becomes a space.
+fn one_line(out: &mut Vec<u8>, kind: u8, text: &str) {
+    out.push(kind);
+    out.extend(
+        text.bytes()
+            .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+    );
+    out.extend_from_slice(b"\r\n");
 }
 
 fn header(out: &mut Vec<u8>, kind: u8, n: i64) {

@@ -538,6 +538,18 @@ mod tests {
         assert_ne!(a, b);
     }
 
+    /// With id source `source` and scope `scope`, `props` has no usable id: the policy decides,
+    /// dead-lettered by one and forwarded unchecked by the other.
+    fn assert_no_usable_id(source: &str, scope: &str, props: &BasicProperties) {
+        let dead = extractor(source, scope, MissingId::DeadLetter);
+        assert_eq!(dead.decide("rk", props, b"x"), IdDecision::DeadLetter);
+        let forward = extractor(source, scope, MissingId::Forward);
+        assert_eq!(
+            forward.decide("rk", props, b"x"),
+            IdDecision::ForwardUnchecked
+        );
+    }
+
     #[test]
     fn composite_id_missing_a_part_follows_the_policy() {
         let missing = [
@@ -546,13 +558,7 @@ mod tests {
             tenant_props(Some(""), Some("order-1")),
         ];
         for props in &missing {
-            let dead = extractor("header:tenant+message_id", "none", MissingId::DeadLetter);
-            assert_eq!(dead.decide("rk", props, b"x"), IdDecision::DeadLetter);
-            let forward = extractor("header:tenant+message_id", "none", MissingId::Forward);
-            assert_eq!(
-                forward.decide("rk", props, b"x"),
-                IdDecision::ForwardUnchecked
-            );
+            assert_no_usable_id("header:tenant+message_id", "none", props);
             let body = extractor("header:tenant+message_id", "none", MissingId::BodySha256);
             let id = claimed(body.decide("rk", props, b"x"));
             assert_eq!(id.len(), HASHED_ID_BYTES, "hashed, within any limit");
@@ -647,13 +653,7 @@ mod tests {
         let no_scope = tenant_props(None, Some("order-1"));
         let empty_scope = tenant_props(Some(""), Some("order-1"));
         for props in [&no_scope, &empty_scope] {
-            let dead = extractor("message_id", "header:tenant", MissingId::DeadLetter);
-            assert_eq!(dead.decide("rk", props, b"x"), IdDecision::DeadLetter);
-            let forward = extractor("message_id", "header:tenant", MissingId::Forward);
-            assert_eq!(
-                forward.decide("rk", props, b"x"),
-                IdDecision::ForwardUnchecked
-            );
+            assert_no_usable_id("message_id", "header:tenant", props);
         }
         // The body fallback without a scope: the same body is the same id, and not the id of a
         // scoped message with that body.

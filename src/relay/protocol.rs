@@ -616,6 +616,27 @@ mod tests {
         }
     }
 
+    /// The acks among `actions`, in order.
+    fn acks(actions: &[A]) -> Vec<(Tag, bool)> {
+        actions.iter().filter_map(ack).collect()
+    }
+
+    /// The broker confirms publish `seq` alone.
+    fn confirmed(seq: u64) -> Event<&'static str, TestClaim, TestWaiter> {
+        Event::Acked {
+            seq,
+            multiple: false,
+        }
+    }
+
+    /// The commit of `tags` is durable.
+    fn committed(tags: Vec<Tag>) -> Event<&'static str, TestClaim, TestWaiter> {
+        Event::Committed {
+            tags,
+            result: Ok(()),
+        }
+    }
+
     fn reject(a: &A) -> Option<(Tag, DeadLetterReason)> {
         match a {
             Action::Reject { tag, reason } => Some((*tag, *reason)),
@@ -657,28 +678,15 @@ mod tests {
         assert_eq!(actions.len(), 1);
         assert_eq!(published(&actions[0]), Some(("a", Target::Destination)));
         // Confirmed: the claim goes to commit; still no ack.
-        step(
-            &mut p,
-            Event::Acked {
-                seq: 1,
-                multiple: false,
-            },
-            t,
-        );
+        step(&mut p, confirmed(1), t);
         let actions = turn(&mut p, t);
         assert_eq!(commit(&actions[0]), Some((vec![1], vec!["a"])));
         assert_eq!(actions.len(), 1);
         // Durable: acked, counted as forwarded, idle.
-        let done = Event::Committed {
-            tags: vec![1],
-            result: Ok(()),
-        };
+        let done = committed(vec![1]);
         step(&mut p, done, t);
         let actions = turn(&mut p, t + Duration::from_millis(3));
-        assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
-            vec![(1, false)]
-        );
+        assert_eq!(acks(&actions), vec![(1, false)]);
         assert_eq!(p.take_tally().forwarded, 1);
         assert_eq!(
             p.latencies().collect::<Vec<_>>(),
@@ -687,17 +695,21 @@ mod tests {
         assert!(p.idle());
     }
 
-    #[test]
-    fn duplicate_is_acked_without_publishing() {
-        let (mut p, t) = protocol(false);
+    /// Delivers `a` as tag 1 and has the store find it a duplicate: the protocol, the time and
+    /// the actions that follow.
+    fn duplicate_of_a(copy_duplicates: bool) -> (P, Instant, Vec<A>) {
+        let (mut p, t) = protocol(copy_duplicates);
         deliver(&mut p, 1, "a", t);
         turn(&mut p, t);
         step(&mut p, Event::Claimed(vec![dup(1, "a")]), t);
         let actions = turn(&mut p, t);
-        assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
-            vec![(1, false)]
-        );
+        (p, t, actions)
+    }
+
+    #[test]
+    fn duplicate_is_acked_without_publishing() {
+        let (mut p, _, actions) = duplicate_of_a(false);
+        assert_eq!(acks(&actions), vec![(1, false)]);
         assert!(actions.iter().all(|a| published(a).is_none()));
         assert_eq!(p.take_tally().duplicates, 1);
         assert!(p.idle());
@@ -705,26 +717,12 @@ mod tests {
 
     #[test]
     fn duplicate_with_an_audit_exchange_is_acked_after_its_copy_is_confirmed() {
-        let (mut p, t) = protocol(true);
-        deliver(&mut p, 1, "a", t);
-        turn(&mut p, t);
-        step(&mut p, Event::Claimed(vec![dup(1, "a")]), t);
-        let actions = turn(&mut p, t);
+        let (mut p, t, actions) = duplicate_of_a(true);
         assert_eq!(published(&actions[0]), Some(("a", Target::Duplicates)));
         assert!(actions.iter().all(|a| ack(a).is_none()));
-        step(
-            &mut p,
-            Event::Acked {
-                seq: 1,
-                multiple: false,
-            },
-            t,
-        );
+        step(&mut p, confirmed(1), t);
         let actions = turn(&mut p, t);
-        assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
-            vec![(1, false)]
-        );
+        assert_eq!(acks(&actions), vec![(1, false)]);
         let tally = p.take_tally();
         assert_eq!((tally.duplicates, tally.copies), (1, 1));
     }
@@ -761,14 +759,7 @@ mod tests {
             multiple: false,
         });
         assert_eq!(commit(&actions[0]), Some((vec![1], vec!["a"])));
-        step(
-            &mut p,
-            Event::Committed {
-                tags: vec![1],
-                result: Ok(()),
-            },
-            t,
-        );
+        step(&mut p, committed(vec![1]), t);
         // The store tells the waiter: committed, so the copy is a duplicate.
         step(
             &mut p,
@@ -779,10 +770,7 @@ mod tests {
             t,
         );
         let actions = turn(&mut p, t);
-        assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
-            vec![(2, true)]
-        );
+        assert_eq!(acks(&actions), vec![(2, true)]);
         let tally = p.take_tally();
         assert_eq!((tally.forwarded, tally.duplicates), (1, 1));
         assert!(p.idle());
@@ -884,14 +872,7 @@ mod tests {
         );
         assert_eq!(actions.iter().find_map(commit), Some((vec![1], vec!["a"])));
         // c is confirmed normally: the return was used up.
-        step(
-            &mut p,
-            Event::Acked {
-                seq: 3,
-                multiple: false,
-            },
-            t,
-        );
+        step(&mut p, confirmed(3), t);
         let actions = turn(&mut p, t);
         assert_eq!(actions.iter().find_map(commit), Some((vec![3], vec!["c"])));
     }
@@ -906,32 +887,12 @@ mod tests {
         let actions = turn(&mut p, t);
         assert_eq!(actions.iter().filter_map(commit).count(), 2);
         // 1..=3 durable, 4 not yet: one multiple ack covers 1..=3.
-        step(
-            &mut p,
-            Event::Committed {
-                tags: vec![1, 2, 3],
-                result: Ok(()),
-            },
-            t,
-        );
+        step(&mut p, committed(vec![1, 2, 3]), t);
         let actions = turn(&mut p, t);
-        assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
-            vec![(3, true)]
-        );
-        step(
-            &mut p,
-            Event::Committed {
-                tags: vec![4],
-                result: Ok(()),
-            },
-            t,
-        );
+        assert_eq!(acks(&actions), vec![(3, true)]);
+        step(&mut p, committed(vec![4]), t);
         let actions = turn(&mut p, t);
-        assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
-            vec![(4, false)]
-        );
+        assert_eq!(acks(&actions), vec![(4, false)]);
         assert!(p.idle());
     }
 
@@ -943,28 +904,11 @@ mod tests {
         step(&mut p, Event::Claimed(vec![dup(2, "x")]), t);
         // 1 is still in flight: 2 is not acked alone (multiple would ack 1 too), it waits.
         assert!(turn(&mut p, t).iter().all(|a| ack(a).is_none()));
-        step(
-            &mut p,
-            Event::Acked {
-                seq: 1,
-                multiple: false,
-            },
-            t,
-        );
+        step(&mut p, confirmed(1), t);
         turn(&mut p, t);
-        step(
-            &mut p,
-            Event::Committed {
-                tags: vec![1],
-                result: Ok(()),
-            },
-            t,
-        );
+        step(&mut p, committed(vec![1]), t);
         let actions = turn(&mut p, t);
-        assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
-            vec![(2, true)]
-        );
+        assert_eq!(acks(&actions), vec![(2, true)]);
     }
 
     #[test]
@@ -976,23 +920,13 @@ mod tests {
         assert!(turn(&mut p, t).iter().all(|a| ack(a).is_none()));
         assert!(!p.idle());
         let actions = turn(&mut p, t + STRAGGLER_WAIT);
-        assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
-            vec![(2, false)]
-        );
+        assert_eq!(acks(&actions), vec![(2, false)]);
     }
 
     #[test]
     fn commit_failure_stops_without_acking() {
         let (mut p, t) = forwarded(&["a"]);
-        step(
-            &mut p,
-            Event::Acked {
-                seq: 1,
-                multiple: false,
-            },
-            t,
-        );
+        step(&mut p, confirmed(1), t);
         turn(&mut p, t);
         let failed = Event::Committed {
             tags: vec![1],
@@ -1055,19 +989,9 @@ mod tests {
         assert_eq!(published(&actions[0]), Some(("n", Target::Destination)));
         assert_eq!(reject(&actions[1]), Some((2, DeadLetterReason::NoId)));
         // Confirmed without a claim: acked at once, nothing to commit.
-        step(
-            &mut p,
-            Event::Acked {
-                seq: 1,
-                multiple: false,
-            },
-            t,
-        );
+        step(&mut p, confirmed(1), t);
         let actions = turn(&mut p, t);
-        assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
-            vec![(1, false)]
-        );
+        assert_eq!(acks(&actions), vec![(1, false)]);
         let tally = p.take_tally();
         assert_eq!((tally.forwarded, tally.forwarded_without_id), (1, 1));
     }
@@ -1109,33 +1033,16 @@ mod tests {
         assert!(!p.idle());
         let actions = turn(&mut p, t);
         assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
+            acks(&actions),
             vec![(2, false)],
             "draining: nothing is held back"
         );
-        step(
-            &mut p,
-            Event::Acked {
-                seq: 1,
-                multiple: false,
-            },
-            t,
-        );
+        step(&mut p, confirmed(1), t);
         turn(&mut p, t);
         assert!(!p.idle(), "the commit is still out");
-        step(
-            &mut p,
-            Event::Committed {
-                tags: vec![1],
-                result: Ok(()),
-            },
-            t,
-        );
+        step(&mut p, committed(vec![1]), t);
         let actions = turn(&mut p, t);
-        assert_eq!(
-            actions.iter().filter_map(ack).collect::<Vec<_>>(),
-            vec![(1, false)]
-        );
+        assert_eq!(acks(&actions), vec![(1, false)]);
         assert!(p.idle());
         assert_eq!(p.unsettled(), 0);
     }
