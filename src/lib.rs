@@ -12,8 +12,9 @@
 //!   variables, each declared once where its section reads it.
 //! - [`shutdown`]: SIGINT/SIGTERM cancelling the token every task watches.
 //! - [`metrics`]: what dedupd counts, rendered as Prometheus text.
-//! - `amqp` (crate-private): connection (TLS for `amqps://`), topology, and the quarantine
-//!   sweep of undecodable messages; serves the relay and the shard commands.
+//! - `amqp` (crate-private): connection (TLS for `amqps://`; [`ConnectError`] says why it did
+//!   not open), topology, the connection and channel callbacks (which only forward to an mpsc),
+//!   and the quarantine sweep of undecodable messages; serves the relay and the shard commands.
 //! - [`relay`]: the relay protocol as a pure state machine, driven by one session per broker
 //!   connection; reconnects, per-message windows, the HA standby.
 //! - [`redis`]: the Redis-protocol endpoint (RESP2/RESP3, Lua scripts) on the store's key-value
@@ -47,6 +48,7 @@ pub mod service;
 pub mod shard;
 pub mod shutdown;
 
+pub use amqp::ConnectError;
 pub use config::Config;
 pub use service::run;
 

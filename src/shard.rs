@@ -57,6 +57,7 @@ use amqprs::connection::Connection;
 use amqprs::{FieldTable, FieldValue};
 
 use crate::amqp::topology::{Topology, TopologyError};
+use crate::amqp::ConnectError;
 use crate::config::{Config, IdPart, IdSource};
 
 /// Default name of the ring exchange producers publish to.
@@ -93,7 +94,7 @@ pub enum Error {
         /// The broker URL, password masked.
         broker: String,
         /// Why.
-        cause: String,
+        cause: ConnectError,
     },
     /// The broker refused a piece, or the connection failed on the way.
     #[error("{0}")]

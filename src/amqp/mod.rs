@@ -1,6 +1,7 @@
 //! The AMQP side shared by the relay and the shard commands: opening a connection (with TLS for
-//! `amqps://`), declaring or checking the topology, and the quarantine sweep of messages the
-//! client library cannot decode. Nothing here knows the relay's protocol.
+//! `amqps://`), declaring or checking the topology, the callbacks that forward what the broker
+//! says to the task acting on it, and the quarantine sweep of messages the client library cannot
+//! decode. Nothing here knows the relay's protocol.
 
 pub(crate) mod callbacks;
 pub(crate) mod quarantine;
@@ -13,6 +14,24 @@ use amqprs::connection::{Connection, OpenConnectionArguments};
 
 use crate::config::AmqpConfig;
 
+/// Why a connection to the broker did not open.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The TLS setup of `amqps://` failed before connecting (certificate files, roots).
+    #[error("{0}")]
+    Tls(String),
+    /// The broker refused, or the connection failed on the way (a TLS failure explained).
+    #[error("{0}")]
+    Open(String),
+    /// Nothing answered within the connection timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The connection opened, but its callbacks could not be registered.
+    #[error("registering the connection callbacks: {0}")]
+    Callbacks(amqprs::error::Error),
+}
+
 /// Connection timeout when the URL gives none.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -21,8 +40,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// # Errors
 ///
-/// Why the connection did not open, in one line (a TLS failure explained).
-pub(crate) async fn connect(config: &AmqpConfig, name: &str) -> Result<Connection, String> {
+/// See [`ConnectError`]; its message is one line.
+pub(crate) async fn connect(config: &AmqpConfig, name: &str) -> Result<Connection, ConnectError> {
     let url = &config.url;
     let mut args = OpenConnectionArguments::new(&url.host, url.port, &url.user, url.password());
     args.virtual_host(&url.vhost).connection_name(name);
@@ -31,7 +50,7 @@ pub(crate) async fn connect(config: &AmqpConfig, name: &str) -> Result<Connectio
     }
     // amqps://: the TLS setup is rebuilt per attempt, so renewed certificate files take effect.
     let tls = if url.tls {
-        Some(tls::Tls::new(url, &config.tls)?)
+        Some(tls::Tls::new(url, &config.tls).map_err(ConnectError::Tls)?)
     } else {
         None
     };
@@ -43,10 +62,10 @@ pub(crate) async fn connect(config: &AmqpConfig, name: &str) -> Result<Connectio
     // hold us here forever.
     match tokio::time::timeout(timeout, Connection::open(&args)).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(match &tls {
+        Ok(Err(e)) => Err(ConnectError::Open(match &tls {
             Some(tls) => tls.explain(&e.to_string()),
             None => e.to_string(),
-        }),
-        Err(_) => Err(format!("no answer within {timeout:?}")),
+        })),
+        Err(_) => Err(ConnectError::Timeout(timeout)),
     }
 }

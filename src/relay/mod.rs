@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 use amqprs::connection::Connection;
 use tokio::sync::mpsc;
 
+use crate::amqp::callbacks::ConnectionEvents;
 use crate::amqp::topology::{self, TopologyError};
+use crate::amqp::{self, ConnectError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{Error as StoreError, Store};
-use session::{ConnectionEvents, Context, End, Failure, Session};
+use session::{Context, End, Failure, Session};
 use worker::Workers;
 
 /// First wait before reconnecting; doubled after each failure.
@@ -220,19 +222,19 @@ async fn relay(
     }
 }
 
-/// Opens a connection for the relay and registers its callbacks.
+/// Opens a connection for the relay whose close goes to `events`.
 async fn connect(
     config: &Config,
     events: mpsc::UnboundedSender<session::Event>,
-) -> Result<Connection, String> {
+) -> Result<Connection, ConnectError> {
     let name = format!(
         "dedupd {} -> {}",
         config.relay.source_queue, config.relay.dest_exchange
     );
-    let conn = crate::amqp::connect(&config.amqp, &name).await?;
+    let conn = amqp::connect(&config.amqp, &name).await?;
     conn.register_callback(ConnectionEvents { tx: events })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(ConnectError::Callbacks)?;
     Ok(conn)
 }
 

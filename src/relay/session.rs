@@ -11,13 +11,12 @@
 
 use std::time::{Duration, Instant};
 
-use amqprs::callbacks::{ChannelCallback, ConnectionCallback};
 use amqprs::channel::{
     BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicPublishArguments,
     BasicQosArguments, BasicRejectArguments, Channel, ConfirmSelectArguments, ConsumerMessage,
 };
 use amqprs::connection::Connection;
-use amqprs::{Ack, BasicProperties, Cancel, Close, CloseChannel, Nack, Return};
+use amqprs::BasicProperties;
 use tokio::sync::mpsc;
 
 use super::confirms::Fingerprint;
@@ -27,6 +26,7 @@ use super::protocol::{self, Action, Protocol, Settings, Stop, Target};
 use super::window::Windows;
 use super::worker::{ClaimJob, CommitJob, Reply, Workers};
 use super::Error;
+use crate::amqp::callbacks::{BrokerEvent, ChannelEvents};
 use crate::amqp::quarantine;
 use crate::config::Config;
 use crate::metrics::{DeadLetterReason, Metrics};
@@ -55,27 +55,20 @@ pub(crate) struct Message {
 type SessionProtocol = Protocol<Message, Claim, Waiter>;
 type ProtocolEvent = protocol::Event<Message, Claim, Waiter>;
 
-/// What reaches a session's task from the channel callbacks and the in-flight waiters.
+/// What reaches a session's task from the connection and channel callbacks and the in-flight
+/// waiters.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// Publisher confirm.
-    PubAck { tag: u64, multiple: bool },
-    /// Publisher nack.
-    PubNack { tag: u64, multiple: bool },
-    /// An unroutable publish came back.
-    PubReturn(Fingerprint),
-    /// The broker closed a channel.
-    ChannelClosed {
-        role: &'static str,
-        code: u16,
-        text: String,
-    },
-    /// The broker cancelled our consumer (the source queue was deleted, say).
-    ConsumerCancelled,
-    /// The broker closed the connection.
-    ConnectionClosed { code: u16, text: String },
+    /// What the broker said (see [`crate::amqp::callbacks`]).
+    Broker(BrokerEvent),
     /// The claim a delivery was waiting for settled.
     Settled { tag: u64, settled: Settled },
+}
+
+impl From<BrokerEvent> for Event {
+    fn from(event: BrokerEvent) -> Event {
+        Event::Broker(event)
+    }
 }
 
 /// How a session ended without failing.
@@ -443,23 +436,35 @@ impl<'a> Session<'a> {
 
     /// Turns a callback's event into a protocol event, or ends the session.
     fn on_event(&mut self, event: Event, draining: bool) -> Result<Option<ProtocolEvent>, Failure> {
+        let event = match event {
+            Event::Settled { tag, settled } => {
+                return Ok(Some(protocol::Event::Settled { tag, settled }))
+            }
+            Event::Broker(event) => event,
+        };
         Ok(Some(match event {
-            Event::PubAck { tag, multiple } => protocol::Event::Acked { seq: tag, multiple },
-            Event::PubNack { tag, multiple } => protocol::Event::Nacked { seq: tag, multiple },
-            Event::PubReturn(fingerprint) => protocol::Event::Returned(fingerprint),
-            Event::Settled { tag, settled } => protocol::Event::Settled { tag, settled },
-            Event::ChannelClosed { role, code, text } => {
+            BrokerEvent::PubAck { tag, multiple } => protocol::Event::Acked { seq: tag, multiple },
+            BrokerEvent::PubNack { tag, multiple } => {
+                protocol::Event::Nacked { seq: tag, multiple }
+            }
+            BrokerEvent::PubReturn(ret) => protocol::Event::Returned(Fingerprint::of(
+                &ret.exchange,
+                &ret.routing_key,
+                ret.message_id.as_deref(),
+                &ret.body,
+            )),
+            BrokerEvent::ChannelClosed { role, code, text } => {
                 return Err(Failure::Lost(format!(
                     "the broker closed the {role} channel: {code} {text}"
                 )))
             }
-            Event::ConsumerCancelled if draining => return Ok(None),
-            Event::ConsumerCancelled => {
+            BrokerEvent::ConsumerCancelled if draining => return Ok(None),
+            BrokerEvent::ConsumerCancelled => {
                 return Err(Failure::Lost(
                     "the broker cancelled the consumer (source queue deleted?)".into(),
                 ))
             }
-            Event::ConnectionClosed { code, text } => {
+            BrokerEvent::ConnectionClosed { code, text } => {
                 return Err(Failure::Lost(format!(
                     "the broker closed the connection: {code} {text}"
                 )))
@@ -637,106 +642,4 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// Channel callbacks: forward what the broker says to the session's task. amqprs runs these
-/// inside its dispatcher, where calling channel methods could deadlock, so they only send.
-pub(crate) struct ChannelEvents {
-    role: &'static str,
-    tx: mpsc::UnboundedSender<Event>,
-}
-
-impl ChannelEvents {
-    pub(crate) fn new(role: &'static str, tx: mpsc::UnboundedSender<Event>) -> ChannelEvents {
-        ChannelEvents { role, tx }
-    }
-}
-
-#[async_trait::async_trait]
-impl ChannelCallback for ChannelEvents {
-    async fn close(
-        &mut self,
-        _: &Channel,
-        close: CloseChannel,
-    ) -> Result<(), amqprs::error::Error> {
-        let _ = self.tx.send(Event::ChannelClosed {
-            role: self.role,
-            code: close.reply_code(),
-            text: close.reply_text().clone(),
-        });
-        Ok(())
-    }
-
-    async fn cancel(&mut self, _: &Channel, _: Cancel) -> Result<(), amqprs::error::Error> {
-        let _ = self.tx.send(Event::ConsumerCancelled);
-        Ok(())
-    }
-
-    async fn flow(&mut self, _: &Channel, active: bool) -> Result<bool, amqprs::error::Error> {
-        tracing::info!(channel = self.role, active, "broker flow control");
-        Ok(active)
-    }
-
-    async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
-        let _ = self.tx.send(Event::PubAck {
-            tag: ack.delivery_tag(),
-            // Sic: amqprs spells it this way.
-            multiple: ack.mutiple(),
-        });
-    }
-
-    async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
-        let _ = self.tx.send(Event::PubNack {
-            tag: nack.delivery_tag(),
-            multiple: nack.multiple(),
-        });
-    }
-
-    async fn publish_return(
-        &mut self,
-        _: &Channel,
-        ret: Return,
-        props: BasicProperties,
-        content: Vec<u8>,
-    ) {
-        tracing::debug!(
-            exchange = %ret.exchange(),
-            routing_key = %ret.routing_key(),
-            code = ret.reply_code(),
-            "publish returned"
-        );
-        let fingerprint = Fingerprint::of(
-            ret.exchange(),
-            ret.routing_key(),
-            props.message_id().map(String::as_str),
-            &content,
-        );
-        let _ = self.tx.send(Event::PubReturn(fingerprint));
-    }
-}
-
-/// Connection callbacks: report the broker closing the connection; log blocking.
-pub(crate) struct ConnectionEvents {
-    pub(crate) tx: mpsc::UnboundedSender<Event>,
-}
-
-#[async_trait::async_trait]
-impl ConnectionCallback for ConnectionEvents {
-    async fn close(&mut self, _: &Connection, close: Close) -> Result<(), amqprs::error::Error> {
-        let _ = self.tx.send(Event::ConnectionClosed {
-            code: close.reply_code(),
-            text: close.reply_text().clone(),
-        });
-        Ok(())
-    }
-
-    async fn blocked(&mut self, _: &Connection, reason: String) {
-        tracing::warn!(%reason, "broker blocked the connection (resource alarm)");
-    }
-
-    async fn unblocked(&mut self, _: &Connection) {
-        tracing::info!("broker unblocked the connection");
-    }
-
-    async fn secret_updated(&mut self, _: &Connection) {}
 }
