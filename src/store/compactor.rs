@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::index::{short, Ids, Keys, KvSlot, SHARDS};
+use super::index::{short, Ids, Keys, KvSlot};
 use super::segment::{self, KvEntry, RelayEntry};
 use super::{Error, Namespace, Shared};
 
@@ -324,7 +324,11 @@ pub(crate) fn rebuild(shared: &Shared, which: Which, now_ms: u64) {
     };
     // Copied out shard by shard, so no shard's lock is held while the filter is filled.
     let mut copied: Vec<(u128, u64)> = Vec::new();
-    for shard in 0..SHARDS {
+    let shards = match which {
+        Which::Relay => shared.ids.shards(),
+        Which::Kv => shared.keys.tables().shards(),
+    };
+    for shard in 0..shards {
         copied.clear();
         match which {
             Which::Relay => shared.ids.with_shard(shard, |t| {

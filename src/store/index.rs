@@ -1,9 +1,11 @@
 //! The exact index in memory: for relay ids, digest → expiry; for Redis keys, key → value and
 //! times. sled holds the same facts as segments; this is what answers.
 //!
-//! Both are split into [`SHARDS`] hash tables, each behind its own lock: a table grows one
+//! Both are split into shards of hash tables, each behind its own lock: a table grows one
 //! shard at a time (no pause to rehash millions of entries at once), the rebuild and the
 //! snapshot work shard by shard, and readers of one shard do not wait for a writer of another.
+//! Redis keys use [`SHARDS`] tables; relay ids as many as make `DEDUPD_EXPECTED_IDS` fill each
+//! (power-of-two) table to just under its load limit (see [`Ids::ids`]).
 //!
 //! A relay entry is 20 bytes: the low 96 bits of the id's keyed digest and the expiry. 96 bits
 //! keep two live ids from meeting with probability n²/2⁹⁷ (about 6·10⁻¹⁶ for 10 M live ids);
@@ -15,7 +17,7 @@ use hashbrown::HashTable;
 
 use super::segment::KvEntry;
 
-/// Tables per index.
+/// Tables of the Redis keys' index; the least the relay ids' index has.
 pub(crate) const SHARDS: usize = 64;
 
 /// Digests of ids and keys, keyed by a per-data-dir secret so that ids crafted to collide in
@@ -47,10 +49,13 @@ pub(crate) fn short(digest: u128) -> u128 {
     digest & ((1u128 << 96) - 1)
 }
 
-fn shard_of(hash: u64) -> usize {
-    // The top bits pick the shard; hashbrown uses the low bits for the bucket and the top 7
-    // for its control bytes, which within one shard are then still well spread.
-    (hash >> 58) as usize % SHARDS
+/// The shard of `hash` among `shards`. hashbrown takes the bucket from the low bits and the
+/// control byte from the top 7: the shard comes from bits 25..57, so within a shard both keep
+/// all their entropy (a shard picked by the top bits left the control bytes one bit to tell
+/// entries apart, and each lookup compared half a group's entries). Multiply-shift maps those
+/// 32 bits onto any number of shards.
+fn shard_of(hash: u64, shards: usize) -> usize {
+    ((u64::from((hash >> 25) as u32) * shards as u64) >> 32) as usize
 }
 
 /// One relay entry: 96 bits of digest and the expiry, packed into 20 bytes (align 4).
@@ -109,20 +114,29 @@ pub(crate) struct Sharded<T> {
 }
 
 impl<T> Sharded<T> {
-    fn with_capacity(total: usize) -> Sharded<T> {
+    fn with_capacity(shards: usize, per_shard: usize) -> Sharded<T> {
         Sharded {
-            shards: (0..SHARDS)
-                .map(|_| RwLock::new(HashTable::with_capacity(total / SHARDS)))
+            shards: (0..shards)
+                .map(|_| RwLock::new(HashTable::with_capacity(per_shard)))
                 .collect(),
         }
     }
 
+    fn shard(&self, hash: u64) -> usize {
+        shard_of(hash, self.shards.len())
+    }
+
     fn read(&self, hash: u64) -> RwLockReadGuard<'_, HashTable<T>> {
-        self.shards[shard_of(hash)].read().expect("index lock")
+        self.shards[self.shard(hash)].read().expect("index lock")
     }
 
     fn write(&self, hash: u64) -> RwLockWriteGuard<'_, HashTable<T>> {
-        self.shards[shard_of(hash)].write().expect("index lock")
+        self.shards[self.shard(hash)].write().expect("index lock")
+    }
+
+    /// Number of shards.
+    pub(crate) fn shards(&self) -> usize {
+        self.shards.len()
     }
 
     /// Entries in all shards.
@@ -163,9 +177,35 @@ impl<T> Sharded<T> {
 pub(crate) type Ids = Sharded<Slot>;
 
 impl Sharded<Slot> {
-    /// An index with room for `expected` ids before any shard grows.
+    /// An index with room for `expected` ids before any shard grows, in as little memory as
+    /// hashbrown allows: its tables have a power-of-two number of buckets (20 bytes and a
+    /// control byte each) and take at most 7/8 of them before doubling, so a table sized for
+    /// `n` entries would sit anywhere between 7/16 and 7/8 full (35 bytes an entry at 10 M).
+    /// Instead the bucket count is chosen first and the number of shards follows, so that at
+    /// `expected` every table is just under its limit (about 24 bytes an entry), with a margin
+    /// of four standard deviations for the uneven spread of ids over shards. Past `expected`,
+    /// shards double one at a time.
     pub(crate) fn ids(expected: usize) -> Ids {
-        Sharded::with_capacity(expected)
+        let (shards, per_shard) = Ids::layout(expected);
+        Sharded::with_capacity(shards, per_shard)
+    }
+
+    /// (shards, entries per shard) for `expected` ids: the largest power-of-two table that
+    /// still leaves at least [`SHARDS`] shards.
+    fn layout(expected: usize) -> (usize, usize) {
+        // hashbrown's limit for a table of `buckets` (≥ 8): 7/8 of them.
+        let limit = |buckets: usize| buckets / 8 * 7;
+        // What a shard is planned to hold: the limit, less four standard deviations.
+        let planned = |buckets: usize| {
+            let cap = limit(buckets) as f64;
+            ((cap - 4.0 * cap.sqrt()).floor() as usize).max(1)
+        };
+        let mut buckets = 16usize;
+        while expected.div_ceil(planned(buckets * 2)) >= SHARDS {
+            buckets *= 2;
+        }
+        let shards = expected.div_ceil(planned(buckets)).max(SHARDS);
+        (shards, limit(buckets))
     }
 
     /// Expiry of a digest, live or not.
@@ -212,13 +252,19 @@ impl Sharded<Slot> {
 
     /// Loads the slots of one shard as the snapshot wrote them (in the order the shard held
     /// them, so the inserts walk the new table nearly in order).
+    /// The caller guarantees that the slots are distinct and belong to `shard`; others are
+    /// put where they belong.
     pub(crate) fn load_shard(&self, shard: usize, slots: impl ExactSizeIterator<Item = Slot>) {
         let mut t = self.shards[shard].write().expect("index lock");
         t.reserve(slots.len(), Slot::hash);
         for s in slots {
             let hash = s.hash();
-            if shard_of(hash) == shard {
+            if self.shard(hash) == shard {
                 t.insert_unique(hash, s, Slot::hash);
+            } else {
+                drop(t);
+                self.put(s);
+                t = self.shards[shard].write().expect("index lock");
             }
         }
     }
@@ -303,7 +349,7 @@ pub(crate) struct Keys {
 impl Keys {
     pub(crate) fn new(keyed: Keyed) -> Keys {
         Keys {
-            tables: Sharded::with_capacity(0),
+            tables: Sharded::with_capacity(SHARDS, 0),
             keyed,
         }
     }
@@ -397,6 +443,34 @@ mod tests {
             ids.insert(short(keyed.digest(&i.to_le_bytes())), 1);
         }
         assert_eq!(ids.len(), 10_000);
+    }
+
+    #[test]
+    fn ids_are_sized_to_just_under_the_tables_limit() {
+        for expected in [1_000, 1_000_000, 10_000_000, 100_000_000] {
+            let (shards, per_shard) = Ids::layout(expected);
+            assert!(shards >= SHARDS, "{expected}: {shards}");
+            assert!(
+                expected < 100_000 || shards < 2 * SHARDS + 2,
+                "{expected}: {shards}"
+            );
+            let room = shards * per_shard;
+            assert!(room >= expected, "{expected}: {room}");
+            // Buckets are per_shard * 8/7 of 21 bytes: about 24 bytes an id at `expected`.
+            let bytes = (room * 8 / 7 * 21) as f64 / expected as f64;
+            assert!(expected < 100_000 || bytes < 25.5, "{expected}: {bytes}");
+        }
+        // Every shard gets its share of ids.
+        let ids = Ids::ids(100_000);
+        let keyed = Keyed::new(&[9u8; SECRET_LEN]);
+        for i in 0u32..100_000 {
+            ids.insert(short(keyed.digest(&i.to_le_bytes())), 1);
+        }
+        let per: Vec<usize> = (0..ids.shards())
+            .map(|s| ids.with_shard(s, |t| t.len()))
+            .collect();
+        let mean = 100_000 / ids.shards();
+        assert!(per.iter().all(|&n| n > mean / 2 && n < mean * 2), "{per:?}");
     }
 
     #[test]

@@ -549,6 +549,18 @@ impl Shared {
         }
     }
 
+    /// As [`Shared::settle`] for a batch, under one take of the in-flight lock (a commit's
+    /// claims settle together).
+    fn settle_all(&self, keys: impl Iterator<Item = u128>, how: Settled) {
+        let waited: Vec<_> = {
+            let mut map = self.in_flight.lock().expect("in-flight lock");
+            keys.filter_map(|key| map.remove(&key).flatten()).collect()
+        };
+        for tx in waited {
+            tx.send_replace(Some(how));
+        }
+    }
+
     /// The commit lock, for a write of either namespace; refused once the store is closed (its
     /// snapshot is written then, and a later write would make it stale).
     fn write_lock(&self) -> Result<MutexGuard<'_, ()>, Error> {
@@ -686,12 +698,14 @@ impl Store {
         let started = Instant::now();
         let snapshot_path = config.dir.join(snapshot::FILE);
         let capacity = config.generation_capacity();
-        let loaded = token.and_then(|t| snapshot::load(&snapshot_path, &t, keyed.clone()));
+        let expected = usize::try_from(config.expected_ids).unwrap_or(usize::MAX);
+        let loaded =
+            token.and_then(|t| snapshot::load(&snapshot_path, &t, keyed.clone(), expected));
         let _ = fs::remove_file(&snapshot_path);
         let (origin, ids, keys, relay_filters, kv_filters) = match loaded {
             Some(l) => (BloomOrigin::Snapshot, l.ids, l.keys, l.relay, l.kv),
             None => {
-                let ids = Ids::ids(usize::try_from(config.expected_ids).unwrap_or(usize::MAX));
+                let ids = Ids::ids(expected);
                 let keys = Keys::new(keyed.clone());
                 compactor::replay(
                     &config.dir,
@@ -883,7 +897,7 @@ impl Store {
     ///
     /// A sled error, or [`Error::Closed`]. The claims are released then: none of them counts as
     /// recorded, so the caller must not ack their messages.
-    pub fn commit(&self, claims: Vec<Claim>, now_ms: u64) -> Result<(), Error> {
+    pub fn commit(&self, mut claims: Vec<Claim>, now_ms: u64) -> Result<(), Error> {
         if claims.is_empty() {
             return Ok(());
         }
@@ -897,9 +911,10 @@ impl Store {
             .collect();
         // On error the claims drop here and release their ids.
         self.shared.record_relay(now_ms, &entries, None)?;
-        for mut c in claims {
+        self.shared
+            .settle_all(claims.iter().map(|c| short(c.digest)), Settled::Committed);
+        for c in &mut claims {
             c.settled = true;
-            self.shared.settle(short(c.digest), Settled::Committed);
         }
         Ok(())
     }

@@ -3,9 +3,9 @@
 //! the token inside (the open removes the marker first, so a crash never leaves a snapshot that
 //! misses later writes) and the checksum at the end holds.
 //!
-//! Layout (little-endian): magic, 16-byte token; for each index shard, the count of relay
-//! entries then their 20-byte slots, in the order the shard held them (so loading walks the
-//! new table nearly in order); the count of Redis keys then each as key length (u32), value
+//! Layout (little-endian): magic, 16-byte token; the number of relay shards (u64), then for
+//! each the count of its entries then their 20-byte slots, in the order the shard held them
+//! (so loading walks the new table nearly in order); the count of Redis keys then each as key length (u32), value
 //! length (u32), key, value, set time, expiry, retention, version (u64 each); the length of the filters (u64) and
 //! the filters (bincode); the xxh3-64 of everything before.
 
@@ -14,13 +14,13 @@ use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
 use super::filter::{Filters, FiltersSnapshot};
-use super::index::{Ids, Keyed, Keys, KvSlot, Slot, SHARDS};
+use super::index::{Ids, Keyed, Keys, KvSlot, Slot};
 use super::Shared;
 
 /// The snapshot's file name in the data dir.
 pub(crate) const FILE: &str = "index.snapshot";
 /// Magic and layout version.
-const MAGIC: &[u8; 8] = b"DDPIDX04";
+const MAGIC: &[u8; 8] = b"DDPIDX05";
 
 /// What a trusted snapshot holds.
 pub(crate) struct Loaded {
@@ -58,7 +58,8 @@ pub(crate) fn write(path: &Path, token: &[u8; 16], shared: &Shared) -> io::Resul
     };
     w.write_all(MAGIC)?;
     w.write_all(token)?;
-    for shard in 0..SHARDS {
+    w.write_all(&(shared.ids.shards() as u64).to_le_bytes())?;
+    for shard in 0..shared.ids.shards() {
         shared.ids.with_shard(shard, |t| {
             w.write_all(&(t.len() as u64).to_le_bytes())?;
             for slot in t.iter() {
@@ -68,7 +69,7 @@ pub(crate) fn write(path: &Path, token: &[u8; 16], shared: &Shared) -> io::Resul
         })?;
     }
     w.write_all(&(shared.keys.len() as u64).to_le_bytes())?;
-    for shard in 0..SHARDS {
+    for shard in 0..shared.keys.tables().shards() {
         shared.keys.tables().with_shard(shard, |t| {
             for s in t.iter() {
                 w.write_all(&(s.key().len() as u32).to_le_bytes())?;
@@ -130,7 +131,7 @@ impl<'a> Cursor<'a> {
 
 /// The snapshot at `path` if it exists, carries `token` and checks out; `None` (logged) when
 /// the store must replay instead.
-pub(crate) fn load(path: &Path, token: &[u8], keyed: Keyed) -> Option<Loaded> {
+pub(crate) fn load(path: &Path, token: &[u8], keyed: Keyed, expected: usize) -> Option<Loaded> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) => {
@@ -138,14 +139,14 @@ pub(crate) fn load(path: &Path, token: &[u8], keyed: Keyed) -> Option<Loaded> {
             return None;
         }
     };
-    let loaded = parse(&bytes, token, keyed);
+    let loaded = parse(&bytes, token, keyed, expected);
     if loaded.is_none() {
         tracing::warn!(path = %path.display(), "index snapshot does not match the store, replaying segments");
     }
     loaded
 }
 
-fn parse(bytes: &[u8], token: &[u8], keyed: Keyed) -> Option<Loaded> {
+fn parse(bytes: &[u8], token: &[u8], keyed: Keyed, expected: usize) -> Option<Loaded> {
     let (body, sum) = bytes.split_at(bytes.len().checked_sub(8)?);
     if xxhash_rust::xxh3::xxh3_64(body) != u64::from_le_bytes(sum.try_into().ok()?) {
         return None;
@@ -154,28 +155,41 @@ fn parse(bytes: &[u8], token: &[u8], keyed: Keyed) -> Option<Loaded> {
     if c.take(8)? != MAGIC || c.take(16)? != token {
         return None;
     }
-    let mut shards = Vec::with_capacity(SHARDS);
-    for _ in 0..SHARDS {
+    let written = usize::try_from(c.u64()?).ok()?;
+    let mut shards = Vec::new();
+    for _ in 0..written {
         let n = usize::try_from(c.u64()?).ok()?;
         shards.push(c.take(n.checked_mul(20)?)?);
     }
-    let ids = Ids::ids(0);
-    // Two loaders: the inserts are cache misses, and this machine has cores to spare at open.
-    std::thread::scope(|scope| {
-        let (even, odd): (Vec<_>, Vec<_>) =
-            shards.iter().enumerate().partition(|(i, _)| i % 2 == 0);
-        for half in [even, odd] {
-            let ids = &ids;
-            scope.spawn(move || {
-                for (shard, raw) in half {
-                    let slots = raw
-                        .chunks_exact(20)
-                        .map(|b| Slot::from_bytes(b.try_into().expect("20-byte chunk")));
-                    ids.load_shard(shard, slots);
-                }
+    // Sized as an open with the same setting would. The shards of a snapshot of a store sized
+    // differently (DEDUPD_EXPECTED_IDS changed) are not this index's: their slots go one by one
+    // to wherever this index wants them.
+    let ids = Ids::ids(expected);
+    fn slots(raw: &[u8]) -> impl ExactSizeIterator<Item = Slot> + '_ {
+        raw.chunks_exact(20)
+            .map(|b| Slot::from_bytes(b.try_into().expect("20-byte chunk")))
+    }
+    if written != ids.shards() {
+        for raw in &shards {
+            slots(raw).for_each(|s| {
+                ids.put(s);
             });
         }
-    });
+    } else {
+        // Two loaders: the inserts are cache misses, and this machine has cores to spare.
+        std::thread::scope(|scope| {
+            let (even, odd): (Vec<_>, Vec<_>) =
+                shards.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+            for half in [even, odd] {
+                let ids = &ids;
+                scope.spawn(move || {
+                    for (shard, raw) in half {
+                        ids.load_shard(shard, slots(raw));
+                    }
+                });
+            }
+        });
+    }
     let keys = Keys::new(keyed);
     for _ in 0..c.u64()? {
         let (klen, vlen) = (c.u32()? as usize, c.u32()? as usize);
