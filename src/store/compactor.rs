@@ -278,7 +278,7 @@ fn kv_verdicts(shared: &Shared, commit_ms: u64, entries: Vec<KvEntry>, now_ms: u
                 if newest
                     && shared
                         .keys
-                        .remove_if(&key, |s| s.version == version)
+                        .remove_if(&key, |s| s.version() == version)
                         .is_some()
                 {
                     v.dropped += 1;
@@ -341,8 +341,8 @@ pub(crate) fn rebuild(shared: &Shared, which: Which, now_ms: u64) {
             Which::Kv => shared.keys.tables().with_shard(shard, |t| {
                 copied.extend(
                     t.iter()
-                        .filter(|s| now_ms < s.expires_ms)
-                        .map(|s| (short(shared.keyed.digest(s.key())), s.expires_ms)),
+                        .filter(|s| now_ms < s.expires_ms())
+                        .map(|s| (short(shared.keyed.digest(s.key())), s.expires_ms())),
                 );
             }),
         }
@@ -408,7 +408,7 @@ pub(crate) fn replay(
                 continue;
             }
             match KvSlot::of(&e) {
-                Some(slot) if now_ms < slot.expires_ms => {
+                Some(slot) if now_ms < slot.expires_ms() => {
                     keys.put(slot);
                 }
                 _ => {

@@ -270,32 +270,35 @@ impl Sharded<Slot> {
     }
 }
 
-/// A Redis key's entry: key and value in one allocation, the times, and the version of the
-/// write that made it (see `segment.rs`).
+/// A Redis key's entry: its times, key and value in one allocation, so that the table holds
+/// 16 bytes a key (a boxed slice) and the heap one block: at 1 M keys of the seed's
+/// `msg:<12 digits>` with value `1`, 53 bytes in mimalloc's 56-byte class.
+///
+/// Layout of `data`: set time, expiry, how long the entry must stay on disk (the longest
+/// expiry of the writes it shadows) and the version of the write that made it (see
+/// `segment.rs`), each a little-endian `u64`; the key's length (`u32`); the key; the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct KvSlot {
-    /// The key, then the value.
+    /// The times, the key's length, the key, then the value.
     data: Box<[u8]>,
-    key_len: u32,
-    pub(crate) set_ms: u64,
-    pub(crate) expires_ms: u64,
-    /// How long the entry must stay on disk (the longest expiry of the writes it shadows).
-    pub(crate) retain_ms: u64,
-    pub(crate) version: u64,
 }
 
+/// Where the key's length is in a slot's data; the key follows it.
+const KV_KEY_LEN_AT: usize = 32;
+const KV_KEY_AT: usize = KV_KEY_LEN_AT + 4;
+
 impl KvSlot {
+    /// A slot kept on disk as long as it lives (`retain_ms` = `expires_ms`), version 0.
     pub(crate) fn new(key: &[u8], value: &[u8], set_ms: u64, expires_ms: u64) -> KvSlot {
-        let mut data = Vec::with_capacity(key.len() + value.len());
+        let mut data = Vec::with_capacity(KV_KEY_AT + key.len() + value.len());
+        for t in [set_ms, expires_ms, expires_ms, 0] {
+            data.extend_from_slice(&t.to_le_bytes());
+        }
+        data.extend_from_slice(&(key.len() as u32).to_le_bytes());
         data.extend_from_slice(key);
         data.extend_from_slice(value);
         KvSlot {
             data: data.into_boxed_slice(),
-            key_len: key.len() as u32,
-            set_ms,
-            expires_ms,
-            retain_ms: expires_ms,
-            version: 0,
         }
     }
 
@@ -309,33 +312,66 @@ impl KvSlot {
                 expires_ms,
                 retain_ms,
                 version,
-            } => Some(KvSlot {
-                retain_ms: *retain_ms,
-                version: *version,
-                ..KvSlot::new(key, value, *set_ms, *expires_ms)
-            }),
+            } => {
+                let mut slot = KvSlot::new(key, value, *set_ms, *expires_ms);
+                slot.set_retain_ms(*retain_ms);
+                slot.set_version(*version);
+                Some(slot)
+            }
             KvEntry::Delete { .. } => None,
         }
     }
 
-    /// The put entry that makes this slot.
-    pub(crate) fn entry(&self) -> KvEntry {
-        KvEntry::Put {
-            key: self.key().to_vec(),
-            value: self.value().to_vec(),
-            set_ms: self.set_ms,
-            expires_ms: self.expires_ms,
-            retain_ms: self.retain_ms,
-            version: self.version,
-        }
+    fn word(&self, i: usize) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.data[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(b)
+    }
+
+    fn set_word(&mut self, i: usize, v: u64) {
+        self.data[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// When the key was last set (ms since the Unix epoch).
+    pub(crate) fn set_ms(&self) -> u64 {
+        self.word(0)
+    }
+
+    /// When the key expires.
+    pub(crate) fn expires_ms(&self) -> u64 {
+        self.word(1)
+    }
+
+    /// How long the entry must stay on disk (≥ its expiry).
+    pub(crate) fn retain_ms(&self) -> u64 {
+        self.word(2)
+    }
+
+    /// The version of the write that made the entry.
+    pub(crate) fn version(&self) -> u64 {
+        self.word(3)
+    }
+
+    pub(crate) fn set_retain_ms(&mut self, retain_ms: u64) {
+        self.set_word(2, retain_ms);
+    }
+
+    pub(crate) fn set_version(&mut self, version: u64) {
+        self.set_word(3, version);
+    }
+
+    fn key_end(&self) -> usize {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(&self.data[KV_KEY_LEN_AT..KV_KEY_AT]);
+        KV_KEY_AT + u32::from_le_bytes(b) as usize
     }
 
     pub(crate) fn key(&self) -> &[u8] {
-        &self.data[..self.key_len as usize]
+        &self.data[KV_KEY_AT..self.key_end()]
     }
 
     pub(crate) fn value(&self) -> &[u8] {
-        &self.data[self.key_len as usize..]
+        &self.data[self.key_end()..]
     }
 }
 
@@ -362,13 +398,10 @@ impl Keys {
         &self.tables
     }
 
-    /// The entry of `key`, live or not.
-    pub(crate) fn get(&self, key: &[u8]) -> Option<KvSlot> {
+    /// What `f` makes of `key`'s entry (live or not), without copying it.
+    pub(crate) fn peek<R>(&self, key: &[u8], f: impl FnOnce(&KvSlot) -> R) -> Option<R> {
         let hash = self.hash(key);
-        self.tables
-            .read(hash)
-            .find(hash, |s| s.key() == key)
-            .cloned()
+        self.tables.read(hash).find(hash, |s| s.key() == key).map(f)
     }
 
     /// The version of `key`'s entry, if any (the compactor's "still the newest?").
@@ -377,7 +410,7 @@ impl Keys {
         self.tables
             .read(hash)
             .find(hash, |s| s.key() == key)
-            .map(|s| s.version)
+            .map(KvSlot::version)
     }
 
     /// Inserts or replaces; returns the previous entry.
@@ -493,13 +526,13 @@ mod tests {
         assert_eq!(keys.put(KvSlot::new(b"k", b"v1", 1, 9)), None);
         let old = keys.put(KvSlot::new(b"k", b"v2", 2, 9)).unwrap();
         assert_eq!(old.value(), b"v1");
-        let now = keys.get(b"k").unwrap();
+        let now = keys.peek(b"k", KvSlot::clone).unwrap();
         assert_eq!(
-            (now.key(), now.value(), now.set_ms),
+            (now.key(), now.value(), now.set_ms()),
             (&b"k"[..], &b"v2"[..], 2)
         );
         assert_eq!(keys.version(b"k"), Some(0));
-        assert!(keys.remove_if(b"k", |s| s.expires_ms <= 8).is_none());
+        assert!(keys.remove_if(b"k", |s| s.expires_ms() <= 8).is_none());
         assert!(keys.remove_if(b"k", |_| true).is_some());
         assert_eq!(keys.len(), 0);
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use super::index::{short, KvSlot, SHARDS};
-use super::segment::{self, KvEntry};
+use super::segment;
 use super::{Error, Shared};
 
 /// A live key's value and times.
@@ -92,7 +92,7 @@ impl Kv {
     /// A refused key (empty, over the id limit).
     pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Entry>, Error> {
         self.shared.validate(key)?;
-        Ok(live(&self.shared, key, now_ms).map(|s| entry(&s)))
+        Ok(live_with(&self.shared, key, now_ms, entry))
     }
 
     /// Writes `value` under `key` if `cond` allows; durable when it returns.
@@ -197,17 +197,18 @@ impl Kv {
             shared,
             guard,
             undo: Vec::new(),
-            written: Vec::new(),
+            body: Vec::new(),
+            expiries: Vec::new(),
             now_ms: 0,
         };
         let out = f(&mut tx);
-        if tx.written.is_empty() {
+        if tx.expiries.is_empty() {
             // What the batch read may be a write of another batch not yet durable.
             drop(tx);
             return Ok((out, self.ticket()));
         }
-        let bytes = segment::encode_kv(tx.now_ms, &tx.written);
-        let expiries = tx.written.iter().map(KvEntry::retain_ms).collect();
+        let bytes = segment::kv_segment(tx.now_ms, tx.expiries.len(), &tx.body);
+        let expiries = std::mem::take(&mut tx.expiries);
         match shared.append(&tx.guard, &shared.kv, expiries, bytes) {
             Ok(ticket) => Ok((out, Ticket(ticket))),
             Err(e) => {
@@ -256,7 +257,7 @@ impl Kv {
         while shard < SHARDS && keys.len() < count.max(1) {
             let mut page: Vec<Vec<u8>> = tables.with_shard(shard, |t| {
                 t.iter()
-                    .filter(|s| now_ms < s.expires_ms)
+                    .filter(|s| now_ms < s.expires_ms())
                     .map(|s| s.key().to_vec())
                     .collect()
             });
@@ -283,23 +284,34 @@ impl Kv {
 
 /// The live entry of `key`: the filter first, the index on a "maybe".
 fn live(shared: &Shared, key: &[u8], now_ms: u64) -> Option<KvSlot> {
+    live_with(shared, key, now_ms, KvSlot::clone)
+}
+
+/// What `f` makes of the live entry of `key`, without copying it.
+fn live_with<R>(
+    shared: &Shared,
+    key: &[u8],
+    now_ms: u64,
+    f: impl FnOnce(&KvSlot) -> R,
+) -> Option<R> {
     if !shared.may_hold(&shared.kv, short(shared.keyed.digest(key))) {
         return None;
     }
-    match shared.keys.get(key) {
-        Some(s) if now_ms < s.expires_ms => Some(s),
-        _ => {
-            shared.false_positive();
-            None
-        }
+    let found = shared
+        .keys
+        .peek(key, |s| (now_ms < s.expires_ms()).then(|| f(s)))
+        .flatten();
+    if found.is_none() {
+        shared.false_positive();
     }
+    found
 }
 
 fn entry(slot: &KvSlot) -> Entry {
     Entry {
         value: slot.value().to_vec(),
-        set_ms: slot.set_ms,
-        expires_ms: slot.expires_ms,
+        set_ms: slot.set_ms(),
+        expires_ms: slot.expires_ms(),
     }
 }
 
@@ -310,8 +322,10 @@ pub struct Txn<'a> {
     /// For each write, the key and its index entry before it: what [`Txn::rollback_to`] puts
     /// back.
     undo: Vec<(Vec<u8>, Option<KvSlot>)>,
-    /// The entries of the batch's segment.
-    written: Vec<KvEntry>,
+    /// The entries of the batch's segment, encoded.
+    body: Vec<u8>,
+    /// For each of them, how long it must stay on disk (files the segment).
+    expiries: Vec<u64>,
     /// Latest time a write was made at: the segment's commit time.
     now_ms: u64,
 }
@@ -320,13 +334,14 @@ pub struct Txn<'a> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Savepoint {
     undo: usize,
-    written: usize,
+    body: usize,
+    entries: usize,
 }
 
 impl std::fmt::Debug for Txn<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Txn")
-            .field("writes", &self.written.len())
+            .field("writes", &self.expiries.len())
             .finish()
     }
 }
@@ -339,7 +354,7 @@ impl Txn<'_> {
     /// As [`Kv::get`].
     pub fn get(&self, key: &[u8], now_ms: u64) -> Result<Option<Entry>, Error> {
         self.shared.validate(key)?;
-        Ok(live(self.shared, key, now_ms).map(|s| entry(&s)))
+        Ok(live_with(self.shared, key, now_ms, entry))
     }
 
     /// As [`Kv::set`] (durable once the batch's ticket is).
@@ -356,19 +371,21 @@ impl Txn<'_> {
         now_ms: u64,
     ) -> Result<SetOutcome, Error> {
         self.shared.validate(key)?;
-        let previous = live(self.shared, key, now_ms);
+        // The previous entry's value is copied only when there is one (`SET ... GET` wants it).
+        let previous = live_with(self.shared, key, now_ms, entry);
         let allowed = match cond {
             Condition::Always => true,
             Condition::IfAbsent => previous.is_none(),
             Condition::IfPresent => previous.is_some(),
         };
         if allowed {
-            let expires_ms = self.expiry_of(expiry, previous.as_ref(), now_ms);
+            let current = previous.as_ref().map(|e| e.expires_ms);
+            let expires_ms = self.expiry_of(expiry, current, now_ms);
             self.put(KvSlot::new(key, value, now_ms, expires_ms), now_ms)?;
         }
         Ok(SetOutcome {
             written: allowed,
-            previous: previous.as_ref().map(entry),
+            previous,
         })
     }
 
@@ -382,16 +399,14 @@ impl Txn<'_> {
         let Some(removed) = self.shared.keys.remove_if(key, |_| true) else {
             return Ok(false);
         };
-        if now_ms < removed.retain_ms {
+        if now_ms < removed.retain_ms() {
             // A tombstone as long-lived as what it shadows: replay must not revive any of it.
-            self.written.push(KvEntry::Delete {
-                key: key.to_vec(),
-                expires_ms: removed.retain_ms,
-                version: self.version()?,
-            });
+            let version = self.version()?;
+            segment::put_kv_delete(&mut self.body, key, removed.retain_ms(), version);
+            self.expiries.push(removed.retain_ms());
             self.now_ms = self.now_ms.max(now_ms);
         }
-        let was_live = now_ms < removed.expires_ms;
+        let was_live = now_ms < removed.expires_ms();
         self.undo.push((key.to_vec(), Some(removed)));
         Ok(was_live)
     }
@@ -406,9 +421,9 @@ impl Txn<'_> {
         let Some(current) = live(self.shared, key, now_ms) else {
             return Ok(false);
         };
-        let expires_ms = self.expiry_of(expiry, Some(&current), now_ms);
+        let expires_ms = self.expiry_of(expiry, Some(current.expires_ms()), now_ms);
         // The set time stays: only the expiry moves (a past one removes the key).
-        let moved = KvSlot::new(key, current.value(), current.set_ms, expires_ms);
+        let moved = KvSlot::new(key, current.value(), current.set_ms(), expires_ms);
         self.put(moved, now_ms)?;
         Ok(true)
     }
@@ -417,7 +432,8 @@ impl Txn<'_> {
     pub fn savepoint(&self) -> Savepoint {
         Savepoint {
             undo: self.undo.len(),
-            written: self.written.len(),
+            body: self.body.len(),
+            entries: self.expiries.len(),
         }
     }
 
@@ -439,16 +455,19 @@ impl Txn<'_> {
                 }
             }
         }
-        self.written.truncate(savepoint.written);
+        self.body.truncate(savepoint.body);
+        self.expiries.truncate(savepoint.entries);
         Ok(())
     }
 
-    fn expiry_of(&self, expiry: Expiry, current: Option<&KvSlot>, now_ms: u64) -> u64 {
+    /// The expiry `expiry` gives a key whose live entry expires at `current` (`None`: no live
+    /// entry).
+    fn expiry_of(&self, expiry: Expiry, current: Option<u64>, now_ms: u64) -> u64 {
         let window = now_ms.saturating_add(self.shared.ttl_ms);
         match expiry {
             Expiry::In(d) => now_ms.saturating_add(d.as_millis() as u64),
             Expiry::At(ms) => ms,
-            Expiry::Keep => current.map_or(window, |e| e.expires_ms),
+            Expiry::Keep => current.unwrap_or(window),
             Expiry::Window => window,
         }
     }
@@ -464,17 +483,21 @@ impl Txn<'_> {
     /// Puts `slot` in the index and the batch's segment; an expiry already past deletes the
     /// key instead, as Redis does.
     fn put(&mut self, mut slot: KvSlot, now_ms: u64) -> Result<(), Error> {
-        if slot.expires_ms <= now_ms {
+        if slot.expires_ms() <= now_ms {
             self.delete(slot.key(), now_ms)?;
             return Ok(());
         }
         // It shadows whatever the key held, for as long as that had to stay.
-        let shadowed = self.shared.keys.get(slot.key()).map_or(0, |s| s.retain_ms);
-        slot.retain_ms = slot.expires_ms.max(shadowed);
-        slot.version = self.version()?;
+        let shadowed = self.shared.keys.peek(slot.key(), KvSlot::retain_ms);
+        let expires_ms = slot.expires_ms();
+        let retain_ms = expires_ms.max(shadowed.unwrap_or(0));
+        let version = self.version()?;
+        slot.set_retain_ms(retain_ms);
+        slot.set_version(version);
         let key = slot.key().to_vec();
-        let expires_ms = slot.expires_ms;
-        self.written.push(slot.entry());
+        let times = [slot.set_ms(), expires_ms, retain_ms, version];
+        segment::put_kv_put(&mut self.body, &key, slot.value(), times);
+        self.expiries.push(retain_ms);
         self.now_ms = self.now_ms.max(now_ms);
         // Index first, then the filter: a reader in between finds the filter saying "no" for
         // a write nobody has been told of yet, never a live key the filter misses after.

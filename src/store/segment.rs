@@ -133,12 +133,8 @@ pub(crate) fn encode_relay(commit_ms: u64, entries: &[RelayEntry]) -> Vec<u8> {
 
 /// Encodes a Redis-endpoint segment.
 pub(crate) fn encode_kv(commit_ms: u64, entries: &[KvEntry]) -> Vec<u8> {
-    let mut out = header(KIND_KV, commit_ms, entries.len(), 32);
+    let mut body = Vec::with_capacity(entries.len() * 32);
     for e in entries {
-        let put = |out: &mut Vec<u8>, bytes: &[u8]| {
-            put_varint(out, bytes.len() as u64);
-            out.extend_from_slice(bytes);
-        };
         match e {
             KvEntry::Put {
                 key,
@@ -147,28 +143,55 @@ pub(crate) fn encode_kv(commit_ms: u64, entries: &[KvEntry]) -> Vec<u8> {
                 expires_ms,
                 retain_ms,
                 version,
-            } => {
-                out.push(0);
-                put(&mut out, key);
-                put(&mut out, value);
-                put_varint(&mut out, *set_ms);
-                put_varint(&mut out, *expires_ms);
-                put_varint(&mut out, retain_ms.saturating_sub(*expires_ms));
-                put_varint(&mut out, *version);
-            }
+            } => put_kv_put(
+                &mut body,
+                key,
+                value,
+                [*set_ms, *expires_ms, *retain_ms, *version],
+            ),
             KvEntry::Delete {
                 key,
                 expires_ms,
                 version,
-            } => {
-                out.push(1);
-                put(&mut out, key);
-                put_varint(&mut out, *expires_ms);
-                put_varint(&mut out, *version);
-            }
+            } => put_kv_delete(&mut body, key, *expires_ms, *version),
         }
     }
+    kv_segment(commit_ms, entries.len(), &body)
+}
+
+/// A Redis-endpoint segment of `count` entries already encoded into `body` (by
+/// [`put_kv_put`] and [`put_kv_delete`]).
+pub(crate) fn kv_segment(commit_ms: u64, count: usize, body: &[u8]) -> Vec<u8> {
+    let mut out = header(KIND_KV, commit_ms, count, 0);
+    out.reserve_exact(body.len());
+    out.extend_from_slice(body);
     out
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Appends a put entry to a segment's body; `times` are the set time, the expiry, how long
+/// the entry must stay on disk and the version.
+pub(crate) fn put_kv_put(out: &mut Vec<u8>, key: &[u8], value: &[u8], times: [u64; 4]) {
+    let [set_ms, expires_ms, retain_ms, version] = times;
+    out.push(0);
+    put_bytes(out, key);
+    put_bytes(out, value);
+    put_varint(out, set_ms);
+    put_varint(out, expires_ms);
+    put_varint(out, retain_ms.saturating_sub(expires_ms));
+    put_varint(out, version);
+}
+
+/// Appends a delete entry to a segment's body.
+pub(crate) fn put_kv_delete(out: &mut Vec<u8>, key: &[u8], expires_ms: u64, version: u64) {
+    out.push(1);
+    put_bytes(out, key);
+    put_varint(out, expires_ms);
+    put_varint(out, version);
 }
 
 fn corrupt(reason: &str) -> Error {

@@ -76,7 +76,7 @@ pub(crate) fn write(path: &Path, token: &[u8; 16], shared: &Shared) -> io::Resul
                 w.write_all(&(s.value().len() as u32).to_le_bytes())?;
                 w.write_all(s.key())?;
                 w.write_all(s.value())?;
-                for t in [s.set_ms, s.expires_ms, s.retain_ms, s.version] {
+                for t in [s.set_ms(), s.expires_ms(), s.retain_ms(), s.version()] {
                     w.write_all(&t.to_le_bytes())?;
                 }
             }
@@ -197,7 +197,8 @@ fn parse(bytes: &[u8], token: &[u8], keyed: Keyed, expected: usize) -> Option<Lo
         let (set_ms, expires_ms) = (c.u64()?, c.u64()?);
         let (retain_ms, version) = (c.u64()?, c.u64()?);
         let mut slot = KvSlot::new(key, value, set_ms, expires_ms);
-        (slot.retain_ms, slot.version) = (retain_ms, version);
+        slot.set_retain_ms(retain_ms);
+        slot.set_version(version);
         keys.put(slot);
     }
     let len = usize::try_from(c.u64()?).ok()?;
