@@ -7,15 +7,18 @@
 //! - [`glob`]: `SCAN ... MATCH` patterns;
 //!
 //! Each connection reads what the client sent, parses every complete request in it (a pipeline
-//! arrives as one read), runs them in order, and writes all their replies in one write. Requests
-//! that touch the store run on a blocking thread (sled blocks, and a write returns only once it
-//! is durable), so a write's `+OK` leaves only after its fsync, while other connections go on.
+//! arrives as one read), runs them in order, and writes all their replies in one write. A batch
+//! that touches the store goes to the endpoint's [`writer`] thread, which runs every batch queued
+//! by then, from all connections, as one store transaction, and its replies come back once the
+//! group flush covering them is done: a write's `+OK` leaves only after its fsync, while other
+//! connections go on.
 
 mod command;
 mod glob;
 mod info;
 pub(crate) mod resp;
 mod script;
+mod writer;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -96,6 +99,8 @@ pub(crate) struct Server {
     cursors: Cursors,
     /// The Lua VM and its script cache.
     scripts: script::Scripts,
+    /// Batches that touch the store go here (see [`writer`]).
+    writer: std::sync::mpsc::Sender<writer::Job>,
 }
 
 impl Server {
@@ -230,6 +235,7 @@ pub(crate) async fn serve(
         counters: Counters::default(),
         cursors: Cursors::default(),
         scripts: script::Scripts::new(settings.script_timeout),
+        writer: writer::start(),
     });
     // Each connection holds a sender; once all are dropped, `recv` returns `None`.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -368,44 +374,51 @@ async fn run_batch(
         let flow = run_all(server, client, &batch, &mut out, &mut &server.kv);
         return (flow, out);
     }
-    let server = server.clone();
-    let mut moved = std::mem::take(client);
-    let (moved, flow, out) = tokio::task::spawn_blocking(move || {
-        let mut out = out;
-        // The whole batch is one store transaction: its writes go to disk as one segment, and
-        // one group flush (shared with every other writer) makes them durable before any of
-        // its replies leaves. That also holds back a read of another connection's write until
-        // that write is durable.
-        // `SCRIPT` (`KILL` above all) must not wait for the store's lock: the script it stops
-        // may hold it. A batch of nothing else runs outside any transaction.
-        let ran = if batch.iter().all(is_script_admin) {
-            let flow = run_all(&server, &mut moved, &batch, &mut out, &mut &server.kv);
-            Ok((flow, server.kv.last_ticket()))
-        } else {
-            server
-                .kv
-                .batch(|tx| run_all(&server, &mut moved, &batch, &mut out, tx))
-        };
-        let durable = ran.and_then(|(flow, ticket)| {
-            server.kv.wait_durable(ticket)?;
-            Ok(flow)
-        });
-        let flow = match durable {
-            Ok(flow) => flow,
-            Err(e) => {
-                tracing::error!(cause = %e, "redis endpoint: the store could not take the batch, closing the connection");
+    // `SCRIPT` (`KILL` above all) must not wait for the store's lock: the script it stops may
+    // hold it. A batch of nothing else runs on a blocking thread outside any transaction.
+    if batch.iter().all(is_script_admin) {
+        let server = server.clone();
+        let mut moved = std::mem::take(client);
+        let (moved, flow, out) = tokio::task::spawn_blocking(move || {
+            let mut out = out;
+            let mut flow = run_all(&server, &mut moved, &batch, &mut out, &mut &server.kv);
+            if let Err(e) = server.kv.wait_durable(server.kv.last_ticket()) {
                 out.clear();
                 Reply::err(format!("the store could not make the writes durable: {e}"))
                     .encode(moved.proto, &mut out);
-                Flow::Close
+                flow = Flow::Close;
             }
-        };
-        (moved, flow, out)
-    })
-    .await
-    .expect("a redis command does not panic");
-    *client = moved;
-    (flow, out)
+            (moved, flow, out)
+        })
+        .await
+        .expect("a redis command does not panic");
+        *client = moved;
+        return (flow, out);
+    }
+    // The writer runs the batch inside one store transaction with the other connections'
+    // batches of its round: their writes go to disk as one segment, and one group flush
+    // (shared with every other writer of the store) makes them durable before any of the
+    // replies comes back. That also holds back a read of another connection's write until that
+    // write is durable.
+    let (done, replies) = tokio::sync::oneshot::channel();
+    let job = writer::Job {
+        server: server.clone(),
+        client: std::mem::take(client),
+        batch,
+        out,
+        done,
+    };
+    if server.writer.send(job).is_err() {
+        return (Flow::Close, Vec::new());
+    }
+    match replies.await {
+        Ok((moved, flow, out)) => {
+            *client = moved;
+            (flow, out)
+        }
+        // The writer is gone (a panic in a command): nothing to answer with.
+        Err(_) => (Flow::Close, Vec::new()),
+    }
 }
 
 /// Whether a request is `SCRIPT ...`, which touches the script cache, not the keys.
