@@ -11,7 +11,8 @@
 //! each started here on a free loopback port with its own temporary directory (never the shared
 //! Redis on 6379). Then memory per key: `BENCH_KEYS` (default 100 000) distinct keys loaded into a
 //! fresh dedupd and a fresh in-memory Redis, dedupd's resident memory and disk against Redis'
-//! `used_memory`.
+//! `used_memory`. Last, that dedupd is killed with `kill -9` and started again on its data dir:
+//! the time from the start until a key written before the kill answers `GET`.
 //!
 //! `cargo bench --bench redis_endpoint` (needs `redis-server` and `redis-benchmark` on PATH).
 
@@ -66,15 +67,21 @@ fn wait_listening(port: u16, child: &mut Child) {
 }
 
 fn dedupd() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let mut server = dedupd_on(tempfile::tempdir().unwrap(), free_port());
+    wait_listening(server.port, &mut server.child);
+    server
+}
+
+/// Starts dedupd on the data dir `dir` (removed when the server is dropped), serving Redis
+/// clients on `port`, without waiting for it to listen.
+fn dedupd_on(dir: tempfile::TempDir, port: u16) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dedupd"));
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("DEDUPD_") {
             cmd.env_remove(k);
         }
     }
-    let mut child = cmd
+    let child = cmd
         .env("DEDUPD_RELAY", "off")
         .env("DEDUPD_REDIS_ADDR", format!("127.0.0.1:{port}"))
         .env("DEDUPD_METRICS_ADDR", "off")
@@ -84,7 +91,6 @@ fn dedupd() -> Server {
         .stdout(Stdio::null())
         .spawn()
         .expect("start dedupd");
-    wait_listening(port, &mut child);
     Server {
         name: "dedupd",
         port,
@@ -293,4 +299,61 @@ fn main() {
         "| redis used_memory growth | {redis_keys} | {:.0} |",
         per(used, redis_keys)
     );
+    drop(redis);
+
+    let (secs, answer) = restart_after_kill(ours);
+    println!(
+        "\nrestart after kill -9 with {loaded} keys: GET of a key written before the kill \
+         answered {answer:?} {secs:.2} s after the start"
+    );
+}
+
+/// Writes a known key into `server` (the `+OK` means durable), kills it with SIGKILL, starts
+/// dedupd again on its data dir, and returns how long after that start a `GET` of the key
+/// first answered, and the answer.
+fn restart_after_kill(mut server: Server) -> (f64, String) {
+    const KNOWN: &str = "bench:known-before-kill";
+    let out = Command::new("redis-cli")
+        .args([
+            "-p",
+            &server.port.to_string(),
+            "SET",
+            KNOWN,
+            "1",
+            "EX",
+            "86400",
+        ])
+        .output()
+        .expect("redis-cli on PATH");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    server.child.kill().unwrap(); // SIGKILL: no clean close, no snapshot
+    server.child.wait().unwrap();
+    let dir = std::mem::replace(&mut server.dir, tempfile::tempdir().unwrap());
+    drop(server);
+    let started = std::time::Instant::now();
+    let port = free_port();
+    let mut restarted = dedupd_on(dir, port);
+    let request = format!("*2\r\n$3\r\nGET\r\n${}\r\n{KNOWN}\r\n", KNOWN.len());
+    let answer = eventually(
+        Duration::from_secs(120),
+        || "no answer after the restart".into(),
+        || {
+            assert!(
+                restarted.child.try_wait().unwrap().is_none(),
+                "dedupd exited after the restart"
+            );
+            ask(port, request.as_bytes())
+        },
+    );
+    (started.elapsed().as_secs_f64(), answer)
+}
+
+/// One request on a fresh connection and its reply; `None` while nothing listens.
+fn ask(port: u16, request: &[u8]) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.write_all(request).ok()?;
+    let mut reply = [0u8; 64];
+    let n = stream.read(&mut reply).ok()?;
+    Some(String::from_utf8_lossy(&reply[..n]).trim().to_owned())
 }
