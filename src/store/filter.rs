@@ -144,7 +144,8 @@ impl Blocks {
     }
 
     fn from_bytes(bytes: &[u8], k: u32) -> Option<Blocks> {
-        if bytes.is_empty() || bytes.len() % 64 != 0 || !(1..=16).contains(&k) {
+        let whole_blocks = bytes.chunks_exact(64).remainder().is_empty();
+        if bytes.is_empty() || !whole_blocks || !(1..=16).contains(&k) {
             return None;
         }
         let blocks = bytes
