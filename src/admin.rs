@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::metrics::{oldest_age, Metrics};
-use crate::store::{system_now_ms, Error, Store, Verdict};
+use crate::store::{Error, Store, Verdict};
 
 /// An answer: HTTP status (200, 404, 400, 500) and a JSON body.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,10 +35,10 @@ fn error_answer(e: &Error) -> Answer {
     }
 }
 
-/// Whether `id` is live: 200 with first-seen and expiry, or 404.
-pub fn check(store: &Store, id: &[u8]) -> Answer {
+/// Whether `id` is live at `now_ms`: 200 with first-seen and expiry, or 404.
+pub fn check(store: &Store, id: &[u8], now_ms: u64) -> Answer {
     let shown = String::from_utf8_lossy(id);
-    match store.check(id, system_now_ms()) {
+    match store.check(id, now_ms) {
         Ok(Some(seen)) => Answer {
             status: 200,
             body: json!({
@@ -145,15 +145,15 @@ pub fn record_ids(
     Ok(done)
 }
 
-/// Records `id` as seen now for `ttl` (`None`: the window), as `PUT /ids/{id}?ttl_ms=N` does:
-/// 200 with `"recorded": true` when added, `false` when it was already live (left alone), 409
-/// while a claim on it is in flight.
-pub fn record(store: &Store, id: &[u8], ttl: Option<Duration>) -> Answer {
+/// Records `id` as seen at `now_ms` for `ttl` (`None`: the window), as `PUT /ids/{id}?ttl_ms=N`
+/// does: 200 with `"recorded": true` when added, `false` when it was already live (left alone),
+/// 409 while a claim on it is in flight.
+pub fn record(store: &Store, id: &[u8], ttl: Option<Duration>, now_ms: u64) -> Answer {
     let shown = String::from_utf8_lossy(id);
-    if let Err(e) = store.check(id, system_now_ms()) {
+    if let Err(e) = store.check(id, now_ms) {
         return error_answer(&e); // a refused id: 400 naming why
     }
-    match record_ids(store, [(id.to_vec(), ttl)], system_now_ms()) {
+    match record_ids(store, [(id.to_vec(), ttl)], now_ms) {
         Ok(r) if r.in_flight > 0 => Answer {
             status: 409,
             body: json!({ "id": shown, "recorded": false, "in_flight": true }),
@@ -166,10 +166,10 @@ pub fn record(store: &Store, id: &[u8], ttl: Option<Duration>) -> Answer {
     }
 }
 
-/// The store's figures, plus the relay's totals and rates when a relay is running.
-pub fn stats(store: &Store, relay: Option<(&Metrics, Duration)>) -> Answer {
+/// The store's figures at `now_ms`, plus the relay's totals and rates when a relay is running.
+pub fn stats(store: &Store, relay: Option<(&Metrics, Duration)>, now_ms: u64) -> Answer {
     let s = store.stats();
-    let now = system_now_ms();
+    let now = now_ms;
     let mut body = json!({
         "data_dir": store.dir().display().to_string(),
         "ttl_seconds": store.ttl().as_secs(),
@@ -206,7 +206,7 @@ pub fn stats(store: &Store, relay: Option<(&Metrics, Duration)>) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{StoreConfig, Verdict};
+    use crate::store::{system_now_ms, StoreConfig, Verdict};
 
     fn small_store(dir: &std::path::Path) -> Store {
         let mut c = StoreConfig::new(dir);
@@ -225,18 +225,18 @@ mod tests {
         };
         store.commit(vec![claim], now).unwrap();
 
-        let seen = check(&store, b"order-1");
+        let seen = check(&store, b"order-1", now);
         assert_eq!(seen.status, 200);
         assert_eq!(seen.body["seen"], true);
         assert_eq!(seen.body["first_seen_ms"], now);
-        assert_eq!(check(&store, b"order-2").status, 404);
-        assert_eq!(check(&store, b"").status, 400);
+        assert_eq!(check(&store, b"order-2", now).status, 404);
+        assert_eq!(check(&store, b"", now).status, 400);
 
-        assert_eq!(stats(&store, None).body["live_ids"], 1);
+        assert_eq!(stats(&store, None, now).body["live_ids"], 1);
         assert_eq!(forget(&store, b"order-1").status, 200);
         assert_eq!(forget(&store, b"order-1").status, 404);
-        assert_eq!(check(&store, b"order-1").status, 404);
-        assert_eq!(stats(&store, None).body["live_ids"], 0);
+        assert_eq!(check(&store, b"order-1", now).status, 404);
+        assert_eq!(stats(&store, None, now).body["live_ids"], 0);
     }
 
     #[test]
@@ -251,7 +251,10 @@ mod tests {
         assert_eq!(answer.status, 200);
         assert_eq!(answer.body["forgotten"], 5);
         for i in 0..5 {
-            assert_eq!(check(&store, format!("order-{i}").as_bytes()).status, 404);
+            assert_eq!(
+                check(&store, format!("order-{i}").as_bytes(), now).status,
+                404
+            );
         }
         // Every id is new again, and a second bulk forget finds nothing.
         let Verdict::New(_) = store.claim(b"order-3", now).unwrap() else {
@@ -287,16 +290,16 @@ mod tests {
         let later = record_ids(&store, batch(), now + 61_000).unwrap();
         assert_eq!((later.added, later.present), (1, 1));
 
-        let answer = record(&store, b"c", Some(Duration::from_secs(5)));
+        let answer = record(&store, b"c", Some(Duration::from_secs(5)), now);
         assert_eq!(
             (answer.status, &answer.body["recorded"]),
             (200, &json!(true))
         );
-        let answer = record(&store, b"c", None);
+        let answer = record(&store, b"c", None, now);
         assert_eq!(
             (answer.status, &answer.body["recorded"]),
             (200, &json!(false))
         );
-        assert_eq!(record(&store, b"", None).status, 400);
+        assert_eq!(record(&store, b"", None, now).status, 400);
     }
 }

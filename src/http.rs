@@ -32,7 +32,7 @@ use crate::admin::{self, Answer};
 use crate::config::Secret;
 use crate::metrics::{Metrics, Role};
 use crate::shutdown::Shutdown;
-use crate::store::{system_now_ms, Store};
+use crate::store::{Clock, Store};
 
 /// Content type of the Prometheus text format.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -108,6 +108,8 @@ pub(crate) struct State {
     pub(crate) store: Store,
     pub(crate) started: Instant,
     pub(crate) admin: AdminAccess,
+    /// The service's clock: what "now" is for the answers about ids and their age.
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 /// Serves the endpoint on `listener` until `shutdown` fires, then lets the requests in progress
@@ -152,13 +154,14 @@ async fn metrics(Shared(state): Shared<State>) -> Response {
         .ok();
     let text = state
         .metrics
-        .render(stats.as_ref(), state.store.ttl(), system_now_ms());
+        .render(stats.as_ref(), state.store.ttl(), state.clock.now_ms());
     ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response()
 }
 
 async fn stats(Shared(state): Shared<State>) -> Response {
     let (store, metrics, uptime) = (state.store, state.metrics, state.started.elapsed());
-    json(blocking(move || admin::stats(&store, Some((&metrics, uptime)))).await)
+    let now_ms = state.clock.now_ms();
+    json(blocking(move || admin::stats(&store, Some((&metrics, uptime)), now_ms)).await)
 }
 
 /// `DELETE /ids?all=true`: forgetting every id takes saying so, as `dedupd forget --all --yes`
@@ -264,11 +267,12 @@ async fn id_route(
     let raw = uri.path().strip_prefix("/ids/").unwrap_or_default();
     let id: Vec<u8> = percent_decode_str(raw).collect();
     let store = state.store;
+    let now_ms = state.clock.now_ms();
     let answer = match method {
-        Method::GET => blocking(move || admin::check(&store, &id)).await,
+        Method::GET => blocking(move || admin::check(&store, &id, now_ms)).await,
         Method::DELETE => blocking(move || admin::forget(&store, &id)).await,
         _ => match ttl_param(&uri.to_string()) {
-            Ok(ttl) => blocking(move || admin::record(&store, &id, ttl)).await,
+            Ok(ttl) => blocking(move || admin::record(&store, &id, ttl, now_ms)).await,
             Err(body) => Answer { status: 400, body },
         },
     };

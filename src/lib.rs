@@ -25,7 +25,8 @@
 //! - [`shard`]: past one node, a consistent-hash exchange spreading ids over N dedupd instances,
 //!   and the re-sharding cut-over.
 //! - [`service`]: the one place that opens the store, starts the endpoints and the relay, and
-//!   stops them in a written order on one shutdown signal; [`run`] is the entry.
+//!   stops them in a written order on one shutdown signal; [`run`] is the entry, and
+//!   [`service::run_with_clock`] the same on a clock of the caller's (every part reads it).
 //! - [`cli`]: the command line (clap): runs the service, or an admin command over the HTTP
 //!   endpoint or the data dir (`cli::ask`), `import-redis` (`cli::import_redis`), `topology`.
 //!   `main.rs` only parses, calls [`cli::run`] and maps the error to an exit code.

@@ -14,6 +14,11 @@
 //! 2. once the relay has returned, report unhealthy, then wait for every tracked task (the
 //!    endpoints finish their open connections);
 //! 3. close the store last, which persists the Bloom filter: nothing may write after it.
+//!
+//! Time comes from one [`Clock`], given to every part: the store's compactor, the relay's claims
+//! and commits, the Redis endpoint's expiries and the HTTP endpoint's answers. [`run`] uses the
+//! wall clock; a test gives [`run_with_clock`] a [`ManualClock`](crate::store::ManualClock) and
+//! moves time instead of sleeping.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,7 +34,7 @@ use crate::http;
 use crate::metrics::Metrics;
 use crate::relay;
 use crate::shutdown::Shutdown;
-use crate::store::{Error as StoreError, Store};
+use crate::store::{Clock, Error as StoreError, Store, SystemClock};
 
 /// Period of the summary log line while messages flow.
 const SUMMARY_EVERY: Duration = Duration::from_secs(30);
@@ -77,17 +82,34 @@ pub async fn run<F>(config: Config, shutdown: F) -> Result<(), Error>
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    run_with_clock(config, Arc::new(SystemClock), shutdown).await
+}
+
+/// [`run`], with the time read from `clock` by every part.
+///
+/// # Errors
+///
+/// As [`run`].
+pub async fn run_with_clock<F>(
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: F,
+) -> Result<(), Error>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "dedupd starting");
-    let store_config = config.store_config();
+    let mut store_config = config.store_config();
+    store_config.clock = clock.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await
         .expect("store open does not panic")
         .map_err(Error::StoreOpen)?;
     let token = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let started = start(&config, &store, &token, &tasks, shutdown).await;
+    let started = start(&config, &store, &clock, &token, &tasks, shutdown).await;
     let result = match started {
-        Ok(metrics) => serve(&config, &store, &metrics, &token).await,
+        Ok(metrics) => serve(&config, &store, &metrics, clock, &token).await,
         Err(e) => Err(e),
     };
 
@@ -108,6 +130,7 @@ where
 async fn start<F>(
     config: &Config,
     store: &Store,
+    clock: &Arc<dyn Clock>,
     token: &CancellationToken,
     tasks: &TaskTracker,
     shutdown: F,
@@ -116,11 +139,7 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let metrics = Arc::new(Metrics::new());
-    metrics.settings(
-        config.store.bloom_fp_rate,
-        config.store.ttl,
-        crate::store::system_now_ms(),
-    );
+    metrics.settings(config.store.bloom_fp_rate, config.store.ttl, clock.now_ms());
     {
         let token = token.clone();
         tasks.spawn(async move {
@@ -143,11 +162,12 @@ where
             store: store.clone(),
             started: Instant::now(),
             admin: http::AdminAccess::new(config.http.admin_token.as_ref(), addr),
+            clock: clock.clone(),
         };
         tasks.spawn(http::serve(listener, state, Shutdown::new(token)));
     }
     if let Some(addr) = config.redis.addr {
-        let serve = crate::redis::bind(addr, config, store, Shutdown::new(token))
+        let serve = crate::redis::bind(addr, config, store, clock.clone(), Shutdown::new(token))
             .await
             .map_err(|source| Error::Redis { addr, source })?;
         tasks.spawn(serve);
@@ -163,10 +183,11 @@ async fn serve(
     config: &Config,
     store: &Store,
     metrics: &Metrics,
+    clock: Arc<dyn Clock>,
     token: &CancellationToken,
 ) -> Result<(), Error> {
     let result = if config.relay.enabled {
-        relay::run(config, store, metrics, Shutdown::new(token)).await
+        relay::run(config, store, metrics, clock, Shutdown::new(token)).await
     } else {
         // No broker: the store serves its endpoints alone, healthy while they listen.
         tracing::info!("DEDUPD_RELAY=off: no broker connection, serving the store's endpoints");

@@ -12,7 +12,7 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use crate::admin::{self, Answer};
 use crate::config::Config;
-use crate::store::{Error as StoreError, Store};
+use crate::store::{system_now_ms, Error as StoreError, Store};
 
 /// How long the CLI waits for the service's endpoint.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -92,11 +92,11 @@ pub fn answer(config: &Config, request: &Request) -> Result<Answer, Error> {
         source,
     })?;
     let answer = match request {
-        Request::Check(id) => admin::check(&store, id.as_bytes()),
+        Request::Check(id) => admin::check(&store, id.as_bytes(), system_now_ms()),
         Request::Forget(id) => admin::forget(&store, id.as_bytes()),
         Request::ForgetAll => admin::forget_all(&store),
-        Request::Stats => admin::stats(&store, None),
-        Request::Record(id, ttl) => admin::record(&store, id.as_bytes(), *ttl),
+        Request::Stats => admin::stats(&store, None, system_now_ms()),
+        Request::Record(id, ttl) => admin::record(&store, id.as_bytes(), *ttl, system_now_ms()),
     };
     // Persist the filter so the service's next start does not rebuild it; a failure here loses
     // nothing (the next open rebuilds).

@@ -261,7 +261,7 @@ fn run(
     keys: &mut dyn Keys,
 ) -> (Reply, Flow) {
     server.counters.commands(1);
-    let now_ms = crate::store::system_now_ms();
+    let now_ms = server.clock.now_ms();
     let reply = match spec.name {
         "quit" => return (Reply::Simple("OK"), Flow::Close),
         "ping" => match args.len() {

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use crate::config::{Config, Secret};
 use crate::shutdown::Shutdown;
 use crate::store::kv::Kv;
-use crate::store::Store;
+use crate::store::{Clock, Store};
 use command::Flow;
 use resp::{Parser, Reply, Request};
 
@@ -59,6 +59,8 @@ pub struct Settings {
     pub max_value_bytes: usize,
     /// Longest a Lua script may run before it is killed (and its writes undone).
     pub script_timeout: Duration,
+    /// What "now" is for expiries: the service's clock.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -69,6 +71,7 @@ impl std::fmt::Debug for Settings {
             .field("max_clients", &self.max_clients)
             .field("max_value_bytes", &self.max_value_bytes)
             .field("script_timeout", &self.script_timeout)
+            .field("clock", &self.clock)
             .finish()
     }
 }
@@ -101,6 +104,8 @@ pub(crate) struct Server {
     scripts: script::Scripts,
     /// Batches that touch the store go here (see [`writer`]).
     writer: std::sync::mpsc::Sender<writer::Job>,
+    /// What "now" is for expiries.
+    clock: Arc<dyn Clock>,
 }
 
 impl Server {
@@ -195,6 +200,7 @@ pub(crate) async fn bind(
     addr: SocketAddr,
     config: &Config,
     store: &Store,
+    clock: Arc<dyn Clock>,
     shutdown: Shutdown,
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
     let listener = TcpListener::bind(addr).await?;
@@ -203,6 +209,7 @@ pub(crate) async fn bind(
         max_clients: config.redis.max_clients.get(),
         max_value_bytes: usize::try_from(config.redis.max_value).unwrap_or(usize::MAX),
         script_timeout: config.redis.script_timeout,
+        clock,
     };
     tracing::info!(
         %addr,
@@ -236,6 +243,7 @@ pub(crate) async fn serve(
         cursors: Cursors::default(),
         scripts: script::Scripts::new(settings.script_timeout),
         writer: writer::start(),
+        clock: settings.clock.clone(),
     });
     // Each connection holds a sender; once all are dropped, `recv` returns `None`.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);

@@ -25,7 +25,7 @@ use crate::amqp::{self, ConnectError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::store::{Error as StoreError, Store};
+use crate::store::{Clock, Error as StoreError, Store};
 use session::{Context, End, Failure, Session};
 use worker::Workers;
 
@@ -89,6 +89,7 @@ pub(crate) async fn run(
     config: &Config,
     store: &Store,
     metrics: &Metrics,
+    clock: Arc<dyn Clock>,
     stop: Shutdown,
 ) -> Result<(), Error> {
     // With HA, the stream side runs until the relay has drained (its commits wait for the
@@ -101,7 +102,7 @@ pub(crate) async fn run(
     } else {
         (None, None)
     };
-    let workers = Workers::start(store, ha.clone()).map_err(Error::Threads)?;
+    let workers = Workers::start(store, ha.clone(), clock).map_err(Error::Threads)?;
     let result = relay(config, metrics, &workers, ha.as_ref(), stop).await;
     ha_token.cancel();
     if let Some(replicator) = replicator {

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::ha::Ha;
 use crate::metrics::Metrics;
-use crate::store::{system_now_ms, Claim, Error as StoreError, Store, Verdict};
+use crate::store::{Claim, Clock, Error as StoreError, Store, Verdict};
 
 /// Ids to claim, each with the delivery tag it is for and its window; the verdicts go back on
 /// `reply`.
@@ -49,22 +49,28 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
-    /// Starts the claim and commit threads on `store`. With `ha`, each commit batch is appended
-    /// to the id stream, and its messages are acked only once the stream confirmed it.
+    /// Starts the claim and commit threads on `store`, which read the time from `clock`. With
+    /// `ha`, each commit batch is appended to the id stream, and its messages are acked only once
+    /// the stream confirmed it.
     ///
     /// # Errors
     ///
     /// When the OS refuses a thread.
-    pub(crate) fn start(store: &Store, ha: Option<Ha>) -> std::io::Result<Workers> {
+    pub(crate) fn start(
+        store: &Store,
+        ha: Option<Ha>,
+        clock: Arc<dyn Clock>,
+    ) -> std::io::Result<Workers> {
         let (claims, mut claim_rx) = mpsc::unbounded_channel::<ClaimJob>();
         let (commits, mut commit_rx) = mpsc::unbounded_channel::<CommitJob>();
         let claimer = {
             let store = store.clone();
+            let clock = clock.clone();
             thread::Builder::new()
                 .name("dedupd-claim".into())
                 .spawn(move || {
                     while let Some(job) = claim_rx.blocking_recv() {
-                        let now = system_now_ms();
+                        let now = clock.now_ms();
                         let verdicts = job
                             .items
                             .into_iter()
@@ -96,7 +102,7 @@ impl Workers {
                             .collect();
                         let claimed: Vec<Instant> = claims.iter().map(Claim::claimed_at).collect();
                         let ids = claims.len() as u64;
-                        let now = system_now_ms();
+                        let now = clock.now_ms();
                         let (result, segment) = match &ha {
                             None => (store.commit(claims, now).map_err(Arc::new), None),
                             Some(_) => match store.commit_logged(claims, now) {
