@@ -191,7 +191,7 @@ async fn relay(
             windows: &windows,
             ha,
         };
-        let result = match Session::open(&conn, cx, events_tx, events_rx).await {
+        let result = match Session::open(&conn, cx, (events_tx, events_rx)).await {
             Ok((session, deliveries)) => session.run(&conn, deliveries, stop.clone()).await,
             Err(failure) => Err(failure),
         };

@@ -71,6 +71,12 @@ impl From<BrokerEvent> for Event {
     }
 }
 
+/// A session's event queue: the sender the callbacks and waiters get clones of, and the receiver.
+pub(crate) type EventQueue = (mpsc::UnboundedSender<Event>, mpsc::UnboundedReceiver<Event>);
+
+/// An open session and the consumer's deliveries it is to be driven with.
+pub(crate) type Opened<'a> = (Session<'a>, mpsc::UnboundedReceiver<ConsumerMessage>);
+
 /// How a session ended without failing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum End {
@@ -154,9 +160,8 @@ impl<'a> Session<'a> {
     pub(crate) async fn open(
         conn: &Connection,
         cx: Context<'a>,
-        events_tx: mpsc::UnboundedSender<Event>,
-        events: mpsc::UnboundedReceiver<Event>,
-    ) -> Result<(Session<'a>, mpsc::UnboundedReceiver<ConsumerMessage>), Failure> {
+        events: EventQueue,
+    ) -> Result<Opened<'a>, Failure> {
         let config = cx.config;
         let metrics = cx.metrics;
         let io_failed = conn.listen_network_io_failure();
@@ -165,7 +170,7 @@ impl<'a> Session<'a> {
             // Polled first so that it listens before anything below can fail.
             biased;
             _ = &mut io_failed => Err((Failure::Lost("connection lost".into()), true)),
-            opened = Self::start(conn, cx, events_tx, events) => opened.map_err(|f| (f, false)),
+            opened = Self::start(conn, cx, events) => opened.map_err(|f| (f, false)),
         };
         match opened {
             Ok(opened) => Ok(opened),
@@ -188,9 +193,9 @@ impl<'a> Session<'a> {
     async fn start(
         conn: &Connection,
         cx: Context<'a>,
-        events_tx: mpsc::UnboundedSender<Event>,
-        events: mpsc::UnboundedReceiver<Event>,
-    ) -> Result<(Session<'a>, mpsc::UnboundedReceiver<ConsumerMessage>), Failure> {
+        events: EventQueue,
+    ) -> Result<Opened<'a>, Failure> {
+        let (events_tx, events) = events;
         let config = cx.config;
         let publish = open_channel(conn, "publish", &events_tx).await?;
         publish
