@@ -6,17 +6,14 @@
 //! expected rate rolls a new generation early instead of overfilling the current one; the next
 //! rebuild folds them back into one filter sized for what is really live.
 //!
-//! Each generation is a *blocked* Bloom filter: an id's k bits all lie in one 512-bit block, one
-//! cache line, so a lookup costs one memory access instead of k, and its bits come straight from
-//! the digest the store already computed (keyed by the data dir's secret, so uniformly random):
-//! no further hashing. Blocks fill unevenly, so for the same bits per id a blocked filter answers
-//! "maybe" a little more often than a classic one; [`Blocks::for_rate`] sizes it for the target
-//! rate with that taken into account.
+//! Each generation is a filter of the `bloomfilter` crate (the product's design card fixes it),
+//! fed 64 bits of the digest the store already computed rather than the id.
 //!
 //! Invariant kept by the store, not by this type: every id live in the index was `insert`ed
 //! here (or was seen by the rebuild that produced the current generation), once the filter is
 //! ready.
 
+use bloomfilter::Bloom;
 use serde::{Deserialize, Serialize};
 
 /// A digest for the unit tests below (the store's own are keyed per data dir).
@@ -25,146 +22,23 @@ fn digest(id: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(id)
 }
 
-/// Bits in a block: one 64-byte cache line.
-const BLOCK_BITS: u32 = 512;
+/// Fixed seed: a digest set by one process must answer the same in the next one that loads the
+/// snapshot. The seed is not a secret: what reaches the filter is already a digest keyed by the
+/// data dir's secret.
+const SEED: [u8; 32] = *b"dedupd bloom generation seed v2.";
 
-/// One cache line of filter bits.
-#[derive(Clone, Copy, Default)]
-#[repr(C, align(64))]
-struct Block([u64; 8]);
-
-/// A blocked Bloom filter over 96-bit digests: bits 64..96 pick the block, the low 64 bits give
-/// the `k` bit positions inside it, 9 bits each.
-pub(crate) struct Blocks {
-    blocks: Box<[Block]>,
-    k: u32,
-}
-
-/// The false-positive rate of a blocked filter with `bits_per_id` and `k` bits per id: the ids
-/// per block follow a Poisson law, and a block holding `j` of them answers "maybe" with the
-/// classic rate for `j` ids in 512 bits.
-fn blocked_fp_rate(bits_per_id: f64, k: u32) -> f64 {
-    let mean = f64::from(BLOCK_BITS) / bits_per_id;
-    let mut p_j = (-mean).exp(); // Poisson(mean) at j = 0
-    let mut rate = 0.0;
-    let last = (mean + 12.0 * mean.sqrt() + 24.0) as u32;
-    for j in 0..=last {
-        if j > 0 {
-            p_j *= mean / f64::from(j);
-        }
-        let unset = (1.0 - 1.0 / f64::from(BLOCK_BITS)).powf(f64::from(k * j));
-        rate += p_j * (1.0 - unset).powi(k as i32);
-    }
-    rate
-}
-
-impl Blocks {
-    /// A filter for `items` ids at about `fp_rate`: the fewest bits per id (in steps of 1/8) for
-    /// which some `k` meets the rate.
-    pub(crate) fn for_rate(items: u64, fp_rate: f64) -> Blocks {
-        let (bits_per_id, k) = Blocks::shape(fp_rate);
-        let bits = (items.max(1) as f64 * bits_per_id).ceil();
-        let blocks = ((bits / f64::from(BLOCK_BITS)).ceil() as usize).max(1);
-        Blocks {
-            blocks: vec![Block::default(); blocks].into_boxed_slice(),
-            k,
-        }
-    }
-
-    /// Bits per id and bits set per id that meet `fp_rate`.
-    fn shape(fp_rate: f64) -> (f64, u32) {
-        // The classic filter's optimum is the lower bound; blocking costs a little more.
-        let mut bits_per_id = (-fp_rate.ln() / std::f64::consts::LN_2.powi(2)).max(1.0);
-        loop {
-            let k_classic = (bits_per_id * std::f64::consts::LN_2).round().max(1.0) as u32;
-            let best = (k_classic.saturating_sub(2).max(1)..=k_classic + 1)
-                .map(|k| (blocked_fp_rate(bits_per_id, k), k))
-                .min_by(|a, b| a.0.total_cmp(&b.0))
-                .expect("non-empty range");
-            // Past 64 bits an id the target is unreachably small; take what 64 bits give.
-            if best.0 <= fp_rate || bits_per_id >= 64.0 {
-                return (bits_per_id, best.1.min(16));
-            }
-            bits_per_id += 0.125;
-        }
-    }
-
-    #[inline]
-    fn block_of(&self, digest: u128) -> usize {
-        // Multiply-shift maps 32 random bits onto any number of blocks without a division.
-        ((u64::from((digest >> 64) as u32) * self.blocks.len() as u64) >> 32) as usize
-    }
-
-    /// The `k` (word, bit mask) pairs of a digest in its block.
-    #[inline]
-    fn bits(&self, digest: u128) -> impl Iterator<Item = (usize, u64)> {
-        let mut h = digest as u64;
-        (0..self.k).map(move |i| {
-            if i > 0 && i % 7 == 0 {
-                // Seven 9-bit fields use 63 of the 64 bits; stir for more.
-                h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(31);
-            }
-            let pos = (h & 511) as usize;
-            h >>= 9;
-            (pos >> 6, 1u64 << (pos & 63))
-        })
-    }
-
-    pub(crate) fn set(&mut self, digest: u128) {
-        let b = self.block_of(digest);
-        let mut block = self.blocks[b];
-        for (word, mask) in self.bits(digest) {
-            block.0[word] |= mask;
-        }
-        self.blocks[b] = block;
-    }
-
-    #[inline]
-    pub(crate) fn check(&self, digest: u128) -> bool {
-        let block = &self.blocks[self.block_of(digest)];
-        // No early exit: the bits are in one cache line, and branches on random bits mispredict.
-        self.bits(digest)
-            .fold(true, |all, (word, mask)| all & (block.0[word] & mask != 0))
-    }
-
-    /// Bytes of bits.
-    pub(crate) fn bytes(&self) -> u64 {
-        (self.blocks.len() * 64) as u64
-    }
-
-    /// The bits as little-endian words, for the snapshot.
-    fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.blocks.len() * 64);
-        for b in self.blocks.iter() {
-            for w in b.0 {
-                out.extend_from_slice(&w.to_le_bytes());
-            }
-        }
-        out
-    }
-
-    fn from_bytes(bytes: &[u8], k: u32) -> Option<Blocks> {
-        let whole_blocks = bytes.chunks_exact(64).remainder().is_empty();
-        if bytes.is_empty() || !whole_blocks || !(1..=16).contains(&k) {
-            return None;
-        }
-        let blocks = bytes
-            .chunks_exact(64)
-            .map(|c| {
-                let mut b = Block::default();
-                for (w, bytes) in b.0.iter_mut().zip(c.chunks_exact(8)) {
-                    *w = u64::from_le_bytes(bytes.try_into().expect("8-byte chunk"));
-                }
-                b
-            })
-            .collect();
-        Some(Blocks { blocks, k })
-    }
+/// What the filter hashes of a digest: its low 64 bits. The digest is keyed and uniformly random,
+/// so 64 of its bits tell ids apart as well as 128 do for a prefilter (a collision only costs a
+/// "maybe" that the exact index answers), and the `bloomfilter` crate's SipHash has half the
+/// input to mix.
+#[inline]
+fn fingerprint(digest: u128) -> u64 {
+    digest as u64
 }
 
 /// One Bloom filter and what is known about the ids in it.
 pub(crate) struct Generation {
-    bloom: Blocks,
+    bloom: Bloom<u64>,
     /// Number of ids the filter was sized for at the target false-positive rate.
     capacity: u64,
     /// Ids inserted so far (duplicates counted; an upper bound on its load).
@@ -176,7 +50,12 @@ pub(crate) struct Generation {
 impl Generation {
     fn new(capacity: u64, fp_rate: f64) -> Generation {
         Generation {
-            bloom: Blocks::for_rate(capacity, fp_rate),
+            bloom: Bloom::new_for_fp_rate_with_seed(
+                usize::try_from(capacity.max(1)).unwrap_or(usize::MAX),
+                fp_rate,
+                &SEED,
+            )
+            .expect("capacity and fp_rate are validated by StoreConfig"),
             capacity: capacity.max(1),
             inserted: 0,
             newest_expiry_ms: 0,
@@ -184,7 +63,7 @@ impl Generation {
     }
 
     fn set(&mut self, digest: u128, expires_ms: u64) {
-        self.bloom.set(digest);
+        self.bloom.set(&fingerprint(digest));
         self.inserted += 1;
         self.newest_expiry_ms = self.newest_expiry_ms.max(expires_ms);
     }
@@ -232,7 +111,12 @@ impl Filters {
     /// "Maybe" (`true`) or "certainly not" (`false`). Newest first: a recent duplicate is the
     /// common positive.
     pub(crate) fn contains(&self, digest: u128) -> bool {
-        !self.ready || self.gens.iter().rev().any(|g| g.bloom.check(digest))
+        !self.ready
+            || self
+                .gens
+                .iter()
+                .rev()
+                .any(|g| g.bloom.check(&fingerprint(digest)))
     }
 
     /// Records a digest. Returns `true` when this insert rolled a new generation, so the caller
@@ -320,7 +204,7 @@ impl Filters {
 
     /// Memory held by the bit arrays.
     pub(crate) fn bytes(&self) -> u64 {
-        self.gens.iter().map(|g| g.bloom.bytes()).sum()
+        self.gens.iter().map(|g| g.bloom.len() / 8).sum()
     }
 
     /// Serialisable form for the shutdown snapshot.
@@ -331,7 +215,6 @@ impl Filters {
                 .iter()
                 .map(|g| GenerationSnapshot {
                     bloom: g.bloom.to_bytes(),
-                    k: g.bloom.k,
                     capacity: g.capacity,
                     inserted: g.inserted,
                     newest_expiry_ms: g.newest_expiry_ms,
@@ -352,7 +235,7 @@ impl Filters {
         let mut gens = Vec::with_capacity(snap.gens.len());
         for g in snap.gens {
             gens.push(Generation {
-                bloom: Blocks::from_bytes(&g.bloom, g.k)?,
+                bloom: Bloom::from_bytes(g.bloom).ok()?,
                 capacity: g.capacity,
                 inserted: g.inserted,
                 newest_expiry_ms: g.newest_expiry_ms,
@@ -382,10 +265,8 @@ pub(crate) struct FiltersSnapshot {
 
 #[derive(Serialize, Deserialize)]
 struct GenerationSnapshot {
-    /// The blocks' bits, little-endian words.
+    /// The `bloomfilter` crate's own serialised form (bits, sizes, seed).
     bloom: Vec<u8>,
-    /// Bits set per id.
-    k: u32,
     capacity: u64,
     inserted: u64,
     newest_expiry_ms: u64,
@@ -436,23 +317,21 @@ mod tests {
     }
 
     #[test]
-    fn blocked_filter_meets_its_rate_when_full() {
+    fn a_full_generation_meets_its_rate_on_64_bit_fingerprints() {
         for target in [0.01, 0.001] {
             let n = 100_000u32;
-            let mut b = Blocks::for_rate(u64::from(n), target);
+            let mut f = Filters::new(u64::from(n), target, 0);
             for i in 0..n {
-                b.set(digest(&i.to_le_bytes()));
+                f.insert(digest(&i.to_le_bytes()), 1);
             }
-            assert!((0..n).all(|i| b.check(digest(&i.to_le_bytes()))));
+            assert_eq!(f.gens.len(), 1, "filled to capacity, not past it");
+            assert!((0..n).all(|i| f.contains(digest(&i.to_le_bytes()))));
             let fps = (n..3 * n)
-                .filter(|i| b.check(digest(&i.to_le_bytes())))
+                .filter(|i| f.contains(digest(&i.to_le_bytes())))
                 .count();
             let measured = fps as f64 / f64::from(2 * n);
-            // The estimate is the mean; allow for the sample's spread.
+            // The rate is a mean; allow for the sample's spread.
             assert!(measured < target * 1.3, "{target}: measured {measured}");
-            // Within a few percent of the classic filter's bits for the same rate.
-            let classic = -target.ln() / std::f64::consts::LN_2.powi(2) / 8.0;
-            assert!(b.bytes() as f64 / f64::from(n) < classic * 1.3);
         }
     }
 
