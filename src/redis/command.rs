@@ -13,20 +13,37 @@ use super::{Client, Server};
 use crate::store::kv::{Condition, Entry, Expiry, Kv, Savepoint, SetOutcome, Txn};
 use crate::store::Error as StoreError;
 
+/// A write of `SET`'s kind: which key, its value, when it applies and the expiry it gives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Write<'a> {
+    /// The key written.
+    key: &'a [u8],
+    /// Its new value.
+    value: &'a [u8],
+    /// When the write applies (`NX`, `XX`).
+    cond: Condition,
+    /// The expiry it gives the key.
+    expiry: Expiry,
+}
+
+impl<'a> Write<'a> {
+    pub(crate) fn new(key: &'a [u8], value: &'a [u8], cond: Condition, expiry: Expiry) -> Self {
+        Write {
+            key,
+            value,
+            cond,
+            expiry,
+        }
+    }
+}
+
 /// Where a command reads and writes its keys: the store itself (each call atomic on its own,
 /// durable once the batch's last ticket is waited for) or a script's transaction.
 pub(crate) trait Keys {
     /// As [`Kv::get`].
     fn get(&mut self, key: &[u8], now_ms: u64) -> Result<Option<Entry>, StoreError>;
     /// As [`Kv::set`], without waiting for durability.
-    fn set(
-        &mut self,
-        key: &[u8],
-        value: &[u8],
-        cond: Condition,
-        expiry: Expiry,
-        now_ms: u64,
-    ) -> Result<SetOutcome, StoreError>;
+    fn set(&mut self, write: Write<'_>, now_ms: u64) -> Result<SetOutcome, StoreError>;
     /// As [`Kv::delete`], without waiting for durability.
     fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, StoreError>;
     /// As [`Kv::expire`], without waiting for durability.
@@ -46,15 +63,8 @@ impl Keys for Txn<'_> {
         Txn::get(self, key, now_ms)
     }
 
-    fn set(
-        &mut self,
-        key: &[u8],
-        value: &[u8],
-        cond: Condition,
-        expiry: Expiry,
-        now_ms: u64,
-    ) -> Result<SetOutcome, StoreError> {
-        Txn::set(self, key, value, cond, expiry, now_ms)
+    fn set(&mut self, w: Write<'_>, now_ms: u64) -> Result<SetOutcome, StoreError> {
+        Txn::set(self, w.key, w.value, w.cond, w.expiry, now_ms)
     }
 
     fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, StoreError> {
@@ -77,15 +87,10 @@ impl Keys for &Kv {
         Kv::get(self, key, now_ms)
     }
 
-    fn set(
-        &mut self,
-        key: &[u8],
-        value: &[u8],
-        cond: Condition,
-        expiry: Expiry,
-        now_ms: u64,
-    ) -> Result<SetOutcome, StoreError> {
-        Ok(self.set_deferred(key, value, cond, expiry, now_ms)?.0)
+    fn set(&mut self, w: Write<'_>, now_ms: u64) -> Result<SetOutcome, StoreError> {
+        Ok(self
+            .set_deferred(w.key, w.value, w.cond, w.expiry, now_ms)?
+            .0)
     }
 
     fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, StoreError> {
@@ -324,20 +329,14 @@ fn store_command(
         "getex" => return getex(kv, args, now_ms),
         "getset" => {
             let out = kv.set(
-                &args[1],
-                &args[2],
-                Condition::Always,
-                Expiry::Window,
+                Write::new(&args[1], &args[2], Condition::Always, Expiry::Window),
                 now_ms,
             )?;
             out.previous.map_or(Reply::Null, |e| Reply::Bulk(e.value))
         }
         "setnx" => {
             let out = kv.set(
-                &args[1],
-                &args[2],
-                Condition::IfAbsent,
-                Expiry::Window,
+                Write::new(&args[1], &args[2], Condition::IfAbsent, Expiry::Window),
                 now_ms,
             )?;
             Reply::Int(i64::from(out.written))
@@ -351,10 +350,7 @@ fn store_command(
                 return Ok(invalid_expire(name));
             };
             kv.set(
-                &args[1],
-                &args[3],
-                Condition::Always,
-                Expiry::At(at),
+                Write::new(&args[1], &args[3], Condition::Always, Expiry::At(at)),
                 now_ms,
             )?;
             Reply::Simple("OK")
@@ -396,30 +392,18 @@ fn store_command(
 
 /// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`, parsed as Redis 7 does.
 fn set(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreError> {
-    let mut cond = Condition::Always;
-    let mut get = false;
-    let mut keep = false;
-    let mut expire: Option<ExpireOption> = None;
-    let mut i = 3;
-    while i < args.len() {
-        let opt = args[i].to_ascii_uppercase();
-        let next = args.get(i + 1);
-        match (opt.as_slice(), next) {
-            (b"NX", _) if cond != Condition::IfPresent => cond = Condition::IfAbsent,
-            (b"XX", _) if cond != Condition::IfAbsent => cond = Condition::IfPresent,
-            (b"GET", _) => get = true,
-            (b"KEEPTTL", _) if expire.is_none() => keep = true,
-            (b"EX" | b"PX" | b"EXAT" | b"PXAT", Some(n)) if !keep => {
-                let Some(option) = ExpireOption::after(expire, &opt, n) else {
-                    return Ok(syntax_error());
-                };
-                expire = Some(option);
-                i += 1;
-            }
-            _ => return Ok(syntax_error()),
-        }
-        i += 1;
+    let ([nx, xx, get, keep], expire) = match options(args, 3, [b"NX", b"XX", b"GET", b"KEEPTTL"]) {
+        Ok(options) => options,
+        Err(reply) => return Ok(reply),
+    };
+    if (nx && xx) || (keep && expire.is_some()) {
+        return Ok(syntax_error());
     }
+    let cond = match (nx, xx) {
+        (true, _) => Condition::IfAbsent,
+        (_, true) => Condition::IfPresent,
+        _ => Condition::Always,
+    };
     let expiry = match expire {
         None if keep => Expiry::Keep,
         None => Expiry::Window,
@@ -428,7 +412,7 @@ fn set(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreE
             Err(reply) => return Ok(reply),
         },
     };
-    let out = kv.set(&args[1], &args[2], cond, expiry, now_ms)?;
+    let out = kv.set(Write::new(&args[1], &args[2], cond, expiry), now_ms)?;
     Ok(if get {
         out.previous.map_or(Reply::Null, |e| Reply::Bulk(e.value))
     } else if out.written {
@@ -473,27 +457,41 @@ impl<'a> ExpireOption<'a> {
     }
 }
 
+/// The options of `SET` or `GETEX`, from `args[from]` on: which of `flags` were given, and the
+/// expiry option. Anything else, or an expiry option without its number, is a syntax error; the
+/// caller refuses the flags that do not go together.
+fn options<'a, const N: usize>(
+    args: &'a [Vec<u8>],
+    from: usize,
+    flags: [&[u8]; N],
+) -> Result<([bool; N], Option<ExpireOption<'a>>), Reply> {
+    let mut given = [false; N];
+    let mut expire = None;
+    let mut rest = args[from.min(args.len())..].iter();
+    while let Some(arg) = rest.next() {
+        let opt = arg.to_ascii_uppercase();
+        if let Some(i) = flags.iter().position(|f| *f == opt.as_slice()) {
+            given[i] = true;
+        } else if matches!(opt.as_slice(), b"EX" | b"PX" | b"EXAT" | b"PXAT") {
+            let n = rest.next().ok_or_else(syntax_error)?;
+            expire = Some(ExpireOption::after(expire, &opt, n).ok_or_else(syntax_error)?);
+        } else {
+            return Err(syntax_error());
+        }
+    }
+    Ok((given, expire))
+}
+
 /// `GETEX key [EX s|PX ms|EXAT s|PXAT ms|PERSIST]`, parsed as Redis 7 does: options first,
 /// then a missing key is nil whatever its expiry says, then the expiry is checked. `PERSIST`
 /// gives the key the dedup window (dedupd has no key without an expiry).
 fn getex(kv: &mut dyn Keys, args: &[Vec<u8>], now_ms: u64) -> Result<Reply, StoreError> {
-    let mut persist = false;
-    let mut expire: Option<ExpireOption> = None;
-    let mut i = 2;
-    while i < args.len() {
-        let opt = args[i].to_ascii_uppercase();
-        match (opt.as_slice(), args.get(i + 1)) {
-            (b"PERSIST", _) if expire.is_none() => persist = true,
-            (b"EX" | b"PX" | b"EXAT" | b"PXAT", Some(n)) if !persist => {
-                let Some(option) = ExpireOption::after(expire, &opt, n) else {
-                    return Ok(syntax_error());
-                };
-                expire = Some(option);
-                i += 1;
-            }
-            _ => return Ok(syntax_error()),
-        }
-        i += 1;
+    let ([persist], expire) = match options(args, 2, [b"PERSIST"]) {
+        Ok(options) => options,
+        Err(reply) => return Ok(reply),
+    };
+    if persist && expire.is_some() {
+        return Ok(syntax_error());
     }
     let Some(current) = kv.get(&args[1], now_ms)? else {
         return Ok(Reply::Null);
