@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::index::{short, Ids, Keys, KvSlot};
+use super::index::{held_expiry, short, Ids, Keys, KvSlot};
 use super::segment::{self, KvEntry, RelayEntry};
 use super::{Error, Namespace, Shared};
 
@@ -246,7 +246,7 @@ fn relay_verdicts(
         let still_true = if e.tombstone {
             current.is_none()
         } else {
-            current == Some(e.expires_ms)
+            current == Some(held_expiry(e.expires_ms))
         };
         if still_true {
             keep.push(*e);
@@ -436,7 +436,7 @@ pub(crate) fn commit_time_of(
         let (commit_ms, entries) = segment::decode_relay(&bytes)?;
         if entries
             .iter()
-            .any(|e| e.digest == digest && e.expires_ms == expires_ms && !e.tombstone)
+            .any(|e| e.digest == digest && held_expiry(e.expires_ms) == expires_ms && !e.tombstone)
         {
             return Ok(Some(commit_ms));
         }

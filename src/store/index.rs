@@ -7,9 +7,10 @@
 //! Redis keys use [`SHARDS`] tables; relay ids as many as make `DEDUPD_EXPECTED_IDS` fill each
 //! (power-of-two) table to just under its load limit (see [`Ids::ids`]).
 //!
-//! A relay entry is 20 bytes: the low 96 bits of the id's keyed digest and the expiry. 96 bits
-//! keep two live ids from meeting with probability n²/2⁹⁷ (about 6·10⁻¹⁶ for 10 M live ids);
-//! the segments on disk keep all 128.
+//! A relay entry is 16 bytes: the low 84 bits of the id's keyed digest and the expiry in 44
+//! bits of milliseconds (up to the year 2527; a later one is held as "never"). 84 bits keep two
+//! live ids from meeting with probability n²/2⁸⁵ (about 3·10⁻¹² for 10 M live ids, and the
+//! digest is keyed, so ids cannot be crafted to meet); the segments on disk keep all 128.
 
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -44,9 +45,27 @@ impl Keyed {
     }
 }
 
+/// Bits of a digest the memory index and the Bloom filter keep.
+pub(crate) const SHORT_BITS: u32 = 84;
+
 /// The part of a digest the memory index and the Bloom filter use.
 pub(crate) fn short(digest: u128) -> u128 {
-    digest & ((1u128 << 96) - 1)
+    digest & ((1u128 << SHORT_BITS) - 1)
+}
+
+/// Bits of the expiry in a slot.
+const EXPIRY_BITS: u32 = 128 - SHORT_BITS;
+/// The largest expiry a slot holds as such (ms, in the year 2527); from there on, "never".
+const LAST_EXPIRY: u64 = (1 << EXPIRY_BITS) - 2;
+
+/// An expiry as the index holds it: itself, or `u64::MAX` ("never") past [`LAST_EXPIRY`].
+/// Whoever compares an expiry from disk with the index's compares this.
+pub(crate) fn held_expiry(expires_ms: u64) -> u64 {
+    if expires_ms > LAST_EXPIRY {
+        u64::MAX
+    } else {
+        expires_ms
+    }
 }
 
 /// The shard of `hash` among `shards`. hashbrown takes the bucket from the low bits and the
@@ -58,27 +77,25 @@ fn shard_of(hash: u64, shards: usize) -> usize {
     ((u64::from((hash >> 25) as u32) * shards as u64) >> 32) as usize
 }
 
-/// One relay entry: 96 bits of digest and the expiry, packed into 20 bytes (align 4).
+/// One relay entry: the short digest in the low 84 bits, the expiry in the top 44.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Slot {
-    key: [u32; 3],
-    expires: [u32; 2],
-}
+pub(crate) struct Slot(u128);
 
 impl Slot {
+    /// Bytes of a slot in the snapshot.
+    pub(crate) const BYTES: usize = 16;
+
     pub(crate) fn new(short: u128, expires_ms: u64) -> Slot {
-        Slot {
-            key: [short as u32, (short >> 32) as u32, (short >> 64) as u32],
-            expires: [expires_ms as u32, (expires_ms >> 32) as u32],
-        }
+        let expiry = u128::from(expires_ms.min(LAST_EXPIRY + 1));
+        Slot(short | expiry << SHORT_BITS)
     }
 
     pub(crate) fn short(&self) -> u128 {
-        u128::from(self.key[0]) | u128::from(self.key[1]) << 32 | u128::from(self.key[2]) << 64
+        short(self.0)
     }
 
     pub(crate) fn expires_ms(&self) -> u64 {
-        u64::from(self.expires[0]) | u64::from(self.expires[1]) << 32
+        held_expiry((self.0 >> SHORT_BITS) as u64)
     }
 
     fn hash(&self) -> u64 {
@@ -86,20 +103,12 @@ impl Slot {
     }
 
     /// Little-endian bytes, for the snapshot.
-    pub(crate) fn to_bytes(self) -> [u8; 20] {
-        let mut b = [0u8; 20];
-        for (i, w) in self.key.iter().chain(&self.expires).enumerate() {
-            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-        }
-        b
+    pub(crate) fn to_bytes(self) -> [u8; Slot::BYTES] {
+        self.0.to_le_bytes()
     }
 
-    pub(crate) fn from_bytes(b: &[u8; 20]) -> Slot {
-        let w = |i: usize| u32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
-        Slot {
-            key: [w(0), w(1), w(2)],
-            expires: [w(3), w(4)],
-        }
+    pub(crate) fn from_bytes(b: &[u8; Slot::BYTES]) -> Slot {
+        Slot(u128::from_le_bytes(*b))
     }
 }
 
@@ -178,11 +187,11 @@ pub(crate) type Ids = Sharded<Slot>;
 
 impl Sharded<Slot> {
     /// An index with room for `expected` ids before any shard grows, in as little memory as
-    /// hashbrown allows: its tables have a power-of-two number of buckets (20 bytes and a
+    /// hashbrown allows: its tables have a power-of-two number of buckets (16 bytes and a
     /// control byte each) and take at most 7/8 of them before doubling, so a table sized for
-    /// `n` entries would sit anywhere between 7/16 and 7/8 full (35 bytes an entry at 10 M).
+    /// `n` entries would sit anywhere between 7/16 and 7/8 full (28 bytes an entry at 10 M).
     /// Instead the bucket count is chosen first and the number of shards follows, so that at
-    /// `expected` every table is just under its limit (about 24 bytes an entry), with a margin
+    /// `expected` every table is just under its limit (about 20 bytes an entry), with a margin
     /// of four standard deviations for the uneven spread of ids over shards. Past `expected`,
     /// shards double one at a time.
     pub(crate) fn ids(expected: usize) -> Ids {
@@ -223,16 +232,20 @@ impl Sharded<Slot> {
 
     /// Inserts or replaces a slot; returns whether its digest was absent.
     pub(crate) fn put(&self, slot: Slot) -> bool {
-        let hash = slot.hash();
-        let mut t = self.write(hash);
-        match t.find_mut(hash, |s| s.key == slot.key) {
-            Some(s) => {
-                *s = slot;
-                false
-            }
-            None => {
-                t.insert_unique(hash, slot, Slot::hash);
-                true
+        put_in(&mut self.write(slot.hash()), slot)
+    }
+
+    /// Inserts or replaces a batch of slots (a commit's), taking each shard's lock once: sorted
+    /// by shard, the inserts into one table run back to back with no lock operation between
+    /// them (each is a fence), so their cache misses overlap.
+    pub(crate) fn put_all(&self, slots: impl Iterator<Item = Slot>) {
+        let mut by_shard: Vec<(usize, Slot)> = slots.map(|s| (self.shard(s.hash()), s)).collect();
+        // Stable: of two slots of one digest, the later still lands last.
+        by_shard.sort_by_key(|&(shard, _)| shard);
+        for run in by_shard.chunk_by(|a, b| a.0 == b.0) {
+            let mut t = self.shards[run[0].0].write().expect("index lock");
+            for &(_, slot) in run {
+                put_in(&mut t, slot);
             }
         }
     }
@@ -266,6 +279,21 @@ impl Sharded<Slot> {
                 self.put(s);
                 t = self.shards[shard].write().expect("index lock");
             }
+        }
+    }
+}
+
+/// Inserts or replaces a slot in one table; returns whether its digest was absent.
+fn put_in(t: &mut HashTable<Slot>, slot: Slot) -> bool {
+    let hash = slot.hash();
+    match t.find_mut(hash, |s| s.short() == slot.short()) {
+        Some(s) => {
+            *s = slot;
+            false
+        }
+        None => {
+            t.insert_unique(hash, slot, Slot::hash);
+            true
         }
     }
 }
@@ -453,12 +481,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_are_twenty_bytes_and_round_trip() {
-        assert_eq!(std::mem::size_of::<Slot>(), 20);
+    fn slots_are_sixteen_bytes_and_round_trip() {
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
         let s = Slot::new(short(u128::MAX - 5), 1_764_000_000_123);
         assert_eq!(s.short(), short(u128::MAX - 5));
         assert_eq!(s.expires_ms(), 1_764_000_000_123);
         assert_eq!(Slot::from_bytes(&s.to_bytes()), s);
+        // Expiries past what 44 bits hold are "never", and compare as such.
+        for far in [LAST_EXPIRY + 1, u64::MAX] {
+            assert_eq!(Slot::new(short(7), far).expires_ms(), u64::MAX);
+            assert_eq!(held_expiry(far), u64::MAX);
+        }
+        assert_eq!(Slot::new(short(7), LAST_EXPIRY).expires_ms(), LAST_EXPIRY);
+        assert_eq!(Slot::new(short(7), 0).expires_ms(), 0);
     }
 
     #[test]
@@ -476,6 +511,12 @@ mod tests {
             ids.insert(short(keyed.digest(&i.to_le_bytes())), 1);
         }
         assert_eq!(ids.len(), 10_000);
+        // A batch lands as single puts would, the newest of a digest winning.
+        let batch = (0u32..3_000).map(|i| Slot::new(short(keyed.digest(&i.to_le_bytes())), 2));
+        ids.put_all(batch.chain(std::iter::once(Slot::new(a, 5))));
+        assert_eq!(ids.len(), 10_001);
+        assert_eq!(ids.get(short(keyed.digest(&7u32.to_le_bytes()))), Some(2));
+        assert_eq!(ids.get(a), Some(5));
     }
 
     #[test]
@@ -489,9 +530,9 @@ mod tests {
             );
             let room = shards * per_shard;
             assert!(room >= expected, "{expected}: {room}");
-            // Buckets are per_shard * 8/7 of 21 bytes: about 24 bytes an id at `expected`.
-            let bytes = (room * 8 / 7 * 21) as f64 / expected as f64;
-            assert!(expected < 100_000 || bytes < 25.5, "{expected}: {bytes}");
+            // Buckets are per_shard * 8/7 of 17 bytes: about 20 bytes an id at `expected`.
+            let bytes = (room * 8 / 7 * 17) as f64 / expected as f64;
+            assert!(expected < 100_000 || bytes < 20.7, "{expected}: {bytes}");
         }
         // Every shard gets its share of ids.
         let ids = Ids::ids(100_000);

@@ -55,7 +55,7 @@ use tokio::sync::watch;
 pub use backup::BackupStats;
 use filter::Filters;
 use flush::FlushGroup;
-use index::{short, Ids, Keyed, Keys};
+use index::{held_expiry, short, Ids, Keyed, Keys};
 pub use record::Seen;
 use segment::RelayEntry;
 
@@ -615,9 +615,11 @@ impl Shared {
             } else {
                 let expiries = entries.iter().map(|e| e.expires_ms).collect();
                 let ticket = self.append(&guard, &self.relay, expiries, bytes)?;
-                for e in entries {
-                    self.ids.insert(short(e.digest), e.expires_ms);
-                }
+                self.ids.put_all(
+                    entries
+                        .iter()
+                        .map(|e| index::Slot::new(short(e.digest), e.expires_ms)),
+                );
                 let keys = entries.iter().map(|e| (short(e.digest), e.expires_ms));
                 (ticket, self.relay.remember(keys))
             }
@@ -629,7 +631,7 @@ impl Shared {
         if let Err(e) = self.flush.wait(&self.db, ticket) {
             for e in entries {
                 self.ids
-                    .remove_if(short(e.digest), |exp| exp == e.expires_ms);
+                    .remove_if(short(e.digest), |exp| exp == held_expiry(e.expires_ms));
             }
             return Err(self.sled_err("commit flush")(e));
         }

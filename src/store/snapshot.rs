@@ -4,7 +4,7 @@
 //! misses later writes) and the checksum at the end holds.
 //!
 //! Layout (little-endian): magic, 16-byte token; the number of relay shards (u64), then for
-//! each the count of its entries then their 20-byte slots, in the order the shard held them
+//! each the count of its entries then their 16-byte slots, in the order the shard held them
 //! (so loading walks the new table nearly in order); the count of Redis keys then each as key length (u32), value
 //! length (u32), key, value, set time, expiry, retention, version (u64 each); the length of the filters (u64) and
 //! the filters (bincode); the xxh3-64 of everything before.
@@ -20,7 +20,7 @@ use super::Shared;
 /// The snapshot's file name in the data dir.
 pub(crate) const FILE: &str = "index.snapshot";
 /// Magic and layout version.
-const MAGIC: &[u8; 8] = b"DDPIDX05";
+const MAGIC: &[u8; 8] = b"DDPIDX06";
 
 /// What a trusted snapshot holds.
 pub(crate) struct Loaded {
@@ -159,15 +159,15 @@ fn parse(bytes: &[u8], token: &[u8], keyed: Keyed, expected: usize) -> Option<Lo
     let mut shards = Vec::new();
     for _ in 0..written {
         let n = usize::try_from(c.u64()?).ok()?;
-        shards.push(c.take(n.checked_mul(20)?)?);
+        shards.push(c.take(n.checked_mul(Slot::BYTES)?)?);
     }
     // Sized as an open with the same setting would. The shards of a snapshot of a store sized
     // differently (DEDUPD_EXPECTED_IDS changed) are not this index's: their slots go one by one
     // to wherever this index wants them.
     let ids = Ids::ids(expected);
     fn slots(raw: &[u8]) -> impl ExactSizeIterator<Item = Slot> + '_ {
-        raw.chunks_exact(20)
-            .map(|b| Slot::from_bytes(b.try_into().expect("20-byte chunk")))
+        raw.chunks_exact(Slot::BYTES)
+            .map(|b| Slot::from_bytes(b.try_into().expect("chunk of a slot's size")))
     }
     if written != ids.shards() {
         for raw in &shards {
