@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::index::{held_expiry, short, Ids, Keys, KvSlot};
-use super::segment::{self, KvEntry, RelayEntry};
+use super::segment::{self, KvEntry, KvRef, RelayEntry};
 use super::{Error, Namespace, Shared};
 
 /// Entries looked at per sweep step: bounds how long one step holds the commit lock, so
@@ -397,28 +397,44 @@ pub(crate) fn replay(
     }
     // The newest version of each key wins, whatever order rewrites left the segments in;
     // deletes are remembered while replaying so an older put cannot come back after them.
+    let segments = in_order(kv)?;
+    let mut entries = 0;
+    for bytes in &segments {
+        entries += segment::kv_count(bytes)?;
+    }
+    keys.reserve(usize::try_from(entries).unwrap_or(0));
     let mut deleted: std::collections::HashMap<Vec<u8>, u64> = std::collections::HashMap::new();
-    for bytes in in_order(kv)? {
-        for e in segment::decode_kv(&bytes)?.1 {
-            let newer = |v: u64| {
-                keys.version(e.key()).is_none_or(|have| have < v)
-                    && deleted.get(e.key()).is_none_or(|&have| have < v)
-            };
-            if !newer(e.version()) {
-                continue;
-            }
-            match KvSlot::of(&e) {
-                Some(slot) if now_ms < slot.expires_ms() => {
-                    keys.put(slot);
+    for bytes in &segments {
+        segment::visit_kv(bytes, |e| {
+            let not_deleted = |key: &[u8], v: u64| deleted.get(key).is_none_or(|&have| have < v);
+            match e {
+                KvRef::Put { key, value, times } if now_ms < times[1] => {
+                    if not_deleted(key, times[3]) {
+                        keys.put_newer(key, times[3], || KvSlot::with_times(key, value, times));
+                    }
                 }
-                _ => {
-                    keys.remove_if(e.key(), |_| true);
-                    deleted.insert(e.key().to_vec(), e.version());
-                }
+                KvRef::Put { key, times, .. } => forget(keys, &mut deleted, key, times[3]),
+                KvRef::Delete { key, version, .. } => forget(keys, &mut deleted, key, version),
             }
-        }
+        })?;
     }
     Ok(())
+}
+
+/// Replays an expired put or a delete of `key` at `version`: unless a newer write of the key
+/// was replayed already, the key goes, and no older put may bring it back.
+fn forget(
+    keys: &Keys,
+    deleted: &mut std::collections::HashMap<Vec<u8>, u64>,
+    key: &[u8],
+    version: u64,
+) {
+    let newer = keys.version(key).is_none_or(|have| have < version)
+        && deleted.get(key).is_none_or(|&have| have < version);
+    if newer {
+        keys.remove_if(key, |_| true);
+        deleted.insert(key.to_vec(), version);
+    }
 }
 
 /// When a live relay id was committed: the commit time of the segment that holds its entry.

@@ -16,8 +16,6 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hashbrown::HashTable;
 
-use super::segment::KvEntry;
-
 /// Tables of the Redis keys' index; the least the relay ids' index has.
 pub(crate) const SHARDS: usize = 64;
 
@@ -318,8 +316,13 @@ const KV_KEY_AT: usize = KV_KEY_LEN_AT + 4;
 impl KvSlot {
     /// A slot kept on disk as long as it lives (`retain_ms` = `expires_ms`), version 0.
     pub(crate) fn new(key: &[u8], value: &[u8], set_ms: u64, expires_ms: u64) -> KvSlot {
+        KvSlot::with_times(key, value, [set_ms, expires_ms, expires_ms, 0])
+    }
+
+    /// A slot with its set time, expiry, retain time and version.
+    pub(crate) fn with_times(key: &[u8], value: &[u8], times: [u64; 4]) -> KvSlot {
         let mut data = Vec::with_capacity(KV_KEY_AT + key.len() + value.len());
-        for t in [set_ms, expires_ms, expires_ms, 0] {
+        for t in times {
             data.extend_from_slice(&t.to_le_bytes());
         }
         data.extend_from_slice(&(key.len() as u32).to_le_bytes());
@@ -327,26 +330,6 @@ impl KvSlot {
         data.extend_from_slice(value);
         KvSlot {
             data: data.into_boxed_slice(),
-        }
-    }
-
-    /// The slot a put entry makes; `None` for a delete.
-    pub(crate) fn of(entry: &KvEntry) -> Option<KvSlot> {
-        match entry {
-            KvEntry::Put {
-                key,
-                value,
-                set_ms,
-                expires_ms,
-                retain_ms,
-                version,
-            } => {
-                let mut slot = KvSlot::new(key, value, *set_ms, *expires_ms);
-                slot.set_retain_ms(*retain_ms);
-                slot.set_version(*version);
-                Some(slot)
-            }
-            KvEntry::Delete { .. } => None,
         }
     }
 
@@ -454,6 +437,34 @@ impl Keys {
                 });
                 None
             }
+        }
+    }
+
+    /// Puts the slot `make` builds for `key` unless the index holds a version of `key` at
+    /// least as new as `version` (the rebuild's "newest wins", with one look-up).
+    pub(crate) fn put_newer(&self, key: &[u8], version: u64, make: impl FnOnce() -> KvSlot) {
+        let hash = self.hash(key);
+        let mut t = self.tables.write(hash);
+        match t.find_mut(hash, |s| s.key() == key) {
+            Some(s) if s.version() < version => *s = make(),
+            Some(_) => {}
+            None => {
+                let secret = &self.keyed.secret;
+                t.insert_unique(hash, make(), |s| {
+                    xxhash_rust::xxh3::xxh3_64_with_secret(s.key(), secret)
+                });
+            }
+        }
+    }
+
+    /// Makes room for `more` keys beyond those held, spread over the shards as keys are.
+    pub(crate) fn reserve(&self, more: usize) {
+        let per_shard = more.div_ceil(self.tables.shards());
+        let secret = &self.keyed.secret;
+        for shard in self.tables.shards.iter() {
+            shard.write().expect("index lock").reserve(per_shard, |s| {
+                xxhash_rust::xxh3::xxh3_64_with_secret(s.key(), secret)
+            });
         }
     }
 

@@ -249,47 +249,103 @@ pub(crate) fn decode_relay(bytes: &[u8]) -> Result<(u64, Vec<RelayEntry>), Error
     Ok((commit_ms, entries))
 }
 
-/// Decodes a Redis-endpoint segment.
+/// An entry of a Redis-endpoint segment, borrowed from the segment's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KvRef<'a> {
+    /// As [`KvEntry::Put`]; `times` are the set time, the expiry, the retain time and the
+    /// version.
+    Put {
+        key: &'a [u8],
+        value: &'a [u8],
+        times: [u64; 4],
+    },
+    /// As [`KvEntry::Delete`].
+    Delete {
+        key: &'a [u8],
+        expires_ms: u64,
+        version: u64,
+    },
+}
+
+/// Calls `f` with each entry of a Redis-endpoint segment, in order, without copying any;
+/// returns the segment's commit time. On an error, `f` may have seen the entries before it.
 ///
 /// # Errors
 ///
 /// [`Error::UnknownFormat`] or [`Error::Corrupt`].
-pub(crate) fn decode_kv(bytes: &[u8]) -> Result<(u64, Vec<KvEntry>), Error> {
+pub(crate) fn visit_kv<'a>(bytes: &'a [u8], mut f: impl FnMut(KvRef<'a>)) -> Result<u64, Error> {
     let (mut r, commit_ms, count) = open(bytes, KIND_KV)?;
-    let mut entries = Vec::with_capacity(count as usize);
     let truncated = || corrupt("truncated entry");
     for _ in 0..count {
         let tag = r.byte().ok_or_else(truncated)?;
         let len = r.varint().ok_or_else(truncated)?;
-        let key = r.take(len).ok_or_else(truncated)?.to_vec();
+        let key = r.take(len).ok_or_else(truncated)?;
         let entry = match tag {
             0 => {
                 let len = r.varint().ok_or_else(truncated)?;
-                let value = r.take(len).ok_or_else(truncated)?.to_vec();
+                let value = r.take(len).ok_or_else(truncated)?;
                 let set_ms = r.varint().ok_or_else(truncated)?;
                 let expires_ms = r.varint().ok_or_else(truncated)?;
                 let retain_ms = expires_ms.saturating_add(r.varint().ok_or_else(truncated)?);
-                KvEntry::Put {
+                let version = r.varint().ok_or_else(truncated)?;
+                KvRef::Put {
                     key,
                     value,
-                    set_ms,
-                    expires_ms,
-                    retain_ms,
-                    version: r.varint().ok_or_else(truncated)?,
+                    times: [set_ms, expires_ms, retain_ms, version],
                 }
             }
-            1 => KvEntry::Delete {
+            1 => KvRef::Delete {
                 key,
                 expires_ms: r.varint().ok_or_else(truncated)?,
                 version: r.varint().ok_or_else(truncated)?,
             },
             _ => return Err(corrupt("unknown entry tag")),
         };
-        entries.push(entry);
+        f(entry);
     }
     if !r.0.is_empty() {
         return Err(corrupt("trailing bytes"));
     }
+    Ok(commit_ms)
+}
+
+/// Entries in a Redis-endpoint segment, from its header.
+///
+/// # Errors
+///
+/// [`Error::UnknownFormat`] or [`Error::Corrupt`].
+pub(crate) fn kv_count(bytes: &[u8]) -> Result<u64, Error> {
+    Ok(open(bytes, KIND_KV)?.2)
+}
+
+/// Decodes a Redis-endpoint segment.
+///
+/// # Errors
+///
+/// [`Error::UnknownFormat`] or [`Error::Corrupt`].
+pub(crate) fn decode_kv(bytes: &[u8]) -> Result<(u64, Vec<KvEntry>), Error> {
+    let mut entries = Vec::with_capacity(kv_count(bytes)? as usize);
+    let commit_ms = visit_kv(bytes, |e| {
+        entries.push(match e {
+            KvRef::Put { key, value, times } => KvEntry::Put {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                set_ms: times[0],
+                expires_ms: times[1],
+                retain_ms: times[2],
+                version: times[3],
+            },
+            KvRef::Delete {
+                key,
+                expires_ms,
+                version,
+            } => KvEntry::Delete {
+                key: key.to_vec(),
+                expires_ms,
+                version,
+            },
+        });
+    })?;
     Ok((commit_ms, entries))
 }
 
