@@ -616,6 +616,16 @@ mod tests {
         }
     }
 
+    /// The rejects among `actions`, in order.
+    fn rejects(actions: &[A]) -> Vec<(Tag, DeadLetterReason)> {
+        actions.iter().filter_map(reject).collect()
+    }
+
+    /// The broker nacks publish `seq` (and every earlier one with `multiple`).
+    fn nacked(seq: u64, multiple: bool) -> Event<&'static str, TestClaim, TestWaiter> {
+        Event::Nacked { seq, multiple }
+    }
+
     /// The acks among `actions`, in order.
     fn acks(actions: &[A]) -> Vec<(Tag, bool)> {
         actions.iter().filter_map(ack).collect()
@@ -778,15 +788,9 @@ mod tests {
 
     #[test]
     fn in_flight_copy_is_claimed_anew_when_the_first_is_nacked() {
-        let (mut p, t, actions) = in_flight_copy(Event::Nacked {
-            seq: 1,
-            multiple: false,
-        });
+        let (mut p, t, actions) = in_flight_copy(nacked(1, false));
         // The first copy is dead-lettered; its claim dropped (released) before the reject.
-        assert_eq!(
-            actions.iter().filter_map(reject).collect::<Vec<_>>(),
-            vec![(1, DeadLetterReason::Nacked)]
-        );
+        assert_eq!(rejects(&actions), vec![(1, DeadLetterReason::Nacked)]);
         // Released: the copy is new again and goes back to the store with its id.
         step(
             &mut p,
@@ -807,17 +811,10 @@ mod tests {
     fn nack_after_claim_rejects_and_releases() {
         let (mut p, t) = forwarded(&["a", "b"]);
         // Both nacked at once: both dead-lettered, nothing committed, nothing acked.
-        step(
-            &mut p,
-            Event::Nacked {
-                seq: 2,
-                multiple: true,
-            },
-            t,
-        );
+        step(&mut p, nacked(2, true), t);
         let actions = turn(&mut p, t);
         assert_eq!(
-            actions.iter().filter_map(reject).collect::<Vec<_>>(),
+            rejects(&actions),
             vec![(1, DeadLetterReason::Nacked), (2, DeadLetterReason::Nacked)]
         );
         assert!(actions
@@ -835,19 +832,9 @@ mod tests {
         assert!(turn(&mut p, t).is_empty());
         step(&mut p, Event::Tick, t + TIMEOUT);
         let actions = turn(&mut p, t + TIMEOUT);
-        assert_eq!(
-            actions.iter().filter_map(reject).collect::<Vec<_>>(),
-            vec![(1, DeadLetterReason::Timeout)]
-        );
+        assert_eq!(rejects(&actions), vec![(1, DeadLetterReason::Timeout)]);
         // The ack that finally comes finds nothing to settle: no commit of a rejected message.
-        step(
-            &mut p,
-            Event::Acked {
-                seq: 1,
-                multiple: false,
-            },
-            t + TIMEOUT,
-        );
+        step(&mut p, confirmed(1), t + TIMEOUT);
         assert!(turn(&mut p, t + TIMEOUT).is_empty());
         assert!(p.idle());
     }
@@ -866,10 +853,7 @@ mod tests {
             t,
         );
         let actions = turn(&mut p, t);
-        assert_eq!(
-            actions.iter().filter_map(reject).collect::<Vec<_>>(),
-            vec![(2, DeadLetterReason::Returned)]
-        );
+        assert_eq!(rejects(&actions), vec![(2, DeadLetterReason::Returned)]);
         assert_eq!(actions.iter().find_map(commit), Some((vec![1], vec!["a"])));
         // c is confirmed normally: the return was used up.
         step(&mut p, confirmed(3), t);
@@ -944,10 +928,7 @@ mod tests {
         let refused = (1, b"a".to_vec(), Err(StoreError::EmptyId { max: 256 }));
         step(&mut p, Event::Claimed(vec![refused]), t);
         let actions = turn(&mut p, t);
-        assert_eq!(
-            actions.iter().filter_map(reject).collect::<Vec<_>>(),
-            vec![(1, DeadLetterReason::BadId)]
-        );
+        assert_eq!(rejects(&actions), vec![(1, DeadLetterReason::BadId)]);
         deliver(&mut p, 2, "b", t);
         turn(&mut p, t);
         let failed = (2, b"b".to_vec(), Err(StoreError::Closed));
