@@ -233,16 +233,33 @@ impl Sharded<Slot> {
         put_in(&mut self.write(slot.hash()), slot)
     }
 
-    /// Inserts or replaces a batch of slots (a commit's), taking each shard's lock once: sorted
+    /// Inserts or replaces a batch of slots (a commit's), taking each shard's lock once: grouped
     /// by shard, the inserts into one table run back to back with no lock operation between
-    /// them (each is a fence), so their cache misses overlap.
+    /// them (each is a fence), so their cache misses overlap. The grouping is a counting sort
+    /// (two passes; a comparison sort of a 1024-id batch cost a third of the commit's own
+    /// instructions), and stable: of two slots of one digest, the later still lands last.
     pub(crate) fn put_all(&self, slots: impl Iterator<Item = Slot>) {
-        let mut by_shard: Vec<(usize, Slot)> = slots.map(|s| (self.shard(s.hash()), s)).collect();
-        // Stable: of two slots of one digest, the later still lands last.
-        by_shard.sort_by_key(|&(shard, _)| shard);
-        for run in by_shard.chunk_by(|a, b| a.0 == b.0) {
-            let mut t = self.shards[run[0].0].write().expect("index lock");
-            for &(_, slot) in run {
+        let slots: Vec<(usize, Slot)> = slots.map(|s| (self.shard(s.hash()), s)).collect();
+        // starts[i]..starts[i + 1]: where shard i's slots go.
+        let mut starts = vec![0usize; self.shards.len() + 1];
+        for &(shard, _) in &slots {
+            starts[shard + 1] += 1;
+        }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        let mut grouped = vec![Slot(0); slots.len()];
+        let mut next = starts.clone();
+        for &(shard, slot) in &slots {
+            grouped[next[shard]] = slot;
+            next[shard] += 1;
+        }
+        for (shard, run) in starts.windows(2).enumerate() {
+            if run[0] == run[1] {
+                continue;
+            }
+            let mut t = self.shards[shard].write().expect("index lock");
+            for &slot in &grouped[run[0]..run[1]] {
                 put_in(&mut t, slot);
             }
         }
