@@ -49,7 +49,7 @@ pub(crate) struct Swept {
 /// The broker cannot be reached or answers something unexpected; the next connection failure
 /// tries again.
 pub(crate) async fn sweep(config: &Config) -> Result<Swept, String> {
-    if config.amqp.url.tls {
+    if crate::amqp::current_url(&config.amqp).tls {
         return Err("not supported over amqps:// yet".into());
     }
     match tokio::time::timeout(SWEEP_TIMEOUT, run(config)).await {
@@ -59,7 +59,8 @@ pub(crate) async fn sweep(config: &Config) -> Result<Swept, String> {
 }
 
 async fn run(config: &Config) -> Result<Swept, String> {
-    let url = &config.amqp.url;
+    // The node the relay was connected to, or another if it had moved on.
+    let url = crate::amqp::current_url(&config.amqp);
     let stream = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;

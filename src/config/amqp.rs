@@ -16,8 +16,12 @@ const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// How to reach the broker.
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
-    /// `DEDUPD_AMQP_URL` (or the file of `DEDUPD_AMQP_URL_FILE`): the broker.
+    /// `DEDUPD_AMQP_URL` (or the file of `DEDUPD_AMQP_URL_FILE`): the broker; with several
+    /// URLs (comma-separated), the first.
     pub url: AmqpUrl,
+    /// The URLs after the first: other nodes of the same cluster, tried in turn when the one in
+    /// use does not answer, so that a node going away does not take dedupd with it.
+    pub others: Vec<AmqpUrl>,
     /// `DEDUPD_AMQP_CA_FILE`, `DEDUPD_AMQP_CERT_FILE`, `DEDUPD_AMQP_KEY_FILE`: the TLS files of an
     /// `amqps://` broker URL.
     pub tls: TlsFiles,
@@ -30,11 +34,11 @@ impl AmqpConfig {
             "DEDUPD_AMQP_URL",
             "DEDUPD_AMQP_URL_FILE",
             DefaultValue::Value(DEFAULT_URL.into()),
-            "broker URL (`amqp://user:password@host:port/vhost`, `amqps://` for TLS); never logged with its password",
+            "broker URL (`amqp://user:password@host:port/vhost`, `amqps://` for TLS), or several nodes of one cluster comma-separated; never logged with its password",
             "the broker URL",
         )?;
-        let url = match (text, vars.get("DEDUPD_AMQP_URL_FILE")) {
-            (Some(text), Some(file)) => AmqpUrl::parse(&text).map_err(|expected| {
+        let urls = match (text, vars.get("DEDUPD_AMQP_URL_FILE")) {
+            (Some(text), Some(file)) => AmqpUrl::parse_list(&text).map_err(|expected| {
                 invalid(
                     "DEDUPD_AMQP_URL_FILE",
                     file,
@@ -43,14 +47,52 @@ impl AmqpConfig {
             })?,
             (text, _) => {
                 let text = text.as_deref().unwrap_or(DEFAULT_URL);
-                AmqpUrl::parse(text)
-                    .map_err(|expected| invalid("DEDUPD_AMQP_URL", &redact_url(text), expected))?
+                AmqpUrl::parse_list(text).map_err(|expected| {
+                    let shown: Vec<String> = split_urls(text).map(redact_url).collect();
+                    invalid("DEDUPD_AMQP_URL", &shown.join(","), expected)
+                })?
             }
         };
-        vars.show("DEDUPD_AMQP_URL", url.to_string());
+        let shown: Vec<String> = urls.iter().map(ToString::to_string).collect();
+        vars.show("DEDUPD_AMQP_URL", shown.join(","));
+        let mut urls = urls.into_iter();
+        let url = urls.next().expect("parse_list returns one URL at least");
+        let others: Vec<AmqpUrl> = urls.collect();
+        if let Some(other) = others.iter().find(|o| o.tls != url.tls) {
+            return Err(invalid(
+                "DEDUPD_AMQP_URL",
+                &shown.join(","),
+                format!("URLs all amqp:// or all amqps:// ({other} differs from {url})"),
+            ));
+        }
         let tls = TlsFiles::read(vars, url.tls)?;
-        Ok(AmqpConfig { url, tls })
+        Ok(AmqpConfig { url, others, tls })
     }
+
+    /// Every broker URL, the first one first.
+    pub fn urls(&self) -> impl Iterator<Item = &AmqpUrl> {
+        std::iter::once(&self.url).chain(&self.others)
+    }
+}
+
+/// The URLs of a comma-separated list. A comma splits only where the next URL starts (a
+/// password may hold a comma).
+fn split_urls(text: &str) -> impl Iterator<Item = &str> {
+    let mut starts: Vec<usize> = text
+        .match_indices(',')
+        .map(|(i, _)| i)
+        .filter(|&i| {
+            let rest = text[i + 1..].trim_start();
+            rest.starts_with("amqp://") || rest.starts_with("amqps://")
+        })
+        .collect();
+    starts.push(text.len());
+    let mut from = 0;
+    starts.into_iter().map(move |end| {
+        let url = text[from..end].trim();
+        from = end + 1;
+        url
+    })
 }
 
 /// The files for TLS to the broker. Read at each connection, so renewed certificates are used
@@ -218,6 +260,16 @@ impl AmqpUrl {
             heartbeat,
             connection_timeout,
         })
+    }
+
+    /// Parses one URL or several separated by commas (nodes of one cluster), each as
+    /// [`AmqpUrl::parse`] does.
+    ///
+    /// # Errors
+    ///
+    /// The expected form, for the config error.
+    pub fn parse_list(text: &str) -> Result<Vec<AmqpUrl>, String> {
+        split_urls(text).map(AmqpUrl::parse).collect()
     }
 
     /// The password, for opening the connection (and nothing else).

@@ -338,6 +338,35 @@ fn url_display_masks_the_password() {
 }
 
 #[test]
+fn several_urls_are_the_nodes_of_one_cluster_in_order() {
+    let c = parse(&[(
+        "DEDUPD_AMQP_URL",
+        "amqp://u:p,w@n1:5672/%2f, amqp://u:p@n2:5673/%2f,amqp://n3",
+    )])
+    .unwrap();
+    assert_eq!(c.amqp.url.host, "n1");
+    // A comma inside a password does not split.
+    assert_eq!(c.amqp.url.password(), "p,w");
+    let others: Vec<(&str, u16)> = c
+        .amqp
+        .others
+        .iter()
+        .map(|u| (u.host.as_str(), u.port))
+        .collect();
+    assert_eq!(others, [("n2", 5673), ("n3", 5672)]);
+    assert_eq!(c.amqp.urls().count(), 3);
+    assert!(parse(&[]).unwrap().amqp.others.is_empty());
+}
+
+#[test]
+fn a_bad_url_in_a_list_is_refused_masking_every_password() {
+    let line = refused("DEDUPD_AMQP_URL", "amqp://a:s3cret@n1/,amqp://b:t0p@/");
+    assert!(!line.contains("s3cret") && !line.contains("t0p"), "{line}");
+    let line = refused("DEDUPD_AMQP_URL", "amqp://n1/,amqps://n2/");
+    assert!(line.contains("all amqp:// or all amqps://"), "{line}");
+}
+
+#[test]
 fn url_query_without_value_is_refused_not_a_panic() {
     refused("DEDUPD_AMQP_URL", "amqp://h/?heartbeat");
 }
