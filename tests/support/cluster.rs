@@ -200,6 +200,12 @@ impl Cluster {
         )
     }
 
+    /// A guard that, dropped while the test panics, prints [`Cluster::dump`] through node `via`
+    /// (one that stays up): what the broker thought when the test gave up.
+    pub fn dump_on_panic(&self, via: usize) -> DumpOnPanic<'_> {
+        DumpOnPanic { cluster: self, via }
+    }
+
     /// The node leading queue or stream `name`, as `rabbitmqctl list_queues` reports it.
     pub fn leader(&self, via: usize, name: &str) -> Option<String> {
         let out = ctl_ok(
@@ -210,6 +216,20 @@ impl Cluster {
             let mut parts = l.split_whitespace();
             (parts.next() == Some(name)).then(|| parts.next().unwrap_or("").to_string())
         })
+    }
+}
+
+/// See [`Cluster::dump_on_panic`].
+pub struct DumpOnPanic<'a> {
+    cluster: &'a Cluster,
+    via: usize,
+}
+
+impl Drop for DumpOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("cluster state:\n{}", self.cluster.dump(self.via));
+        }
     }
 }
 
