@@ -46,6 +46,9 @@ use crate::store::{system_now_ms, Store};
 const TAIL_PREFETCH: u16 = 2000;
 /// Most stream messages applied in one blocking call.
 const APPLY_BATCH: usize = 512;
+/// Most segment bytes applied to the store in one durable write (a catching-up standby would
+/// otherwise flush once per segment).
+const APPLY_BYTES: usize = 4 << 20;
 /// Longest a takeover may wait for the stream's end; then the session starts over.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
 /// Waits between reconnections of the stream connection.
@@ -527,27 +530,39 @@ async fn tailer(
 }
 
 /// Applies `items` in order: the others' batches, and of ours (durable here already) only the
-/// last of the run, so the store records the offset. Returns the last offset, the ids applied
-/// and our markers read.
+/// last of the run, so the store records the offset. The others' go to the store in groups of
+/// up to [`APPLY_BYTES`], each made durable by one flush. Returns the last offset, the ids
+/// applied and our markers read.
 fn apply(store: &Store, items: Vec<Item>) -> Result<(u64, u64, Vec<u64>), crate::store::Error> {
+    let now = system_now_ms();
     let last = items.len() - 1;
     let mut ids = 0;
     let mut markers = Vec::new();
     let mut offset = 0;
-    for (i, item) in items.into_iter().enumerate() {
+    // The others' segments not applied yet, in stream order, and their size.
+    let mut group: Vec<(&[u8], u64)> = Vec::new();
+    let mut bytes = 0;
+    for (i, item) in items.iter().enumerate() {
         offset = item.offset;
         match item.marker {
             Some(token) if item.own => markers.push(token),
             Some(_) => {}
-            None if !item.own || i == last => {
-                let n = store.apply_logged(&item.body, item.offset, system_now_ms())? as u64;
-                if !item.own {
-                    ids += n;
+            None if !item.own => {
+                group.push((&item.body, item.offset));
+                bytes += item.body.len();
+                if bytes >= APPLY_BYTES {
+                    ids += store.apply_logged_many(group.drain(..), now)? as u64;
+                    bytes = 0;
                 }
+            }
+            None if i == last => {
+                ids += store.apply_logged_many(group.drain(..), now)? as u64;
+                store.apply_logged(&item.body, item.offset, now)?;
             }
             None => {}
         }
     }
+    ids += store.apply_logged_many(group, now)? as u64;
     Ok((offset, ids, markers))
 }
 
@@ -643,4 +658,82 @@ impl ConnectionCallback for StreamEvents {
     async fn unblocked(&mut self, _: &Connection) {}
 
     async fn secret_updated(&mut self, _: &Connection) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{StoreConfig, Verdict};
+
+    /// Segments of `per` ids each, committed by a scratch store as the active instance does.
+    fn segments(n: usize, per: usize) -> Vec<Vec<u8>> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        let now = system_now_ms();
+        (0..n)
+            .map(|s| {
+                let claims = (0..per)
+                    .map(|i| match store.claim(format!("{s}-{i}").as_bytes(), now) {
+                        Ok(Verdict::New(claim)) => claim,
+                        _ => panic!("a fresh id is new"),
+                    })
+                    .collect();
+                store.commit_logged(claims, now).unwrap()
+            })
+            .collect()
+    }
+
+    fn item(offset: u64, own: bool, marker: Option<u64>, body: Vec<u8>) -> Item {
+        Item {
+            offset,
+            own,
+            marker,
+            ids: 0,
+            published_ms: 0,
+            body,
+        }
+    }
+
+    #[test]
+    fn others_segments_are_applied_in_groups_and_the_last_offset_recorded() {
+        let segs = segments(6, 100);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        // Ours (already durable at home) in the middle and at the end, one of our markers.
+        let mut items: Vec<Item> = segs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| item(10 + i as u64, i == 2 || i == 5, None, s.clone()))
+            .collect();
+        items.insert(3, item(99, true, Some(7), Vec::new()));
+        let (last, ids, markers) = apply(&store, items).unwrap();
+        // The others' four segments count; ours are not applied again but the last one's
+        // offset is recorded (it is the stream's last).
+        assert_eq!((last, ids, markers), (15, 400, vec![7]));
+        assert_eq!(store.applied_offset().unwrap(), Some(15));
+        let now = system_now_ms();
+        for s in [0, 1, 3, 4, 5] {
+            assert!(store
+                .check(format!("{s}-0").as_bytes(), now)
+                .unwrap()
+                .is_some());
+        }
+        // Ours in the middle was skipped: durable at home, never in this scratch store.
+        assert!(store.check(b"2-0", now).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_segment_that_does_not_decode_applies_nothing_of_its_group() {
+        let segs = segments(2, 10);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        let items = vec![
+            item(0, false, None, segs[0].clone()),
+            item(1, false, None, b"not a segment".to_vec()),
+            item(2, false, None, segs[1].clone()),
+        ];
+        assert!(apply(&store, items).is_err());
+        assert_eq!(store.applied_offset().unwrap(), None);
+        assert!(store.check(b"0-0", system_now_ms()).unwrap().is_none());
+    }
 }
