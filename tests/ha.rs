@@ -1,13 +1,18 @@
 //! Hot standby (`DEDUPD_HA=on`) on the local broker: two dedupd on one source, `kill -9` of the
 //! active one mid-stream, the standby takes over with nothing lost and repeats only from the
 //! crash window; then a third one with an empty data dir catches up from the id stream and, once
-//! active, drops every id seen before. Real binaries, random names, cleaned up.
+//! active, drops every id seen before. And sharding with HA: each shard queue its own
+//! single-active-consumer group and id stream. Real binaries, random names, cleaned up.
 
 mod support;
 
 use std::collections::{HashMap, HashSet};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use amqprs::channel::{BasicPublishArguments, ExchangeDeleteArguments, QueueDeleteArguments};
+use dedupd::shard::{self, Ring};
+use dedupd::Config;
 use support::*;
 
 /// Prefetch of the relays: the most that can pass twice after a `kill -9`.
@@ -111,4 +116,149 @@ async fn standby_takes_over_after_kill_9_and_a_fresh_node_drops_every_id_seen_be
     let (status, log) = c.terminate();
     assert!(status.success(), "{log}");
     broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_shard_is_its_own_single_active_group_with_its_own_id_stream() {
+    let out = Command::new("rabbitmq-plugins")
+        .args(["enable", "rabbitmq_consistent_hash_exchange"])
+        .output()
+        .expect("run rabbitmq-plugins: sharding needs the consistent-hash plugin");
+    assert!(out.status.success(), "{out:?}");
+    let broker = Broker::connect().await;
+    broker.bind_out().await;
+    // What `dedupd topology --shards 2` declares with DEDUPD_HA=on in its environment.
+    let ring = Ring {
+        exchange: format!("{}.shard", broker.source),
+        queue_prefix: broker.source.clone(),
+        shards: 2,
+    };
+    let config = Config::from_vars([("DEDUPD_HA", "on")]).unwrap();
+    shard::declare(&config, &ring).await.unwrap();
+
+    // Two instances per shard; the first of each registers first and is the active one.
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let queues: Vec<String> = ring.queues().collect();
+    let mut relays: Vec<Relay> = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let env = [
+            ("DEDUPD_HA", "on"),
+            ("DEDUPD_PREFETCH", PREFETCH),
+            ("DEDUPD_SOURCE_QUEUE", queues[i % 2].as_str()),
+        ];
+        let mut relay = Relay::start(&broker, dir.path(), &env);
+        relay.wait_role("standby");
+        relays.push(relay);
+    }
+    // 2 000 ids through the ring, then 500 of them again.
+    let unique = 2000u64;
+    let ids: Vec<String> = (0..unique)
+        .chain((0..unique).step_by(4))
+        .map(|i| format!("s-{i}"))
+        .collect();
+    for id in &ids {
+        broker
+            .ch
+            .basic_publish(
+                id_props(id),
+                b"x".to_vec(),
+                BasicPublishArguments::new(&ring.exchange, ""),
+            )
+            .await
+            .unwrap();
+    }
+    let settled = |relays: &[Relay]| -> u64 {
+        settled_of(&relays.iter().map(Relay::settled).collect::<Vec<_>>())
+    };
+    eventually(
+        WAIT,
+        || format!("not all {} settled: {}", ids.len(), settled(&relays)),
+        || settled(&relays) == ids.len() as u64,
+    );
+    // Shard s: instance s forwarded its share, instance s + 2 is its standby and applied
+    // exactly those ids from the shard's own stream, none of the other shard's.
+    for s in 0..2 {
+        let (active, standby) = (&relays[s], &relays[s + 2]);
+        assert!(active.get("/healthz").unwrap().1.contains("active"));
+        assert!(standby.get("/healthz").unwrap().1.contains("standby"));
+        let forwarded = active.forwarded();
+        assert!(forwarded > 0, "shard {s} got no share");
+        eventually(
+            WAIT,
+            || format!("shard {s}'s standby never applied its {forwarded} ids"),
+            || standby.gauge("dedupd_ha_applied_ids_total") == Some(forwarded as f64),
+        );
+        // Its stream exists under the shard's name (a passive declare fails otherwise).
+        broker.count(&format!("{}.ids", queues[s])).await;
+    }
+    let forwarded: u64 = relays.iter().map(Relay::forwarded).sum();
+    assert_eq!(forwarded, unique);
+
+    // kill -9 of shard 0's active one: its standby takes over; shard 1 is untouched. Every id
+    // comes again and none passes: each shard's active one, new or old, knows its ids.
+    let before: Vec<(u64, u64, u64)> = relays.iter().map(Relay::settled).collect();
+    relays[0].child.kill().unwrap();
+    relays[0].child.wait().unwrap();
+    for id in &ids[..unique as usize] {
+        broker
+            .ch
+            .basic_publish(
+                id_props(id),
+                b"again".to_vec(),
+                BasicPublishArguments::new(&ring.exchange, ""),
+            )
+            .await
+            .unwrap();
+    }
+    relays[2].wait_role("active");
+    let settled_since =
+        |relays: &[Relay]| -> u64 { settled(&relays[1..]) - settled_of(&before[1..]) };
+    eventually(
+        WAIT,
+        || {
+            format!(
+                "{} of the {unique} ids sent again settled",
+                settled_since(&relays)
+            )
+        },
+        || settled_since(&relays) == unique,
+    );
+    for (i, relay) in relays.iter().enumerate().skip(1) {
+        assert_eq!(
+            relay.forwarded(),
+            before[i].0,
+            "instance {i} forwarded an id again"
+        );
+    }
+    assert!(relays[3].get("/healthz").unwrap().1.contains("standby"));
+    let out = ids_of(&broker.drain(&broker.out).await);
+    assert_eq!(out.len() as u64, unique);
+    assert_eq!(out.iter().collect::<HashSet<_>>().len() as u64, unique);
+
+    for relay in relays.drain(1..) {
+        let (status, log) = relay.terminate();
+        assert!(status.success(), "{log}");
+    }
+    for q in &queues {
+        for name in [q.clone(), format!("{q}.dead"), format!("{q}.ids")] {
+            let _ = broker
+                .ch
+                .queue_delete(QueueDeleteArguments::new(&name))
+                .await;
+        }
+        let _ = broker
+            .ch
+            .exchange_delete(ExchangeDeleteArguments::new(&format!("{q}.dlx")))
+            .await;
+    }
+    let _ = broker
+        .ch
+        .exchange_delete(ExchangeDeleteArguments::new(&ring.exchange))
+        .await;
+    broker.cleanup().await;
+}
+
+/// Messages settled, whatever the outcome, over all `counts`.
+fn settled_of(counts: &[(u64, u64, u64)]) -> u64 {
+    counts.iter().map(|(f, d, x)| f + d + x).sum()
 }
