@@ -29,7 +29,6 @@ fn id(i: u64) -> String {
 async fn quorum_source_loses_its_leaders_node_mid_stream_and_nothing_is_lost() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = Cluster::start();
-    let _dump = cluster.dump_on_panic(1);
     let (n1, n2) = (&cluster.nodes[0], &cluster.nodes[1]);
     // The test's side lives on node 2, which stays up.
     let broker = Broker::connect_at(n2.port).await;
@@ -67,6 +66,8 @@ async fn quorum_source_loses_its_leaders_node_mid_stream_and_nothing_is_lost() {
         ("DEDUPD_AMQP_URL", url2.as_str()),
     ];
     let mut relay = Relay::start(&broker, data.path(), &env);
+    // Declared after the relay, so that on a panic it reports before the relay is killed.
+    let _dump = cluster.dump_on_panic(1);
     relay.wait_healthy();
     relay.wait_forwarded(1000);
     let stopping = Instant::now();
@@ -114,7 +115,6 @@ fn ha_env<'a>(prefetch: &'a str, url: &'a str) -> [(&'static str, &'a str); 3] {
 async fn ha_pair_loses_the_leaders_node_then_the_active_instance_and_nothing_is_lost() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = Cluster::start();
-    let _dump = cluster.dump_on_panic(1);
     let (n1, n2, n3) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
     // The test's side lives on node 2, which stays up.
     let broker = Broker::connect_at(n2.port).await;
@@ -153,6 +153,8 @@ async fn ha_pair_loses_the_leaders_node_then_the_active_instance_and_nothing_is_
     let mut a = Relay::start(&broker, dir_a.path(), &ha_env(&prefetch, &url_a));
     a.wait_role("standby");
     let mut b = Relay::start(&broker, dir_b.path(), &ha_env(&prefetch, &url_b));
+    // Declared after the relays, so that on a panic it reports before they are killed.
+    let _dump = cluster.dump_on_panic(1);
     b.wait_role("standby");
     // The 10 000 messages come in parts, each published just before the event that needs
     // messages left for the next active instance (it learns it is active from a delivery),

@@ -191,7 +191,19 @@ impl Cluster {
                 "consumers",
             ],
         );
-        let consumers = ctl(node, &["-q", "list_consumers"]);
+        let consumers = ctl(
+            node,
+            &[
+                "-q",
+                "list_consumers",
+                "queue_name",
+                "channel_pid",
+                "consumer_tag",
+                "prefetch_count",
+                "active",
+                "activity_status",
+            ],
+        );
         format!(
             "queues:\n{}{}\nconsumers:\n{}",
             String::from_utf8_lossy(&queues.stdout),
