@@ -2,8 +2,11 @@
 //! one thread that runs what has queued up as one store transaction (one lock, one segment),
 //! and hands the round to a second thread that waits for the group flush covering it and sends
 //! the replies back. So the fsync of one round overlaps the work of the next, connections share
-//! both, and no batch costs a blocking-thread hop or a wait on the store's lock of its own.
+//! both, and no batch costs a blocking-thread hop or a wait on the store's lock of its own. A
+//! round of one batch while the flush thread is idle (a lone client) waits for its flush on the
+//! first thread: there is nothing to overlap, and the hop would only add to its latency.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
@@ -39,19 +42,22 @@ struct Round {
 pub(crate) fn start() -> Sender<Job> {
     let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
     let (rounds_tx, rounds_rx) = mpsc::channel::<Round>();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let flushing = pending.clone();
     std::thread::Builder::new()
         .name("dedupd-redis-apply".into())
-        .spawn(move || apply(&jobs_rx, &rounds_tx))
+        .spawn(move || apply(&jobs_rx, &rounds_tx, &pending))
         .expect("start the redis writer thread");
     std::thread::Builder::new()
         .name("dedupd-redis-flush".into())
-        .spawn(move || flush(&rounds_rx))
+        .spawn(move || flush(&rounds_rx, &flushing))
         .expect("start the redis flush thread");
     jobs_tx
 }
 
-/// Runs each round of queued batches as one store transaction.
-fn apply(jobs: &Receiver<Job>, rounds: &Sender<Round>) {
+/// Runs each round of queued batches as one store transaction. `pending` counts the rounds
+/// handed to the flush thread and not yet answered.
+fn apply(jobs: &Receiver<Job>, rounds: &Sender<Round>, pending: &AtomicUsize) {
     while let Ok(first) = jobs.recv() {
         let mut round = vec![first];
         while round.len() < MAX_ROUND {
@@ -68,8 +74,15 @@ fn apply(jobs: &Receiver<Job>, rounds: &Sender<Round>) {
                 .collect::<Vec<Flow>>()
         });
         match ran {
+            Ok((flows, ticket)) if round.len() == 1 && pending.load(Ordering::SeqCst) == 0 => {
+                // One batch and an idle flush thread (a lone client, `-c1`): nothing to
+                // overlap, so wait here and spare the reply a hop through that thread.
+                let jobs = round.into_iter().zip(flows);
+                answer(jobs, server.kv.wait_durable(ticket));
+            }
             Ok((flows, ticket)) => {
                 let jobs = round.into_iter().zip(flows).collect();
+                pending.fetch_add(1, Ordering::SeqCst);
                 if let Err(mpsc::SendError(round)) = rounds.send(Round { jobs, ticket }) {
                     // The flush thread is gone (it never ends first): say so rather than hang.
                     fail(
@@ -85,25 +98,30 @@ fn apply(jobs: &Receiver<Job>, rounds: &Sender<Round>) {
 
 /// Waits for each round's writes to be durable (one flush for every round queued), then
 /// replies.
-fn flush(rounds: &Receiver<Round>) {
+fn flush(rounds: &Receiver<Round>, pending: &AtomicUsize) {
     while let Ok(first) = rounds.recv() {
         let mut queued = vec![first];
         while let Ok(round) = rounds.try_recv() {
             queued.push(round);
         }
         let ticket = queued.iter().map(|r| r.ticket).max().expect("one round");
-        let kv = &queued[0].jobs[0].0.server.kv;
-        match kv.wait_durable(ticket) {
-            Ok(()) => {
-                for (job, flow) in queued.into_iter().flat_map(|r| r.jobs) {
-                    let _ = job.done.send((job.client, flow, job.out));
-                }
+        let durable = queued[0].jobs[0].0.server.kv.wait_durable(ticket);
+        let answered = queued.len();
+        answer(queued.into_iter().flat_map(|r| r.jobs), durable);
+        pending.fetch_sub(answered, Ordering::SeqCst);
+    }
+}
+
+/// Sends each batch its replies once its writes are durable, or the failure that kept them
+/// from becoming so.
+fn answer(jobs: impl Iterator<Item = (Job, Flow)>, durable: Result<(), crate::store::Error>) {
+    match durable {
+        Ok(()) => {
+            for (job, flow) in jobs {
+                let _ = job.done.send((job.client, flow, job.out));
             }
-            Err(e) => fail(
-                queued.into_iter().flat_map(|r| r.jobs).map(|(j, _)| j),
-                &e.to_string(),
-            ),
         }
+        Err(e) => fail(jobs.map(|(j, _)| j), &e.to_string()),
     }
 }
 
