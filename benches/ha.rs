@@ -13,7 +13,7 @@
 //! - `quorum`: `DEDUPD_HA=off`, `DEDUPD_QUEUE_TYPE=quorum` (what the queue type alone costs);
 //! - `ha`: `DEDUPD_HA=on` (quorum, single active consumer, every commit batch appended to the
 //!   id stream with a confirm before its acks), with a standby running beside it whose
-//!   `dedupd_ha_lag_seconds` is sampled every 10 ms;
+//!   `dedupd_ha_lag_seconds` is sampled every 10 ms once it has been level with the stream;
 //!
 //! then a fresh dedupd with an empty data dir joins the `ha` setup and is timed until it has
 //! applied every id of the stream (its catch-up rate).
@@ -107,7 +107,7 @@ async fn relay_setups(bin: &Path, n: usize) {
     );
     if let Some((p50, p99, max)) = ha.lag {
         println!(
-            "standby lag while relaying: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (goal p99 <= 100 ms)",
+            "standby lag while relaying, once level with the stream: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (goal p99 <= 100 ms)",
             p50 * 1e3,
             p99 * 1e3,
             max * 1e3
@@ -258,6 +258,7 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
     let standby =
         (setup == Setup::Ha).then(|| Dedupd::start(bin, &source, &dest, dir_b.path(), setup));
     let mut lags = Vec::new();
+    let mut level = false;
     // Polled every 10 ms: the error of the time measured, and the lag's sampling.
     let mut waiting = Waiting::every(WAIT, Duration::from_millis(10));
     loop {
@@ -265,8 +266,14 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
             break;
         }
         if let Some(s) = &standby {
-            if let Some(lag) = s.metrics().get("dedupd_ha_lag_seconds") {
-                lags.push(*lag);
+            if let Some(&lag) = s.metrics().get("dedupd_ha_lag_seconds") {
+                // From its first time level with the stream on: before that it is reading what
+                // the active one appended while the standby was starting, which is catch-up
+                // (timed below), not lag.
+                level |= lag == 0.0;
+                if level {
+                    lags.push(lag);
+                }
             }
         }
         waiting.again(|| "drain did not finish".into()).await;
