@@ -27,7 +27,7 @@ use redis::{IntoConnectionInfo, Value};
 use crate::admin::{self, Recorded};
 use crate::cli::ask::{self, HttpFailure, Request};
 use crate::config::Config;
-use crate::store::kv::{Condition, Expiry, Kv, Ticket};
+use crate::store::kv::{Condition, Expiry, Kv};
 use crate::store::{system_now_ms, Error as StoreError, Store};
 
 /// Keys asked for per `SCAN` call (a hint to Redis, which may return more or fewer).
@@ -494,25 +494,26 @@ impl Target {
     }
 }
 
-/// Writes `items` into the key-value namespace; one flush for all of them.
+/// Writes `items` into the key-value namespace as one batch: one segment, one flush.
 fn put_kv(kv: &Kv, items: Vec<Item>) -> Result<Recorded, StoreError> {
-    let mut done = Recorded::default();
-    let mut last: Option<Ticket> = None;
     let now = system_now_ms();
-    for item in items {
-        let expiry = item.ttl.map_or(Expiry::Window, Expiry::In);
-        match kv.set_deferred(&item.key, &item.value, Condition::Always, expiry, now) {
-            Ok((_, ticket)) => {
-                done.added += 1;
-                last = Some(ticket);
+    let (done, ticket) = kv.batch(|tx| {
+        let mut done = Recorded::default();
+        for item in &items {
+            let expiry = item.ttl.map_or(Expiry::Window, Expiry::In);
+            match tx.set(
+                crate::store::kv::Write::new(&item.key, &item.value, Condition::Always, expiry),
+                now,
+            ) {
+                Ok(_) => done.added += 1,
+                Err(StoreError::EmptyId { .. } | StoreError::IdTooLong { .. }) => done.refused += 1,
+                Err(e) => return Err(e),
             }
-            Err(StoreError::EmptyId { .. } | StoreError::IdTooLong { .. }) => done.refused += 1,
-            Err(e) => return Err(e),
         }
-    }
-    if let Some(ticket) = last {
-        kv.wait_durable(ticket)?;
-    }
+        Ok(done)
+    })?;
+    let done = done?;
+    kv.wait_durable(ticket)?;
     Ok(done)
 }
 

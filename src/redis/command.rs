@@ -10,32 +10,8 @@ use super::glob;
 use super::resp::{parse_i64, Reply};
 use super::script::Outcome;
 use super::{Client, Server};
-use crate::store::kv::{Condition, Entry, Expiry, Kv, Savepoint, SetOutcome, Txn};
+use crate::store::kv::{Condition, Entry, Expiry, Kv, Savepoint, SetOutcome, Txn, Write};
 use crate::store::Error as StoreError;
-
-/// A write of `SET`'s kind: which key, its value, when it applies and the expiry it gives.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Write<'a> {
-    /// The key written.
-    key: &'a [u8],
-    /// Its new value.
-    value: &'a [u8],
-    /// When the write applies (`NX`, `XX`).
-    cond: Condition,
-    /// The expiry it gives the key.
-    expiry: Expiry,
-}
-
-impl<'a> Write<'a> {
-    pub(crate) fn new(key: &'a [u8], value: &'a [u8], cond: Condition, expiry: Expiry) -> Self {
-        Write {
-            key,
-            value,
-            cond,
-            expiry,
-        }
-    }
-}
 
 /// Where a command reads and writes its keys: the store itself (each call atomic on its own,
 /// durable once the batch's last ticket is waited for) or a script's transaction.
@@ -64,7 +40,7 @@ impl Keys for Txn<'_> {
     }
 
     fn set(&mut self, w: Write<'_>, now_ms: u64) -> Result<SetOutcome, StoreError> {
-        Txn::set(self, w.key, w.value, w.cond, w.expiry, now_ms)
+        Txn::set(self, w, now_ms)
     }
 
     fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, StoreError> {
@@ -87,18 +63,18 @@ impl Keys for &Kv {
         Kv::get(self, key, now_ms)
     }
 
+    // Each write is a batch of its own; its ticket is covered by the last ticket the caller
+    // waits for.
     fn set(&mut self, w: Write<'_>, now_ms: u64) -> Result<SetOutcome, StoreError> {
-        Ok(self
-            .set_deferred(w.key, w.value, w.cond, w.expiry, now_ms)?
-            .0)
+        self.batch(|tx| Keys::set(tx, w, now_ms))?.0
     }
 
     fn delete(&mut self, key: &[u8], now_ms: u64) -> Result<bool, StoreError> {
-        Ok(self.delete_deferred(key, now_ms)?.0)
+        self.batch(|tx| tx.delete(key, now_ms))?.0
     }
 
     fn expire(&mut self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, StoreError> {
-        Ok(self.expire_deferred(key, expiry, now_ms)?.0)
+        self.batch(|tx| tx.expire(key, expiry, now_ms))?.0
     }
 
     fn atomically(&mut self, f: &mut dyn FnMut(&mut Txn<'_>)) -> Result<(), StoreError> {

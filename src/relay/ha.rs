@@ -97,6 +97,10 @@ struct Inner {
 pub(crate) struct Replicator {
     ha: Ha,
     appends: mpsc::UnboundedReceiver<Append>,
+    /// Appended, not confirmed yet: published again, in order, on the next connection.
+    pending: VecDeque<Append>,
+    /// Where the tail goes on after a reconnect; the store knows it after a restart.
+    next_offset: Option<u64>,
 }
 
 impl Ha {
@@ -115,6 +119,8 @@ impl Ha {
         let replicator = Replicator {
             ha: ha.clone(),
             appends: rx,
+            pending: VecDeque::new(),
+            next_offset: None,
         };
         (ha, replicator)
     }
@@ -180,10 +186,7 @@ enum Lost {
 impl Replicator {
     /// Publishes appends and tails the stream, reconnecting as needed, until `stop` fires.
     pub(crate) async fn run(mut self, config: Config, store: Store, mut stop: Shutdown) {
-        // Appended, not confirmed yet: published again, in order, on the next connection.
-        let mut pending: VecDeque<Append> = VecDeque::new();
-        // Where the tail goes on after a reconnect; the store knows it after a restart.
-        let mut next_offset = match store.applied_offset() {
+        self.next_offset = match store.applied_offset() {
             Ok(offset) => offset.map(|o| o + 1),
             Err(e) => {
                 // Reading from the start instead is slower, never wrong: applying is idempotent.
@@ -193,9 +196,7 @@ impl Replicator {
         };
         let mut backoff = BACKOFF_MIN;
         loop {
-            let lost = self
-                .connection(&config, &store, &mut pending, &mut next_offset, &mut stop)
-                .await;
+            let lost = self.connection(&config, &store, &mut stop).await;
             match lost {
                 Lost::Stopped => return,
                 Lost::Because(why) => {
@@ -211,14 +212,7 @@ impl Replicator {
     }
 
     /// One connection: declares the stream, publishes, tails. Returns when it is lost.
-    async fn connection(
-        &mut self,
-        config: &Config,
-        store: &Store,
-        pending: &mut VecDeque<Append>,
-        next_offset: &mut Option<u64>,
-        stop: &mut Shutdown,
-    ) -> Lost {
+    async fn connection(&mut self, config: &Config, store: &Store, stop: &mut Shutdown) -> Lost {
         let (events, _) = mpsc::unbounded_channel();
         let conn = tokio::select! {
             _ = stop.fired() => return Lost::Stopped,
@@ -227,9 +221,7 @@ impl Replicator {
                 Err(e) => return Lost::Because(format!("cannot connect: {e}")),
             },
         };
-        let lost = self
-            .serve(&conn, config, store, pending, next_offset, stop)
-            .await;
+        let lost = self.serve(&conn, config, store, stop).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
         lost
     }
@@ -239,8 +231,6 @@ impl Replicator {
         conn: &Connection,
         config: &Config,
         store: &Store,
-        pending: &mut VecDeque<Append>,
-        next_offset: &mut Option<u64>,
         stop: &mut Shutdown,
     ) -> Lost {
         let (tx, mut events) = mpsc::unbounded_channel();
@@ -272,11 +262,11 @@ impl Replicator {
             Ok(ch) => ch,
             Err(e) => return Lost::Because(e),
         };
-        let from = match *next_offset {
+        let from = match self.next_offset {
             Some(o) => FieldValue::l(o as i64),
             None => FieldValue::from("first"),
         };
-        tracing::info!(%stream, from = ?next_offset, "tailing the id stream");
+        tracing::info!(%stream, from = ?self.next_offset, "tailing the id stream");
         let deliveries = match consume(&tail, &stream, from).await {
             Ok(rx) => rx,
             Err(e) => return Lost::Because(e),
@@ -289,11 +279,11 @@ impl Replicator {
             &publish,
             &stream,
             &ha,
-            pending,
+            &mut self.pending,
             &mut self.appends,
             &mut events,
         );
-        let tailer = tailer(&tail, store, &ha, next_offset, deliveries);
+        let tailer = tailer(&tail, store, &ha, &mut self.next_offset, deliveries);
         let lost = tokio::select! {
             _ = stop.fired() => Lost::Stopped,
             _ = &mut io_failed => Lost::Because("connection lost".into()),

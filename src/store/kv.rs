@@ -80,6 +80,31 @@ pub struct Kv {
     shared: Arc<Shared>,
 }
 
+/// A write of `SET`'s kind: which key, its value, when it applies and the expiry it gives.
+#[derive(Debug, Clone, Copy)]
+pub struct Write<'a> {
+    /// The key written.
+    pub key: &'a [u8],
+    /// Its new value.
+    pub value: &'a [u8],
+    /// When the write applies (`NX`, `XX`).
+    pub cond: Condition,
+    /// The expiry it gives the key.
+    pub expiry: Expiry,
+}
+
+impl<'a> Write<'a> {
+    /// The write of `value` under `key`, if `cond` allows, with `expiry`.
+    pub fn new(key: &'a [u8], value: &'a [u8], cond: Condition, expiry: Expiry) -> Self {
+        Write {
+            key,
+            value,
+            cond,
+            expiry,
+        }
+    }
+}
+
 impl Kv {
     pub(crate) fn new(shared: Arc<Shared>) -> Kv {
         Kv { shared }
@@ -95,7 +120,8 @@ impl Kv {
         Ok(live_with(&self.shared, key, now_ms, entry))
     }
 
-    /// Writes `value` under `key` if `cond` allows; durable when it returns.
+    /// Writes `value` under `key` if `cond` allows; durable when it returns. (To write without
+    /// waiting, or several writes as one segment, use [`Kv::batch`].)
     ///
     /// # Errors
     ///
@@ -108,27 +134,7 @@ impl Kv {
         expiry: Expiry,
         now_ms: u64,
     ) -> Result<SetOutcome, Error> {
-        let (outcome, ticket) = self.set_deferred(key, value, cond, expiry, now_ms)?;
-        self.wait_durable(ticket)?;
-        Ok(outcome)
-    }
-
-    /// As [`Kv::set`], but returns once the write is applied and visible, with the ticket to
-    /// wait on before telling anyone it is stored.
-    ///
-    /// # Errors
-    ///
-    /// As [`Kv::set`].
-    pub fn set_deferred(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        cond: Condition,
-        expiry: Expiry,
-        now_ms: u64,
-    ) -> Result<(SetOutcome, Ticket), Error> {
-        let (outcome, ticket) = self.batch(|tx| tx.set(key, value, cond, expiry, now_ms))?;
-        Ok((outcome?, ticket))
+        self.durably(|tx| tx.set(Write::new(key, value, cond, expiry), now_ms))
     }
 
     /// Deletes `key`; durable when it returns. Returns whether a live key was removed.
@@ -137,19 +143,7 @@ impl Kv {
     ///
     /// A refused key or a sled error.
     pub fn delete(&self, key: &[u8], now_ms: u64) -> Result<bool, Error> {
-        let (removed, ticket) = self.delete_deferred(key, now_ms)?;
-        self.wait_durable(ticket)?;
-        Ok(removed)
-    }
-
-    /// As [`Kv::delete`], without waiting for durability.
-    ///
-    /// # Errors
-    ///
-    /// As [`Kv::delete`].
-    pub fn delete_deferred(&self, key: &[u8], now_ms: u64) -> Result<(bool, Ticket), Error> {
-        let (removed, ticket) = self.batch(|tx| tx.delete(key, now_ms))?;
-        Ok((removed?, ticket))
+        self.durably(|tx| tx.delete(key, now_ms))
     }
 
     /// Gives a live `key` a new expiry (one in the past deletes it); durable when it returns.
@@ -159,24 +153,14 @@ impl Kv {
     ///
     /// A refused key or a sled error.
     pub fn expire(&self, key: &[u8], expiry: Expiry, now_ms: u64) -> Result<bool, Error> {
-        let (found, ticket) = self.expire_deferred(key, expiry, now_ms)?;
-        self.wait_durable(ticket)?;
-        Ok(found)
+        self.durably(|tx| tx.expire(key, expiry, now_ms))
     }
 
-    /// As [`Kv::expire`], without waiting for durability.
-    ///
-    /// # Errors
-    ///
-    /// As [`Kv::expire`].
-    pub fn expire_deferred(
-        &self,
-        key: &[u8],
-        expiry: Expiry,
-        now_ms: u64,
-    ) -> Result<(bool, Ticket), Error> {
-        let (found, ticket) = self.batch(|tx| tx.expire(key, expiry, now_ms))?;
-        Ok((found?, ticket))
+    /// One write as a batch of its own, returned once durable.
+    fn durably<R>(&self, write: impl FnOnce(&mut Txn<'_>) -> Result<R, Error>) -> Result<R, Error> {
+        let (out, ticket) = self.batch(write)?;
+        self.wait_durable(ticket)?;
+        out
     }
 
     /// Runs `f` under the store's write lock: its reads and writes through the [`Txn`] are
@@ -362,14 +346,13 @@ impl Txn<'_> {
     /// # Errors
     ///
     /// As [`Kv::set`].
-    pub fn set(
-        &mut self,
-        key: &[u8],
-        value: &[u8],
-        cond: Condition,
-        expiry: Expiry,
-        now_ms: u64,
-    ) -> Result<SetOutcome, Error> {
+    pub fn set(&mut self, write: Write<'_>, now_ms: u64) -> Result<SetOutcome, Error> {
+        let Write {
+            key,
+            value,
+            cond,
+            expiry,
+        } = write;
         self.shared.validate(key)?;
         // The previous entry's value is copied only when there is one (`SET ... GET` wants it).
         let previous = live_with(self.shared, key, now_ms, entry);

@@ -329,7 +329,7 @@ fn sweep_in_bounded_batches_deletes_every_expired_id() {
 
 // --- The key-value namespace (Redis endpoint) -------------------------------------------------
 
-use super::kv::{Condition, Entry, Expiry};
+use super::kv::{Condition, Entry, Expiry, Write};
 
 fn kv_set(store: &Store, key: &[u8], value: &[u8], cond: Condition, expiry: Expiry) -> bool {
     store
@@ -531,21 +531,21 @@ fn kv_deferred_writes_are_durable_after_one_wait() {
     for i in 0..50u32 {
         let key = format!("p-{i}");
         let (out, ticket) = kv
-            .set_deferred(
-                key.as_bytes(),
-                b"1",
-                Condition::IfAbsent,
-                Expiry::Window,
-                T0,
-            )
+            .batch(|tx| {
+                tx.set(
+                    Write::new(key.as_bytes(), b"1", Condition::IfAbsent, Expiry::Window),
+                    T0,
+                )
+            })
             .unwrap();
+        let out = out.unwrap();
         assert!(out.written);
         // Visible at once to readers, before it is durable.
         assert!(kv.get(key.as_bytes(), T0).unwrap().is_some());
         assert!(last.is_none_or(|l| l < ticket), "tickets grow");
         last = Some(ticket);
     }
-    let (_, ticket) = kv.delete_deferred(b"p-0", T0).unwrap();
+    let (_, ticket) = kv.batch(|tx| tx.delete(b"p-0", T0)).unwrap();
     kv.wait_durable(ticket.max(last.unwrap())).unwrap();
     // One wait, then a crash (no close): all of it is there.
     drop(kv);
@@ -571,13 +571,22 @@ fn kv_batch_rolls_back_to_a_savepoint() {
     );
     let (seen, ticket) = kv
         .batch(|tx| {
-            tx.set(b"a", b"1", Condition::Always, Expiry::Window, T0)
-                .unwrap();
+            tx.set(
+                Write::new(b"a", b"1", Condition::Always, Expiry::Window),
+                T0,
+            )
+            .unwrap();
             let sp = tx.savepoint();
-            tx.set(b"b", b"2", Condition::Always, Expiry::Window, T0)
-                .unwrap();
-            tx.set(b"changed", b"new", Condition::Always, Expiry::Window, T0)
-                .unwrap();
+            tx.set(
+                Write::new(b"b", b"2", Condition::Always, Expiry::Window),
+                T0,
+            )
+            .unwrap();
+            tx.set(
+                Write::new(b"changed", b"new", Condition::Always, Expiry::Window),
+                T0,
+            )
+            .unwrap();
             assert!(tx.delete(b"kept", T0).unwrap());
             // Inside the batch its own writes are visible.
             let seen = tx.get(b"changed", T0).unwrap().map(|e| e.value);
