@@ -2,7 +2,7 @@
 //! run (release build):
 //!
 //! ```sh
-//! flock /work/wt/bench.lock cargo bench --bench ha
+//! cargo bench --bench ha
 //! ```
 //!
 //! For each setup: `HA_BENCH_N` (default 50 000) persistent 256-byte messages, 20 % of them

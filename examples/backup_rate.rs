@@ -5,7 +5,7 @@
 //! (synced), the same backup to nowhere (the store's own cost), a backup taken while a writer
 //! keeps committing (what the relay does during an online backup, with the writer's rate beside
 //! its rate alone), and a restore of the file into an empty dir. Checks that every id is in the
-//! restored store. Run it under the bench lock: `flock /work/wt/bench.lock cargo run ...`.
+//! restored store. Run it with no other benchmark beside it: `cargo run --release --example backup_rate`.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
