@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use amqprs::channel::{BasicPublishArguments, ExchangeDeleteArguments, QueueDeleteArguments};
+use amqprs::channel::BasicPublishArguments;
 use dedupd::shard::{self, Ring};
 use dedupd::Config;
 use support::*;
@@ -239,22 +239,7 @@ async fn each_shard_is_its_own_single_active_group_with_its_own_id_stream() {
         let (status, log) = relay.terminate();
         assert!(status.success(), "{log}");
     }
-    for q in &queues {
-        for name in [q.clone(), format!("{q}.dead"), format!("{q}.ids")] {
-            let _ = broker
-                .ch
-                .queue_delete(QueueDeleteArguments::new(&name))
-                .await;
-        }
-        let _ = broker
-            .ch
-            .exchange_delete(ExchangeDeleteArguments::new(&format!("{q}.dlx")))
-            .await;
-    }
-    let _ = broker
-        .ch
-        .exchange_delete(ExchangeDeleteArguments::new(&ring.exchange))
-        .await;
+    broker.delete_ring(&ring, &[".dead", ".ids"]).await;
     broker.cleanup().await;
 }
 

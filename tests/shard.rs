@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use amqprs::channel::{BasicPublishArguments, ExchangeDeleteArguments, QueueDeleteArguments};
+use amqprs::channel::BasicPublishArguments;
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use dedupd::shard::{self, Ring};
 use dedupd::Config;
@@ -199,26 +199,6 @@ async fn drain_until_all_arrived(
     }
 }
 
-/// Deletes a ring's exchange and every shard's queues and dead-letter exchange.
-async fn delete_ring(broker: &Broker, ring: &Ring) {
-    for q in ring.queues() {
-        for name in [q.clone(), format!("{q}.dead")] {
-            let _ = broker
-                .ch
-                .queue_delete(QueueDeleteArguments::new(&name))
-                .await;
-        }
-        let _ = broker
-            .ch
-            .exchange_delete(ExchangeDeleteArguments::new(&format!("{q}.dlx")))
-            .await;
-    }
-    let _ = broker
-        .ch
-        .exchange_delete(ExchangeDeleteArguments::new(&ring.exchange))
-        .await;
-}
-
 /// Asserts nothing was dead-lettered on any shard of `ring`.
 async fn assert_no_dead_letters(broker: &Broker, ring: &Ring) {
     for q in ring.queues() {
@@ -280,7 +260,7 @@ async fn three_shards_forward_every_id_once_and_each_gets_a_share() {
         let (status, log) = relay.terminate();
         assert!(status.success(), "{log}");
     }
-    delete_ring(&broker, &ring).await;
+    broker.delete_ring(&ring, &[".dead"]).await;
     broker.cleanup().await;
 }
 
@@ -347,7 +327,7 @@ async fn kill_9_of_one_shard_mid_stream_loses_nothing_and_repeats_at_most_a_pref
         assert_eq!(broker.count(&q).await, 0, "{q}");
     }
     assert_no_dead_letters(&broker, &ring).await;
-    delete_ring(&broker, &ring).await;
+    broker.delete_ring(&ring, &[".dead"]).await;
     broker.cleanup().await;
 }
 
@@ -485,8 +465,8 @@ async fn reshard_two_to_three_with_old_shards_answering_for_one_ttl_lets_no_dupl
     }
     assert_no_dead_letters(&broker, &old).await;
     assert_no_dead_letters(&broker, &new).await;
-    delete_ring(&broker, &old).await;
-    delete_ring(&broker, &new).await;
+    broker.delete_ring(&old, &[".dead"]).await;
+    broker.delete_ring(&new, &[".dead"]).await;
     broker.cleanup().await;
 }
 
@@ -529,7 +509,7 @@ async fn header_ids_are_hashed_on_the_header() {
     for relay in relays {
         drop(relay.terminate());
     }
-    delete_ring(&broker, &ring).await;
+    broker.delete_ring(&ring, &[".dead"]).await;
     broker.cleanup().await;
 }
 
@@ -546,7 +526,7 @@ async fn a_queue_declared_otherwise_is_refused_naming_it() {
     let line = err.to_string();
     assert!(line.contains(&ring.queue(1)), "{line}");
     assert!(line.contains("other settings"), "{line}");
-    delete_ring(&broker, &ring).await;
+    broker.delete_ring(&ring, &[".dead"]).await;
     broker.cleanup().await;
 }
 
@@ -578,7 +558,7 @@ async fn ring_is_bound_in_the_order_a_broker_restart_rebuilds_it() {
     let mut sorted: Vec<String> = ring.queues().collect();
     sorted.sort();
     assert_eq!(on_ring, sorted, "{text}");
-    delete_ring(&broker, &ring).await;
+    broker.delete_ring(&ring, &[".dead"]).await;
     broker.cleanup().await;
 }
 
@@ -612,6 +592,6 @@ async fn topology_subcommand_declares_the_ring_and_refuses_body_hashes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("body-sha256"));
-    delete_ring(&broker, &ring).await;
+    broker.delete_ring(&ring, &[".dead"]).await;
     broker.cleanup().await;
 }

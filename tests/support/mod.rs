@@ -446,6 +446,25 @@ impl Broker {
         }
     }
 
+    /// Deletes a shard ring's exchange and, for every shard, its queue, the queues named by
+    /// `suffixes` beside it (`.dead`, and `.ids` with HA) and its dead-letter exchange.
+    pub async fn delete_ring(&self, ring: &dedupd::shard::Ring, suffixes: &[&str]) {
+        for q in ring.queues() {
+            let beside = suffixes.iter().map(|s| format!("{q}{s}"));
+            for name in std::iter::once(q.clone()).chain(beside) {
+                let _ = self.ch.queue_delete(QueueDeleteArguments::new(&name)).await;
+            }
+            let _ = self
+                .ch
+                .exchange_delete(ExchangeDeleteArguments::new(&format!("{q}.dlx")))
+                .await;
+        }
+        let _ = self
+            .ch
+            .exchange_delete(ExchangeDeleteArguments::new(&ring.exchange))
+            .await;
+    }
+
     /// Deletes everything this test may have declared.
     pub async fn cleanup(mut self) {
         self.cleaned = true;
