@@ -40,7 +40,9 @@ use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue,
 
 #[path = "../tests/support/mod.rs"]
 mod support;
-use support::{bind_out, connect, eventually, fill, free_port, http, ready, Waiting};
+use support::{
+    bind_out, connect, eventually, fill, free_port, http, ready, repeating_ids, Waiting,
+};
 
 /// Body size, as in CALIBRATION.md.
 const BODY: usize = 256;
@@ -78,7 +80,7 @@ fn env_number(name: &str, default: u64) -> u64 {
 
 /// The three relay setups, and their table.
 async fn relay_setups(bin: &Path, n: usize) {
-    let ids = workload(n);
+    let ids = repeating_ids("ha-bench", n);
     let mut distinct = ids.clone();
     distinct.sort();
     distinct.dedup();
@@ -135,19 +137,6 @@ struct Figures {
     lag: Option<(f64, f64, f64)>,
     /// Fresh node: ids applied and how long from its start.
     catch_up: Option<(u64, Duration)>,
-}
-
-fn workload(n: usize) -> Vec<String> {
-    let mut ids: Vec<String> = Vec::with_capacity(n);
-    for i in 0..n {
-        if i % 5 == 4 {
-            let back = 1 + (i * 7919) % i;
-            ids.push(ids[i - back].clone());
-        } else {
-            ids.push(format!("ha-bench-{i}"));
-        }
-    }
-    ids
 }
 
 /// The release `dedupd`: built here (a no-op when `cargo bench` just built it).

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 
 #[path = "../tests/support/mod.rs"]
 mod support;
-use support::{bind_out, connect, fill, ready, Waiting};
+use support::{bind_out, connect, fill, ready, repeating_ids, Waiting};
 
 /// Body size, as in CALIBRATION.md.
 const BODY: usize = 256;
@@ -51,7 +51,7 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         enable_shovel();
-        let ids = workload(n);
+        let ids = repeating_ids("bench", n);
         let distinct = {
             let mut d = ids.clone();
             d.sort();
@@ -102,20 +102,6 @@ fn dedupd_release() -> PathBuf {
     let bin = target.join("release/dedupd");
     assert!(bin.exists(), "no {}", bin.display());
     bin
-}
-
-/// Ids in publish order: every fifth repeats an earlier one.
-fn workload(n: usize) -> Vec<String> {
-    let mut ids: Vec<String> = Vec::with_capacity(n);
-    for i in 0..n {
-        if i % 5 == 4 {
-            let back = 1 + (i * 7919) % i;
-            ids.push(ids[i - back].clone());
-        } else {
-            ids.push(format!("bench-{i}"));
-        }
-    }
-    ids
 }
 
 enum Relay<'a> {

@@ -15,14 +15,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dedupd::store::system_now_ms;
-use dedupd::{Store, StoreConfig, Verdict};
+use dedupd::{Store, StoreConfig};
 
 const BATCH: u64 = 1024;
 
 #[path = "../tests/support/ids.rs"]
 #[allow(dead_code)]
 mod ids;
-use ids::uuid_id;
+use ids::{record_uuid_ids, uuid_id};
 
 fn config(dir: &Path, n: u64) -> StoreConfig {
     let mut c = StoreConfig::new(dir);
@@ -47,24 +47,6 @@ fn mib_s(bytes: u64, took: Duration) -> String {
     )
 }
 
-/// Records ids `from..to`, durably, in commits of [`BATCH`].
-fn fill(store: &Store, from: u64, to: u64, now: u64) {
-    let mut next = from;
-    while next < to {
-        let hi = (next + BATCH).min(to);
-        let claims = (next..hi)
-            .map(
-                |i| match store.claim(uuid_id(i.into()).as_bytes(), now).unwrap() {
-                    Verdict::New(c) => c,
-                    other => panic!("id {i} not new: {other:?}"),
-                },
-            )
-            .collect();
-        store.commit(claims, now).unwrap();
-        next = hi;
-    }
-}
-
 /// A writer committing fresh ids from `from` until `stop`: how many it committed.
 fn writer(
     store: Store,
@@ -75,7 +57,7 @@ fn writer(
     std::thread::spawn(move || {
         let mut next = from;
         while !stop.load(Ordering::Relaxed) {
-            fill(&store, next, next + BATCH, now);
+            record_uuid_ids(&store, next, next + BATCH, BATCH, now);
             next += BATCH;
         }
         next - from
@@ -114,7 +96,7 @@ fn main() {
 
     let store = Store::open(config(&data, n)).expect("open");
     let started = Instant::now();
-    fill(&store, 0, n, now);
+    record_uuid_ids(&store, 0, n, BATCH, now);
     let filled = started.elapsed();
 
     // To a file, synced: what `dedupd backup <file>` costs on this disk.

@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dedupd::store::{system_now_ms, BloomOrigin, ManualClock};
-use dedupd::{Store, StoreConfig, Verdict};
+use dedupd::{Store, StoreConfig};
 
 const BATCH: u64 = 1024;
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[path = "../tests/support/ids.rs"]
 mod ids;
-use ids::uuid_id;
+use ids::{record_uuid_ids, uuid_id};
 
 /// Resident set size of this process in bytes (Linux).
 fn rss_bytes() -> u64 {
@@ -62,20 +62,7 @@ fn main() {
     let rss_before = rss_bytes();
     let store = Store::open(cfg).expect("open");
     let started = Instant::now();
-    let mut next = 0;
-    while next < n {
-        let hi = (next + BATCH).min(n);
-        let claims = (next..hi)
-            .map(
-                |i| match store.claim(uuid_id(i.into()).as_bytes(), t0).unwrap() {
-                    Verdict::New(c) => c,
-                    other => panic!("id {i} not new: {other:?}"),
-                },
-            )
-            .collect();
-        store.commit(claims, t0).unwrap();
-        next = hi;
-    }
+    record_uuid_ids(&store, 0, n, BATCH, t0);
     let fill = started.elapsed();
     let stats = store.stats();
     let rss = rss_bytes().saturating_sub(rss_before);

@@ -14,3 +14,23 @@ pub fn uuid_id(n: u128) -> String {
         &h[20..]
     )
 }
+
+/// Records the [`uuid_id`]s of `from..to` in `store`, durably, in commits of `batch`, as new ids
+/// (a panic otherwise): how the examples fill a store.
+#[allow(dead_code)] // the examples use it; the store bench, which includes this file too, does not
+pub fn record_uuid_ids(store: &dedupd::Store, from: u64, to: u64, batch: u64, now: u64) {
+    let mut next = from;
+    while next < to {
+        let hi = (next + batch).min(to);
+        let claims = (next..hi)
+            .map(
+                |i| match store.claim(uuid_id(i.into()).as_bytes(), now).unwrap() {
+                    dedupd::Verdict::New(c) => c,
+                    other => panic!("id {i} not new: {other:?}"),
+                },
+            )
+            .collect();
+        store.commit(claims, now).unwrap();
+        next = hi;
+    }
+}

@@ -621,6 +621,21 @@ pub fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> Option<
     Some((response.status().as_u16(), body))
 }
 
+/// `n` ids in publish order, the same every run: every fifth repeats an earlier one (the
+/// benches' workload; the fault tests' [`faults::workload`] draws its repeats at random).
+pub fn repeating_ids(prefix: &str, n: usize) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::with_capacity(n);
+    for i in 0..n {
+        if i % 5 == 4 {
+            let back = 1 + (i * 7919) % i;
+            ids.push(ids[i - back].clone());
+        } else {
+            ids.push(format!("{prefix}-{i}"));
+        }
+    }
+    ids
+}
+
 /// A free TCP port on loopback (free when asked; good enough between tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
