@@ -65,11 +65,11 @@ pub enum Error {
     /// Recording confirmed ids failed: their messages are left unacked.
     #[error("store commit failed, forwarded messages left unacked: {0}")]
     Commit(#[source] Arc<StoreError>),
-    /// The store threads could not start.
-    #[error("cannot start the store threads: {0}")]
+    /// The commit thread could not start.
+    #[error("cannot start the commit thread: {0}")]
     Threads(#[source] std::io::Error),
-    /// The store threads stopped while the relay still needed them.
-    #[error("the store threads stopped unexpectedly")]
+    /// The commit thread stopped while the relay still needed it.
+    #[error("the commit thread stopped unexpectedly")]
     WorkersGone,
     /// The broker refused the topology (missing with declaring off, or conflicting settings).
     #[error("topology: {0}")]
@@ -78,12 +78,12 @@ pub enum Error {
 
 /// Relays with `config` until `stop` fires, reconnecting to the broker with capped exponential
 /// backoff whenever the connection drops. On `stop` it stops consuming, finishes what is in
-/// flight within `DEDUPD_SHUTDOWN_GRACE`, closes the connection and stops its store threads; the
+/// flight within `DEDUPD_SHUTDOWN_GRACE`, closes the connection and stops its commit thread; the
 /// store stays open (its owner, the service, closes it).
 ///
 /// # Errors
 ///
-/// The store threads do not start, the broker refuses the topology on the first connection, or
+/// The commit thread does not start, the broker refuses the topology on the first connection, or
 /// the store fails.
 pub(crate) async fn run(
     config: &Config,
@@ -110,7 +110,7 @@ pub(crate) async fn run(
     }
     tokio::task::spawn_blocking(move || workers.stop())
         .await
-        .expect("stopping the store threads does not panic");
+        .expect("stopping the commit thread does not panic");
     result
 }
 

@@ -1,10 +1,11 @@
 //! One broker connection's worth of relaying: the driver of the [`protocol`](super::protocol).
 //!
 //! A single task owns a session (no locks). It turns what arrives (deliveries from the consumer,
-//! publisher confirms and returns from the channel callbacks, verdicts and commits from the store
-//! threads, the tick, shutdown) into protocol events, and carries out the actions the protocol
-//! answers with (claim and commit jobs to the store threads, publishes, acks, rejects) in their
-//! order. Every decision is the protocol's; this file only does the I/O.
+//! publisher confirms and returns from the channel callbacks, commits from the store's thread,
+//! the tick, shutdown) into protocol events, and carries out the actions the protocol answers
+//! with (claims, answered at once from the store's memory; commit jobs to the store's thread;
+//! publishes, acks, rejects) in their order. Every decision is the protocol's; this file only
+//! does the I/O.
 //!
 //! When the session ends for any reason, its state is dropped: claims not yet committed are
 //! released (dropping a `Claim` does that), and the broker redelivers every unacked message.
@@ -24,7 +25,7 @@ use super::ha::Ha;
 use super::id::IdExtractor;
 use super::protocol::{self, Action, Protocol, Settings, Stop, Target};
 use super::window::Windows;
-use super::worker::{ClaimJob, CommitJob, Reply, Workers};
+use super::worker::{Claimed, CommitJob, Reply, Workers};
 use super::Error;
 use crate::amqp::callbacks::{BrokerEvent, ChannelEvents};
 use crate::amqp::quarantine;
@@ -33,7 +34,7 @@ use crate::metrics::{DeadLetterReason, Metrics};
 use crate::shutdown::Shutdown;
 use crate::store::{self, Claim, Settled, Waiter};
 
-/// Most deliveries taken from the consumer before the batch goes to the claim thread.
+/// Most deliveries taken from the consumer before their ids are claimed as one batch.
 const CLAIM_BATCH: usize = 256;
 /// How often publishes are checked against the confirm timeout.
 const TIMEOUT_TICK: Duration = Duration::from_millis(100);
@@ -144,7 +145,7 @@ pub(crate) struct Session<'a> {
     consumer_tag: String,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
-    /// Where the store threads answer this session's jobs.
+    /// Where the commit thread answers this session's jobs.
     replies_tx: mpsc::UnboundedSender<Reply>,
     replies: mpsc::UnboundedReceiver<Reply>,
     protocol: SessionProtocol,
@@ -327,17 +328,9 @@ impl<'a> Session<'a> {
                     return Err(Failure::Lost("connection lost".into()));
                 }
                 Some(event) = self.events.recv() => self.on_event(event, grace.is_some())?,
-                Some(reply) = self.replies.recv() => Some(match reply {
-                    Reply::Claimed(verdicts) => protocol::Event::Claimed(
-                        verdicts
-                            .into_iter()
-                            .map(|(tag, id, verdict)| (tag, id, verdict.map(verdict_of)))
-                            .collect(),
-                    ),
-                    Reply::Committed { tags, result } => {
-                        protocol::Event::Committed { tags, result }
-                    }
-                }),
+                Some(Reply { tags, result }) = self.replies.recv() => {
+                    Some(protocol::Event::Committed { tags, result })
+                }
                 message = deliveries.recv(), if consuming => match message {
                     Some(message) => {
                         if let (Some(ha), false) = (self.cx.ha, self.active) {
@@ -375,7 +368,16 @@ impl<'a> Session<'a> {
                 self.protocol.step(event, now)?;
             }
             self.protocol.end_turn(now);
-            self.carry_out().await?;
+            // Claims are answered at once; their verdicts are the next turn's event.
+            while let Some(verdicts) = self.carry_out().await? {
+                let verdicts = verdicts
+                    .into_iter()
+                    .map(|(tag, id, verdict)| (tag, id, verdict.map(verdict_of)))
+                    .collect();
+                self.protocol
+                    .step(protocol::Event::Claimed(verdicts), now)?;
+                self.protocol.end_turn(now);
+            }
         }
     }
 
@@ -478,7 +480,8 @@ impl<'a> Session<'a> {
     }
 
     /// Carries out the protocol's actions in order, then reports its totals to the metrics.
-    async fn carry_out(&mut self) -> Result<(), Failure> {
+    /// Returns the verdicts of the claims among them, for the protocol to step on.
+    async fn carry_out(&mut self) -> Result<Option<Vec<Claimed>>, Failure> {
         let Session {
             cx,
             consume,
@@ -489,15 +492,14 @@ impl<'a> Session<'a> {
             ..
         } = self;
         let config = cx.config;
+        let mut claimed: Option<Vec<Claimed>> = None;
         for action in protocol.actions() {
             match action {
                 Action::Claim(items) => {
-                    let job = ClaimJob {
-                        items,
-                        reply: replies_tx.clone(),
-                    };
-                    if !cx.workers.claim(job) {
-                        return Err(Failure::Fatal(Error::WorkersGone));
+                    let verdicts = cx.workers.claim(items);
+                    match &mut claimed {
+                        Some(claimed) => claimed.extend(verdicts),
+                        None => claimed = Some(verdicts),
                     }
                 }
                 Action::Await { tag, waiter } => {
@@ -581,7 +583,7 @@ impl<'a> Session<'a> {
             self.publishes_in_flight = in_flight;
             self.cx.metrics.set_publishes_in_flight(in_flight);
         }
-        Ok(())
+        Ok(claimed)
     }
 }
 

@@ -1,26 +1,26 @@
-//! The store's two threads: one answers claims, one makes confirmed ids durable.
+//! The store's side of the relay: claims answered in place, one thread making confirmed ids
+//! durable.
 //!
-//! `Store::claim` may read sled and `Store::commit` flushes it, so neither runs on the async
-//! workers. One thread each, fed by channels, rather than `spawn_blocking` per message: a claim
-//! batch costs one hand-off, and commits that pile up while a flush runs are merged into the next
-//! flush (group commit), which is what makes durable acks cheap.
+//! A claim touches memory only (the Bloom filter, the index and the in-flight map, each behind
+//! a lock held for one lookup; never sled), so the session answers it on its own task: a thread
+//! hop per batch cost more CPU than the claims themselves (`benches/relay.rs`). `Store::commit`
+//! writes sled and flushes, so it runs on a thread of its own, fed by a channel: commits that
+//! pile up while a flush runs are merged into the next flush (group commit), which is what makes
+//! durable acks cheap.
 
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use super::ha::Ha;
+use super::protocol::ClaimItem;
 use crate::metrics::Metrics;
 use crate::store::{Claim, Clock, Error as StoreError, Store, Verdict};
 
-/// Ids to claim, each with the delivery tag it is for and its window; the verdicts go back on
-/// `reply`.
-pub(crate) struct ClaimJob {
-    pub(crate) items: Vec<(u64, Vec<u8>, Duration)>,
-    pub(crate) reply: mpsc::UnboundedSender<Reply>,
-}
+/// The store's answer to a [`ClaimItem`], with its tag and id.
+pub(crate) type Claimed = (u64, Vec<u8>, Result<Verdict, StoreError>);
 
 /// Claims whose publishes were confirmed, to record durably; then `tags` may be acked.
 pub(crate) struct CommitJob {
@@ -29,27 +29,24 @@ pub(crate) struct CommitJob {
     pub(crate) reply: mpsc::UnboundedSender<Reply>,
 }
 
-/// What the threads answer.
+/// What the commit thread answers: a [`CommitJob`] is durable (or failed), with its `tags`.
 #[derive(Debug)]
-pub(crate) enum Reply {
-    /// The verdicts of a [`ClaimJob`], in its order, each with its tag and id.
-    Claimed(Vec<(u64, Vec<u8>, Result<Verdict, StoreError>)>),
-    /// A [`CommitJob`] is durable (or failed): its `tags`.
-    Committed {
-        tags: Vec<u64>,
-        result: Result<(), Arc<StoreError>>,
-    },
+pub(crate) struct Reply {
+    pub(crate) tags: Vec<u64>,
+    pub(crate) result: Result<(), Arc<StoreError>>,
 }
 
-/// Handles on the two store threads. They exit when this is stopped or dropped.
+/// The store and the time the relay claims by, and the commit thread. The thread exits when
+/// this is stopped or dropped.
 pub(crate) struct Workers {
-    claims: mpsc::UnboundedSender<ClaimJob>,
+    store: Store,
+    clock: Arc<dyn Clock>,
     commits: mpsc::UnboundedSender<CommitJob>,
-    threads: Vec<thread::JoinHandle<()>>,
+    committer: thread::JoinHandle<()>,
 }
 
 impl Workers {
-    /// Starts the claim and commit threads on `store`, which read the time from `clock`. With
+    /// Starts the commit thread on `store`; claims and commits read the time from `clock`. With
     /// `ha`, each commit batch is appended to the id stream, and its messages are acked only once
     /// the stream confirmed it.
     ///
@@ -61,32 +58,10 @@ impl Workers {
         ha: Option<Ha>,
         clock: Arc<dyn Clock>,
     ) -> std::io::Result<Workers> {
-        let (claims, mut claim_rx) = mpsc::unbounded_channel::<ClaimJob>();
         let (commits, mut commit_rx) = mpsc::unbounded_channel::<CommitJob>();
-        let claimer = {
-            let store = store.clone();
-            let clock = clock.clone();
-            thread::Builder::new()
-                .name("dedupd-claim".into())
-                .spawn(move || {
-                    while let Some(job) = claim_rx.blocking_recv() {
-                        let now = clock.now_ms();
-                        let verdicts = job
-                            .items
-                            .into_iter()
-                            .map(|(tag, id, window)| {
-                                let verdict = store.claim_with_ttl(&id, window, now);
-                                (tag, id, verdict)
-                            })
-                            .collect();
-                        // A closed reply channel means the session is gone: the claims drop
-                        // here and are released, and the broker redelivers the messages.
-                        let _ = job.reply.send(Reply::Claimed(verdicts));
-                    }
-                })?
-        };
         let committer = {
             let store = store.clone();
+            let clock = clock.clone();
             thread::Builder::new()
                 .name("dedupd-commit".into())
                 .spawn(move || {
@@ -119,7 +94,7 @@ impl Workers {
                         }
                         let reply = move || {
                             for job in jobs {
-                                let _ = job.reply.send(Reply::Committed {
+                                let _ = job.reply.send(Reply {
                                     tags: job.tags,
                                     result: result.clone(),
                                 });
@@ -135,15 +110,24 @@ impl Workers {
                 })?
         };
         Ok(Workers {
-            claims,
+            store: store.clone(),
+            clock,
             commits,
-            threads: vec![claimer, committer],
+            committer,
         })
     }
 
-    /// Queues a claim job. Returns `false` if the thread is gone (it only goes when stopped).
-    pub(crate) fn claim(&self, job: ClaimJob) -> bool {
-        self.claims.send(job).is_ok()
+    /// Claims each id for its window, in order, now. Memory only (see the module doc), so it
+    /// runs on the caller's task.
+    pub(crate) fn claim(&self, items: Vec<ClaimItem>) -> Vec<Claimed> {
+        let now = self.clock.now_ms();
+        items
+            .into_iter()
+            .map(|(tag, id, window)| {
+                let verdict = self.store.claim_with_ttl(&id, window, now);
+                (tag, id, verdict)
+            })
+            .collect()
     }
 
     /// Queues a commit job. Returns `false` if the thread is gone.
@@ -151,12 +135,9 @@ impl Workers {
         self.commits.send(job).is_ok()
     }
 
-    /// Lets the threads finish their queues and waits for them. Blocking.
+    /// Lets the commit thread finish its queue and waits for it. Blocking.
     pub(crate) fn stop(self) {
-        drop(self.claims);
         drop(self.commits);
-        for t in self.threads {
-            let _ = t.join();
-        }
+        let _ = self.committer.join();
     }
 }
