@@ -16,6 +16,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hashbrown::HashTable;
 
+pub(crate) use super::kv_slot::KvSlot;
+
 /// Tables of the Redis keys' index; the least the relay ids' index has.
 pub(crate) const SHARDS: usize = 64;
 
@@ -310,96 +312,6 @@ fn put_in(t: &mut HashTable<Slot>, slot: Slot) -> bool {
             t.insert_unique(hash, slot, Slot::hash);
             true
         }
-    }
-}
-
-/// A Redis key's entry: its times, key and value in one allocation, so that the table holds
-/// 16 bytes a key (a boxed slice) and the heap one block: at 1 M keys of the seed's
-/// `msg:<12 digits>` with value `1`, 53 bytes in mimalloc's 56-byte class.
-///
-/// Layout of `data`: set time, expiry, how long the entry must stay on disk (the longest
-/// expiry of the writes it shadows) and the version of the write that made it (see
-/// `segment.rs`), each a little-endian `u64`; the key's length (`u32`); the key; the value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct KvSlot {
-    /// The times, the key's length, the key, then the value.
-    data: Box<[u8]>,
-}
-
-/// Where the key's length is in a slot's data; the key follows it.
-const KV_KEY_LEN_AT: usize = 32;
-const KV_KEY_AT: usize = KV_KEY_LEN_AT + 4;
-
-impl KvSlot {
-    /// A slot kept on disk as long as it lives (`retain_ms` = `expires_ms`), version 0.
-    pub(crate) fn new(key: &[u8], value: &[u8], set_ms: u64, expires_ms: u64) -> KvSlot {
-        KvSlot::with_times(key, value, [set_ms, expires_ms, expires_ms, 0])
-    }
-
-    /// A slot with its set time, expiry, retain time and version.
-    pub(crate) fn with_times(key: &[u8], value: &[u8], times: [u64; 4]) -> KvSlot {
-        let mut data = Vec::with_capacity(KV_KEY_AT + key.len() + value.len());
-        for t in times {
-            data.extend_from_slice(&t.to_le_bytes());
-        }
-        data.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        data.extend_from_slice(key);
-        data.extend_from_slice(value);
-        KvSlot {
-            data: data.into_boxed_slice(),
-        }
-    }
-
-    fn word(&self, i: usize) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.data[i * 8..i * 8 + 8]);
-        u64::from_le_bytes(b)
-    }
-
-    fn set_word(&mut self, i: usize, v: u64) {
-        self.data[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
-    }
-
-    /// When the key was last set (ms since the Unix epoch).
-    pub(crate) fn set_ms(&self) -> u64 {
-        self.word(0)
-    }
-
-    /// When the key expires.
-    pub(crate) fn expires_ms(&self) -> u64 {
-        self.word(1)
-    }
-
-    /// How long the entry must stay on disk (≥ its expiry).
-    pub(crate) fn retain_ms(&self) -> u64 {
-        self.word(2)
-    }
-
-    /// The version of the write that made the entry.
-    pub(crate) fn version(&self) -> u64 {
-        self.word(3)
-    }
-
-    pub(crate) fn set_retain_ms(&mut self, retain_ms: u64) {
-        self.set_word(2, retain_ms);
-    }
-
-    pub(crate) fn set_version(&mut self, version: u64) {
-        self.set_word(3, version);
-    }
-
-    fn key_end(&self) -> usize {
-        let mut b = [0u8; 4];
-        b.copy_from_slice(&self.data[KV_KEY_LEN_AT..KV_KEY_AT]);
-        KV_KEY_AT + u32::from_le_bytes(b) as usize
-    }
-
-    pub(crate) fn key(&self) -> &[u8] {
-        &self.data[KV_KEY_AT..self.key_end()]
-    }
-
-    pub(crate) fn value(&self) -> &[u8] {
-        &self.data[self.key_end()..]
     }
 }
 

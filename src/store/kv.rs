@@ -364,7 +364,7 @@ impl Txn<'_> {
         if allowed {
             let current = previous.as_ref().map(|e| e.expires_ms);
             let expires_ms = self.expiry_of(expiry, current, now_ms);
-            self.put(KvSlot::new(key, value, now_ms, expires_ms), now_ms)?;
+            self.put(key, value, now_ms, expires_ms, now_ms)?;
         }
         Ok(SetOutcome {
             written: allowed,
@@ -406,8 +406,7 @@ impl Txn<'_> {
         };
         let expires_ms = self.expiry_of(expiry, Some(current.expires_ms()), now_ms);
         // The set time stays: only the expiry moves (a past one removes the key).
-        let moved = KvSlot::new(key, current.value(), current.set_ms(), expires_ms);
-        self.put(moved, now_ms)?;
+        self.put(key, current.value(), current.set_ms(), expires_ms, now_ms)?;
         Ok(true)
     }
 
@@ -463,29 +462,33 @@ impl Txn<'_> {
             .map_err(self.shared.sled_err("version"))
     }
 
-    /// Puts `slot` in the index and the batch's segment; an expiry already past deletes the
-    /// key instead, as Redis does.
-    fn put(&mut self, mut slot: KvSlot, now_ms: u64) -> Result<(), Error> {
-        if slot.expires_ms() <= now_ms {
-            self.delete(slot.key(), now_ms)?;
+    /// Puts `key` = `value`, set at `set_ms`, expiring at `expires_ms`, in the index and the
+    /// batch's segment; an expiry already past deletes the key instead, as Redis does.
+    fn put(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        set_ms: u64,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), Error> {
+        if expires_ms <= now_ms {
+            self.delete(key, now_ms)?;
             return Ok(());
         }
         // It shadows whatever the key held, for as long as that had to stay.
-        let shadowed = self.shared.keys.peek(slot.key(), KvSlot::retain_ms);
-        let expires_ms = slot.expires_ms();
+        let shadowed = self.shared.keys.peek(key, KvSlot::retain_ms);
         let retain_ms = expires_ms.max(shadowed.unwrap_or(0));
         let version = self.version()?;
-        slot.set_retain_ms(retain_ms);
-        slot.set_version(version);
-        let key = slot.key().to_vec();
-        let times = [slot.set_ms(), expires_ms, retain_ms, version];
-        segment::put_kv_put(&mut self.body, &key, slot.value(), times);
+        let times = [set_ms, expires_ms, retain_ms, version];
+        let slot = KvSlot::with_times(key, value, times);
+        segment::put_kv_put(&mut self.body, key, value, times);
         self.expiries.push(retain_ms);
         self.now_ms = self.now_ms.max(now_ms);
         // Index first, then the filter: a reader in between finds the filter saying "no" for
         // a write nobody has been told of yet, never a live key the filter misses after.
         let before = self.shared.keys.put(slot);
-        let digest = short(self.shared.keyed.digest(&key));
+        let digest = short(self.shared.keyed.digest(key));
         if self
             .shared
             .kv
@@ -493,7 +496,7 @@ impl Txn<'_> {
         {
             self.shared.wake_compactor();
         }
-        self.undo.push((key, before));
+        self.undo.push((key.to_vec(), before));
         Ok(())
     }
 }

@@ -36,6 +36,7 @@ mod filter;
 mod flush;
 mod index;
 pub mod kv;
+mod kv_slot;
 mod log;
 mod migrate;
 mod record;

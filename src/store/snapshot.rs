@@ -196,10 +196,11 @@ fn parse(bytes: &[u8], token: &[u8], keyed: Keyed, expected: usize) -> Option<Lo
         let (key, value) = (c.take(klen)?, c.take(vlen)?);
         let (set_ms, expires_ms) = (c.u64()?, c.u64()?);
         let (retain_ms, version) = (c.u64()?, c.u64()?);
-        let mut slot = KvSlot::new(key, value, set_ms, expires_ms);
-        slot.set_retain_ms(retain_ms);
-        slot.set_version(version);
-        keys.put(slot);
+        keys.put(KvSlot::with_times(
+            key,
+            value,
+            [set_ms, expires_ms, retain_ms, version],
+        ));
     }
     let len = usize::try_from(c.u64()?).ok()?;
     let (filters, _): ((FiltersSnapshot, FiltersSnapshot), usize) =
