@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -297,7 +297,9 @@ async fn connection(
         lib_name: None,
         lib_ver: None,
     };
-    match serve_client(&mut stream, &server, &mut client, &mut shutdown).await {
+    // Shared with the writer's threads, which send a batch's replies themselves once durable.
+    let stream = Arc::new(stream);
+    match serve_client(&stream, &server, &mut client, &mut shutdown).await {
         Ok(()) => {}
         Err(e) => tracing::debug!(%peer, cause = %e, "redis client connection ended"),
     }
@@ -305,7 +307,7 @@ async fn connection(
 }
 
 async fn serve_client(
-    stream: &mut TcpStream,
+    stream: &Arc<TcpStream>,
     server: &Arc<Server>,
     client: &mut Client,
     shutdown: &mut Shutdown,
@@ -332,8 +334,8 @@ async fn serve_client(
         let full = batch.len() == MAX_BATCH;
         if !batch.is_empty() {
             let flow;
-            (flow, out) = run_batch(server, client, batch, out).await;
-            stream.write_all(&out).await?;
+            (flow, out) = run_batch(server, client, stream, batch, out).await;
+            write_all(stream, &out).await?;
             out.clear();
             if flow == Flow::Close {
                 return Ok(());
@@ -342,7 +344,7 @@ async fn serve_client(
         if let Some(e) = broken {
             let reply = Reply::err(format!("Protocol error: {}", e.0));
             reply.encode(client.proto, &mut out);
-            stream.write_all(&out).await?;
+            write_all(stream, &out).await?;
             tracing::debug!(
                 reason = e.0,
                 "redis client sent a malformed request, closing"
@@ -357,7 +359,7 @@ async fn serve_client(
         }
         let n = tokio::select! {
             _ = shutdown.fired() => return Ok(()),
-            n = stream.read_buf(&mut buf) => n?,
+            n = read_buf(stream, &mut buf) => n?,
         };
         if n == 0 {
             return Ok(());
@@ -365,11 +367,38 @@ async fn serve_client(
     }
 }
 
+/// Reads what the client sent into `buf`; `Ok(0)` at its end. (On a shared stream: the
+/// writer's threads write replies to it, see [`writer`].)
+async fn read_buf(stream: &TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    loop {
+        stream.readable().await?;
+        match stream.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            read => return read,
+        }
+    }
+}
+
+/// Writes all of `bytes` to the client.
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Runs a batch of requests in order, appending their replies to `out`: on a blocking thread
-/// when any of them touches the store, inline otherwise.
+/// when any of them touches the store, inline otherwise. Replies the writer already sent to
+/// `stream` are not in the `out` returned.
 async fn run_batch(
     server: &Arc<Server>,
     client: &mut Client,
+    stream: &Arc<TcpStream>,
     batch: Vec<Request>,
     out: Vec<u8>,
 ) -> (Flow, Vec<u8>) {
@@ -412,6 +441,7 @@ async fn run_batch(
     let job = writer::Job {
         server: server.clone(),
         client: std::mem::take(client),
+        stream: stream.clone(),
         batch,
         out,
         done,

@@ -5,11 +5,17 @@
 //! both, and no batch costs a blocking-thread hop or a wait on the store's lock of its own. A
 //! round of one batch while the flush thread is idle (a lone client) waits for its flush on the
 //! first thread: there is nothing to overlap, and the hop would only add to its latency.
+//!
+//! Whichever thread learns that a round is durable writes its replies to the clients' sockets
+//! itself (a non-blocking write, which a reply of a few bytes into an idle socket never fills),
+//! so a reply leaves without waiting for the connection's task to be scheduled; the task then
+//! only goes on reading, and writes what a full socket buffer left over.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::command::Flow;
@@ -24,12 +30,14 @@ const MAX_ROUND: usize = 256;
 pub(crate) struct Job {
     pub(crate) server: Arc<Server>,
     pub(crate) client: Client,
+    /// The client's socket, for the replies.
+    pub(crate) stream: Arc<TcpStream>,
     pub(crate) batch: Vec<Request>,
     pub(crate) out: Vec<u8>,
     pub(crate) done: oneshot::Sender<Done>,
 }
 
-/// A batch's outcome: the connection's state, what to do next, the replies.
+/// A batch's outcome: the connection's state, what to do next, the replies not yet sent.
 pub(crate) type Done = (Client, Flow, Vec<u8>);
 
 /// Batches run, waiting for their writes to be durable.
@@ -117,12 +125,26 @@ fn flush(rounds: &Receiver<Round>, pending: &AtomicUsize) {
 fn answer(jobs: impl Iterator<Item = (Job, Flow)>, durable: Result<(), crate::store::Error>) {
     match durable {
         Ok(()) => {
-            for (job, flow) in jobs {
+            for (mut job, flow) in jobs {
+                send_replies(&job.stream, &mut job.out);
                 let _ = job.done.send((job.client, flow, job.out));
             }
         }
         Err(e) => fail(jobs.map(|(j, _)| j), &e.to_string()),
     }
+}
+
+/// Writes as much of `out` to the client as its socket takes now, without waiting, and keeps
+/// the rest (all of it on an error, which the connection's task then meets itself).
+fn send_replies(stream: &TcpStream, out: &mut Vec<u8>) {
+    let mut sent = 0;
+    while sent < out.len() {
+        match stream.try_write(&out[sent..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => sent += n,
+        }
+    }
+    out.drain(..sent);
 }
 
 /// Answers each batch with the store's failure instead of its replies, and closes it.
