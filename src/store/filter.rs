@@ -47,15 +47,45 @@ pub(crate) struct Generation {
     newest_expiry_ms: u64,
 }
 
+/// The number of hash functions of a generation for `fp_rate`: half the count that would
+/// minimise its bits (`log2(1/fp_rate)`, 7 at 1 %), rounded, at least one.
+///
+/// Each hash function is a probe at a random place in a bit array of megabytes (a cache miss)
+/// and a 64-bit division in the crate; a lookup of an absent id stops at the first clear bit,
+/// which a sparser array finds sooner. With 3 probes instead of 7 at 1 %, an array sized for
+/// the same rate at capacity needs 12.4 bits an id instead of 9.6 (+29 %), and at half its
+/// capacity (where the store runs most of the time, see `StoreConfig::generation_capacity`)
+/// 11 % of its bits are set instead of 31 %: an absent id costs 1.1 probes instead of 1.4, a
+/// present one 3 instead of 7, and a commit sets 3 bits instead of 7. The crate alone on the
+/// bench machine, 1 M ids in a filter sized for 2 M, xxh3 digest included, best of 40 runs of
+/// 200 000 lookups: absent 41 ns against 74, present 66 ns against 101.
+fn hash_count(fp_rate: f64) -> u32 {
+    let optimal = -fp_rate.log2();
+    ((optimal / 2.0).round() as u32).max(1)
+}
+
+/// (bitmap bytes, the item count to give the crate so that it picks `k` hash functions) for
+/// `capacity` ids at `fp_rate`.
+///
+/// With `k` hash functions and `b` bits an id, a full filter answers "maybe" for an absent id
+/// with probability `(1 - e^(-k/b))^k`; solved for `b`: `-k / ln(1 - fp_rate^(1/k))`. The
+/// crate derives its number of hashes from the bitmap and the item count as
+/// `round(bits / items * ln 2)`, so the count it is given is `bits * ln 2 / k`.
+fn layout(capacity: u64, fp_rate: f64, k: u32) -> (usize, usize) {
+    let k = f64::from(k);
+    let bits_per_id = -k / (1.0 - fp_rate.powf(1.0 / k)).ln();
+    let bits = (capacity as f64 * bits_per_id).ceil().max(8.0);
+    let bytes = (bits / 8.0).ceil();
+    let items = (bytes * 8.0 * std::f64::consts::LN_2 / k).round().max(1.0);
+    (bytes as usize, items as usize)
+}
+
 impl Generation {
     fn new(capacity: u64, fp_rate: f64) -> Generation {
+        let (bytes, items) = layout(capacity.max(1), fp_rate, hash_count(fp_rate));
         Generation {
-            bloom: Bloom::new_for_fp_rate_with_seed(
-                usize::try_from(capacity.max(1)).unwrap_or(usize::MAX),
-                fp_rate,
-                &SEED,
-            )
-            .expect("capacity and fp_rate are validated by StoreConfig"),
+            bloom: Bloom::new_with_seed(bytes, items, &SEED)
+                .expect("capacity and fp_rate are validated by StoreConfig"),
             capacity: capacity.max(1),
             inserted: 0,
             newest_expiry_ms: 0,
@@ -317,8 +347,23 @@ mod tests {
     }
 
     #[test]
+    fn generations_probe_half_the_memory_optimal_count() {
+        for (fp_rate, k, bits_per_id) in [(0.01, 3, 12.37), (0.001, 5, 17.3), (0.1, 2, 5.27)] {
+            assert_eq!(hash_count(fp_rate), k);
+            let g = Generation::new(1_000_000, fp_rate);
+            // The crate picked the count asked for.
+            assert_eq!(g.bloom.number_of_hash_functions(), k, "{fp_rate}");
+            let per_id = g.bloom.len() as f64 / 1e6;
+            assert!((per_id - bits_per_id).abs() < 0.05, "{fp_rate}: {per_id}");
+        }
+        // Tiny generations (tests, a first roll) still get at least one byte and one hash.
+        let g = Generation::new(1, 0.5);
+        assert!(g.bloom.len() >= 8 && g.bloom.number_of_hash_functions() >= 1);
+    }
+
+    #[test]
     fn a_full_generation_meets_its_rate_on_64_bit_fingerprints() {
-        for target in [0.01, 0.001] {
+        for target in [0.01, 0.001, 0.1] {
             let n = 100_000u32;
             let mut f = Filters::new(u64::from(n), target, 0);
             for i in 0..n {
