@@ -43,6 +43,7 @@ mod record;
 mod segment;
 mod snapshot;
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fs;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -603,6 +604,19 @@ impl Shared {
         entries: &[RelayEntry],
         offset: Option<u64>,
     ) -> Result<(), Error> {
+        let ticket = self.write_relay(commit_ms, entries, offset)?;
+        self.wait_relay(entries, ticket)
+    }
+
+    /// The first half of [`Shared::record_relay`]: appends the segment, starts its flush and
+    /// puts the ids in the index and the filter while the flush runs. Returns the flush ticket
+    /// to give [`Shared::wait_relay`].
+    fn write_relay(
+        &self,
+        commit_ms: u64,
+        entries: &[RelayEntry],
+        offset: Option<u64>,
+    ) -> Result<u64, Error> {
         let bytes = segment::encode_relay(commit_ms, entries);
         let (ticket, rolled) = {
             let guard = self.write_lock()?;
@@ -616,6 +630,8 @@ impl Shared {
             } else {
                 let expiries = entries.iter().map(|e| e.expires_ms).collect();
                 let ticket = self.append(&guard, &self.relay, expiries, bytes)?;
+                // The disk's part runs while the index and the filter take the ids.
+                self.flush.start(ticket);
                 self.ids.put_all(
                     entries
                         .iter()
@@ -628,7 +644,13 @@ impl Shared {
         if rolled {
             self.wake_compactor();
         }
-        // The flush runs outside the lock, so writers that queue behind it share one.
+        Ok(ticket)
+    }
+
+    /// The second half of [`Shared::record_relay`]: waits until `ticket` is durable, or takes
+    /// `entries` out of the index again when the flush failed.
+    fn wait_relay(&self, entries: &[RelayEntry], ticket: u64) -> Result<(), Error> {
+        // Writers that queue behind this flush share the next one.
         if let Err(e) = self.flush.wait(&self.db, ticket) {
             for e in entries {
                 self.ids
@@ -750,6 +772,7 @@ impl Store {
             ms = started.elapsed().as_millis() as u64,
             "store opened"
         );
+        let flush = FlushGroup::new(db.clone());
         let shared = Arc::new(Shared {
             dir: config.dir.clone(),
             db,
@@ -759,7 +782,7 @@ impl Store {
             relay,
             keys,
             kv,
-            flush: FlushGroup::default(),
+            flush,
             in_flight: Mutex::new(InFlightMap::default()),
             commit_lock: Mutex::new(()),
             closed: AtomicBool::new(false),
@@ -863,13 +886,17 @@ impl Store {
         let key = short(digest);
         {
             let mut map = shared.in_flight.lock().expect("in-flight lock");
-            if let Some(slot) = map.get_mut(&key) {
-                let tx = slot.get_or_insert_with(|| watch::channel(None).0);
-                return Ok(Verdict::InFlight(Waiter { rx: tx.subscribe() }));
+            match map.entry(key) {
+                Entry::Occupied(mut held) => {
+                    let tx = held.get_mut().get_or_insert_with(|| watch::channel(None).0);
+                    return Ok(Verdict::InFlight(Waiter { rx: tx.subscribe() }));
+                }
+                // Hold the id before looking it up, so a concurrent claimer waits for our
+                // verdict instead of racing us to the same answer.
+                Entry::Vacant(free) => {
+                    free.insert(None);
+                }
             }
-            // Hold the id before looking it up, so a concurrent claimer waits for our verdict
-            // instead of racing us to the same answer.
-            map.insert(key, None);
         }
         let claim = Claim {
             shared: shared.clone(),
@@ -912,14 +939,26 @@ impl Store {
                 tombstone: false,
             })
             .collect();
+        let shared = &self.shared;
         // On error the claims drop here and release their ids.
-        self.shared.record_relay(now_ms, &entries, None)?;
-        self.shared
-            .settle_all(claims.iter().map(|c| short(c.digest)), Settled::Committed);
+        let ticket = shared.write_relay(now_ms, &entries, None)?;
+        // While the flush runs: the claims go (their ids stay in flight until settled below,
+        // so they are settled by digest, for both outcomes).
         for c in &mut claims {
             c.settled = true;
         }
-        Ok(())
+        drop(claims);
+        let keys = entries.iter().map(|e| short(e.digest));
+        match shared.wait_relay(&entries, ticket) {
+            Ok(()) => {
+                shared.settle_all(keys, Settled::Committed);
+                Ok(())
+            }
+            Err(e) => {
+                shared.settle_all(keys, Settled::Released);
+                Err(e)
+            }
+        }
     }
 
     /// As [`Store::commit`], and returns the batch as a log segment: self-contained and
