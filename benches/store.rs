@@ -130,6 +130,8 @@ fn claim_commit(c: &mut Criterion) {
                     })
                     .collect();
                 store.commit(claims, now).unwrap();
+                // Returned, so criterion frees the ids after the timing as it built them before.
+                ids
             },
             BatchSize::PerIteration,
         )
@@ -155,6 +157,7 @@ fn claim_commit(c: &mut Criterion) {
                     tree.insert(id.as_bytes(), &record).unwrap();
                 }
                 db.flush().unwrap();
+                ids
             },
             BatchSize::PerIteration,
         )
