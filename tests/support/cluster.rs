@@ -10,9 +10,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::free_port;
+use super::{eventually, free_port};
 
 /// Longest a node may take to answer after `rabbitmq-server -detached`.
 const BOOT: Duration = Duration::from_secs(90);
@@ -147,16 +147,11 @@ impl Cluster {
         }
         // `-detached` returns before the node is reachable.
         for node in &cluster.nodes {
-            let deadline = Instant::now() + BOOT;
-            while !ctl(node, &["ping"]).status.success() {
-                assert!(
-                    Instant::now() < deadline,
-                    "cluster: node {} does not answer ping within {BOOT:?}\n{}",
-                    node.name,
-                    node.log()
-                );
-                std::thread::sleep(Duration::from_millis(500));
-            }
+            eventually(
+                BOOT,
+                || format!("cluster: node {} answers ping\n{}", node.name, node.log()),
+                || ctl(node, &["ping"]).status.success(),
+            );
             ctl_ok(node, &["await_startup"]);
         }
         let first = cluster.nodes[0].name.clone();
