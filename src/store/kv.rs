@@ -182,8 +182,9 @@ impl Kv {
             guard,
             undo: Vec::new(),
             body: Vec::new(),
+            starts: Vec::new(),
             expiries: Vec::new(),
-            now_ms: 0,
+            base_ms: 0,
         };
         let out = f(&mut tx);
         if tx.expiries.is_empty() {
@@ -191,9 +192,8 @@ impl Kv {
             drop(tx);
             return Ok((out, self.ticket()));
         }
-        let bytes = segment::kv_segment(tx.now_ms, tx.expiries.len(), &tx.body);
-        let expiries = std::mem::take(&mut tx.expiries);
-        match shared.append(&tx.guard, &shared.kv, expiries, bytes) {
+        let segments = tx.segments();
+        match shared.append_all(&tx.guard, &shared.kv, segments) {
             Ok(ticket) => Ok((out, Ticket(ticket))),
             Err(e) => {
                 tx.rollback_to(Savepoint::default())?;
@@ -299,6 +299,17 @@ fn entry(slot: &KvSlot) -> Entry {
     }
 }
 
+/// Bytes of entries a segment holds, about. sled keeps every value written in memory until its
+/// LRU pages the value's leaf out, and that LRU is 256 shards (by page id), each of which counts
+/// its pages only once 64 accesses to them have queued up. A leaf takes up to 16 values before
+/// it splits and each write to it is about three accesses, so with a segment per round (100+
+/// keys, several KiB) no shard had counted anything yet at 1 M keys: sled held a copy of every
+/// segment written, 36 B a key, whatever its cache size. Segments of about 1 KiB turn leaves
+/// over fast enough for the cache size to bound that (`redis_endpoint` bench, 1 M keys, 16 MiB
+/// cache: 103–105 B/key resident in all against 135 with 64 MiB; 512 and 2048 bytes gave 105
+/// and 108, and 56 and 53 B/key on disk against 53 for 1024).
+const SEGMENT_BYTES: usize = 1024;
+
 /// Reads and writes of one [`Kv::batch`], under the store's write lock.
 pub struct Txn<'a> {
     shared: &'a Shared,
@@ -306,12 +317,15 @@ pub struct Txn<'a> {
     /// For each write, the key and its index entry before it: what [`Txn::rollback_to`] puts
     /// back.
     undo: Vec<(Vec<u8>, Option<KvSlot>)>,
-    /// The entries of the batch's segment, encoded.
+    /// The entries of the batch's segments, encoded.
     body: Vec<u8>,
-    /// For each of them, how long it must stay on disk (files the segment).
+    /// Where each of them starts in `body`.
+    starts: Vec<usize>,
+    /// For each of them, how long it must stay on disk (files its segment).
     expiries: Vec<u64>,
-    /// Latest time a write was made at: the segment's commit time.
-    now_ms: u64,
+    /// The segments' commit time, which their entries' times are written against: the time of
+    /// the batch's first write.
+    base_ms: u64,
 }
 
 /// A point in a [`Txn`] to roll back to.
@@ -385,9 +399,10 @@ impl Txn<'_> {
         if now_ms < removed.retain_ms() {
             // A tombstone as long-lived as what it shadows: replay must not revive any of it.
             let version = self.version()?;
-            segment::put_kv_delete(&mut self.body, key, removed.retain_ms(), version);
+            let base = self.base(now_ms);
+            self.starts.push(self.body.len());
+            segment::put_kv_delete(&mut self.body, key, removed.retain_ms(), version, base);
             self.expiries.push(removed.retain_ms());
-            self.now_ms = self.now_ms.max(now_ms);
         }
         let was_live = now_ms < removed.expires_ms();
         self.undo.push((key.to_vec(), Some(removed)));
@@ -438,8 +453,36 @@ impl Txn<'_> {
             }
         }
         self.body.truncate(savepoint.body);
+        self.starts.truncate(savepoint.entries);
         self.expiries.truncate(savepoint.entries);
         Ok(())
+    }
+
+    /// The time entries are written against (see `base_ms`), fixed by the first.
+    fn base(&mut self, now_ms: u64) -> u64 {
+        if self.starts.is_empty() {
+            self.base_ms = now_ms;
+        }
+        self.base_ms
+    }
+
+    /// The batch's entries as segments of about [`SEGMENT_BYTES`] each (at least one entry),
+    /// in order, each with its entries' expiries.
+    fn segments(&self) -> Vec<(Vec<u64>, Vec<u8>)> {
+        let mut segments = Vec::with_capacity(self.body.len() / SEGMENT_BYTES + 1);
+        let mut first = 0;
+        while first < self.starts.len() {
+            let from = self.starts[first];
+            let mut end = first + 1;
+            while end < self.starts.len() && self.starts[end] - from < SEGMENT_BYTES {
+                end += 1;
+            }
+            let to = self.starts.get(end).copied().unwrap_or(self.body.len());
+            let bytes = segment::kv_segment(self.base_ms, end - first, &self.body[from..to]);
+            segments.push((self.expiries[first..end].to_vec(), bytes));
+            first = end;
+        }
+        segments
     }
 
     /// The expiry `expiry` gives a key whose live entry expires at `current` (`None`: no live
@@ -482,9 +525,10 @@ impl Txn<'_> {
         let version = self.version()?;
         let times = [set_ms, expires_ms, retain_ms, version];
         let slot = KvSlot::with_times(key, value, times);
-        segment::put_kv_put(&mut self.body, key, value, times);
+        let base = self.base(now_ms);
+        self.starts.push(self.body.len());
+        segment::put_kv_put(&mut self.body, key, value, times, base);
         self.expiries.push(retain_ms);
-        self.now_ms = self.now_ms.max(now_ms);
         // Index first, then the filter: a reader in between finds the filter saying "no" for
         // a write nobody has been told of yet, never a live key the filter misses after.
         let before = self.shared.keys.put(slot);

@@ -215,7 +215,9 @@ pub struct StoreConfig {
     pub expected_ids: u64,
     /// Target Bloom false-positive rate, in (0, 1). Default 0.01.
     pub fp_rate: f64,
-    /// sled page cache in bytes (sled's own default is 1 GiB). Default 64 MiB.
+    /// sled page cache in bytes (sled's own default is 1 GiB). Default 16 MiB: segments are
+    /// written once and read back only by the compactor and a rebuild, so what sled keeps of
+    /// them is memory that answers nothing (64 MiB held 36 B a Redis key at 1 M keys).
     pub cache_bytes: u64,
     /// Longest id accepted, in bytes, at most [`MAX_ID_LIMIT`]. Default 256.
     pub max_id_bytes: usize,
@@ -231,7 +233,7 @@ impl StoreConfig {
             ttl: Duration::from_secs(24 * 3600),
             expected_ids: 1_000_000,
             fp_rate: 0.01,
-            cache_bytes: 64 << 20,
+            cache_bytes: 16 << 20,
             max_id_bytes: 256,
             clock: Arc::new(SystemClock),
         }
@@ -595,6 +597,32 @@ impl Shared {
             .insert(segment::key(filed, seq), bytes)
             .map_err(self.sled_err("append"))?;
         if ns.due_at(filed) {
+            self.wake_compactor();
+        }
+        Ok(self.flush.ticket())
+    }
+
+    /// Writes segments into `ns` as [`Shared::append`] does, atomically (a crash leaves all of
+    /// them or none: a script's writes may span several), and returns the ticket that makes
+    /// them durable. Each pair is a segment's entries' expiries and its bytes.
+    fn append_all(
+        &self,
+        _guard: &MutexGuard<'_, ()>,
+        ns: &Namespace,
+        segments: Vec<(Vec<u64>, Vec<u8>)>,
+    ) -> Result<u64, Error> {
+        let mut batch = sled::Batch::default();
+        let mut first_due = u64::MAX;
+        for (expiries, bytes) in segments {
+            let filed = segment::filing_expiry(expiries);
+            let seq = self.db.generate_id().map_err(self.sled_err("append"))?;
+            batch.insert(&segment::key(filed, seq), bytes);
+            first_due = first_due.min(filed);
+        }
+        ns.segments
+            .apply_batch(batch)
+            .map_err(self.sled_err("append"))?;
+        if ns.due_at(first_due) {
             self.wake_compactor();
         }
         Ok(self.flush.ticket())

@@ -12,7 +12,11 @@
 //! - Redis keys: a tag byte (0 put, 1 delete), the key (varint length + bytes), then for a put
 //!   the value (varint length + bytes), the set time, the expiry and how much longer the entry
 //!   must stay on disk (varint ms each), and for a delete how long it must stay (varint ms);
-//!   for both the version last (varint). Versions order a key's writes however segments are
+//!   for both the version last (varint). In format 3 (Redis-key segments since format 3
+//!   exists; relay segments stay format 2), the set time and the expiry (a delete's too) are
+//!   zigzag varints of their distance from the commit time, 4 bytes for a day's window and 1
+//!   for a set time, where format 2's absolute times took 6 bytes each; format 2 segments
+//!   still read. Versions order a key's writes however segments are
 //!   rewritten; an entry stays on disk as long as an older one it shadows does (an `EXPIRE`
 //!   that shortens a key, a `DEL`), so dropping it can never bring the older one back.
 
@@ -21,6 +25,8 @@ use super::Error;
 
 /// Format byte of this layout.
 pub(crate) const FORMAT_V2: u8 = 2;
+/// Format byte of Redis-key segments whose times are relative to the commit time.
+pub(crate) const FORMAT_V3: u8 = 3;
 const KIND_RELAY: u8 = 1;
 const KIND_KV: u8 = 2;
 
@@ -111,9 +117,9 @@ pub(crate) fn filing_expiry(mut expiries: Vec<u64>) -> u64 {
     *expiries.select_nth_unstable(mid).1
 }
 
-fn header(kind: u8, commit_ms: u64, count: usize, per_entry: usize) -> Vec<u8> {
+fn header(format: u8, kind: u8, commit_ms: u64, count: usize, per_entry: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + count * per_entry);
-    out.push(FORMAT_V2);
+    out.push(format);
     out.push(kind);
     put_varint(&mut out, commit_ms);
     put_varint(&mut out, count as u64);
@@ -122,7 +128,7 @@ fn header(kind: u8, commit_ms: u64, count: usize, per_entry: usize) -> Vec<u8> {
 
 /// Encodes a relay segment committed at `commit_ms`.
 pub(crate) fn encode_relay(commit_ms: u64, entries: &[RelayEntry]) -> Vec<u8> {
-    let mut out = header(KIND_RELAY, commit_ms, entries.len(), 21);
+    let mut out = header(FORMAT_V2, KIND_RELAY, commit_ms, entries.len(), 21);
     for e in entries {
         out.extend_from_slice(&e.digest.to_le_bytes());
         let life = e.expires_ms.saturating_sub(commit_ms);
@@ -131,7 +137,8 @@ pub(crate) fn encode_relay(commit_ms: u64, entries: &[RelayEntry]) -> Vec<u8> {
     out
 }
 
-/// Encodes a Redis-endpoint segment.
+/// Encodes a Redis-endpoint segment committed at `commit_ms` (its entries' times are written
+/// relative to it).
 pub(crate) fn encode_kv(commit_ms: u64, entries: &[KvEntry]) -> Vec<u8> {
     let mut body = Vec::with_capacity(entries.len() * 32);
     for e in entries {
@@ -148,21 +155,22 @@ pub(crate) fn encode_kv(commit_ms: u64, entries: &[KvEntry]) -> Vec<u8> {
                 key,
                 value,
                 [*set_ms, *expires_ms, *retain_ms, *version],
+                commit_ms,
             ),
             KvEntry::Delete {
                 key,
                 expires_ms,
                 version,
-            } => put_kv_delete(&mut body, key, *expires_ms, *version),
+            } => put_kv_delete(&mut body, key, *expires_ms, *version, commit_ms),
         }
     }
     kv_segment(commit_ms, entries.len(), &body)
 }
 
 /// A Redis-endpoint segment of `count` entries already encoded into `body` (by
-/// [`put_kv_put`] and [`put_kv_delete`]).
+/// [`put_kv_put`] and [`put_kv_delete`], with `commit_ms` as their base).
 pub(crate) fn kv_segment(commit_ms: u64, count: usize, body: &[u8]) -> Vec<u8> {
-    let mut out = header(KIND_KV, commit_ms, count, 0);
+    let mut out = header(FORMAT_V3, KIND_KV, commit_ms, count, 0);
     out.reserve_exact(body.len());
     out.extend_from_slice(body);
     out
@@ -173,24 +181,49 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// `t` as a zigzag varint of its distance from `base` (any two times round-trip).
+fn put_time(out: &mut Vec<u8>, t: u64, base: u64) {
+    let d = t.wrapping_sub(base) as i64;
+    put_varint(out, ((d << 1) ^ (d >> 63)) as u64);
+}
+
+/// The time [`put_time`] wrote as `z` against `base`.
+fn time_at(z: u64, base: u64) -> u64 {
+    let d = (z >> 1) as i64 ^ -((z & 1) as i64);
+    base.wrapping_add(d as u64)
+}
+
 /// Appends a put entry to a segment's body; `times` are the set time, the expiry, how long
-/// the entry must stay on disk and the version.
-pub(crate) fn put_kv_put(out: &mut Vec<u8>, key: &[u8], value: &[u8], times: [u64; 4]) {
+/// the entry must stay on disk and the version; `base_ms` is the commit time the segment's
+/// header will carry.
+pub(crate) fn put_kv_put(
+    out: &mut Vec<u8>,
+    key: &[u8],
+    value: &[u8],
+    times: [u64; 4],
+    base_ms: u64,
+) {
     let [set_ms, expires_ms, retain_ms, version] = times;
     out.push(0);
     put_bytes(out, key);
     put_bytes(out, value);
-    put_varint(out, set_ms);
-    put_varint(out, expires_ms);
+    put_time(out, set_ms, base_ms);
+    put_time(out, expires_ms, base_ms);
     put_varint(out, retain_ms.saturating_sub(expires_ms));
     put_varint(out, version);
 }
 
-/// Appends a delete entry to a segment's body.
-pub(crate) fn put_kv_delete(out: &mut Vec<u8>, key: &[u8], expires_ms: u64, version: u64) {
+/// Appends a delete entry to a segment's body (`base_ms` as for [`put_kv_put`]).
+pub(crate) fn put_kv_delete(
+    out: &mut Vec<u8>,
+    key: &[u8],
+    expires_ms: u64,
+    version: u64,
+    base_ms: u64,
+) {
     out.push(1);
     put_bytes(out, key);
-    put_varint(out, expires_ms);
+    put_time(out, expires_ms, base_ms);
     put_varint(out, version);
 }
 
@@ -203,9 +236,18 @@ fn corrupt(reason: &str) -> Error {
 
 /// Reads the header of a segment of `kind`: commit time and entry count.
 fn open(bytes: &[u8], kind: u8) -> Result<(Reader<'_>, u64, u64), Error> {
+    open_format(bytes, kind, &[FORMAT_V2]).map(|(r, _, commit_ms, count)| (r, commit_ms, count))
+}
+
+/// As [`open`], for a segment in one of `formats`; returns its format too.
+fn open_format<'a>(
+    bytes: &'a [u8],
+    kind: u8,
+    formats: &[u8],
+) -> Result<(Reader<'a>, u8, u64, u64), Error> {
     let mut r = Reader(bytes);
     let format = r.byte().ok_or_else(|| corrupt("empty segment"))?;
-    if format != FORMAT_V2 {
+    if !formats.contains(&format) {
         return Err(Error::UnknownFormat {
             id: "<segment>".into(),
             version: format,
@@ -219,7 +261,7 @@ fn open(bytes: &[u8], kind: u8) -> Result<(Reader<'_>, u64, u64), Error> {
     if count > bytes.len() as u64 {
         return Err(corrupt("entry count exceeds the segment's size"));
     }
-    Ok((r, commit_ms, count))
+    Ok((r, format, commit_ms, count))
 }
 
 /// Decodes a relay segment: its commit time and entries.
@@ -274,8 +316,16 @@ pub(crate) enum KvRef<'a> {
 ///
 /// [`Error::UnknownFormat`] or [`Error::Corrupt`].
 pub(crate) fn visit_kv<'a>(bytes: &'a [u8], mut f: impl FnMut(KvRef<'a>)) -> Result<u64, Error> {
-    let (mut r, commit_ms, count) = open(bytes, KIND_KV)?;
+    let (mut r, format, commit_ms, count) = open_format(bytes, KIND_KV, &[FORMAT_V2, FORMAT_V3])?;
     let truncated = || corrupt("truncated entry");
+    // Format 2 wrote times as they are, format 3 against the commit time.
+    let time = |r: &mut Reader<'a>| {
+        let v = r.varint().ok_or_else(truncated)?;
+        Ok::<u64, Error>(match format {
+            FORMAT_V2 => v,
+            _ => time_at(v, commit_ms),
+        })
+    };
     for _ in 0..count {
         let tag = r.byte().ok_or_else(truncated)?;
         let len = r.varint().ok_or_else(truncated)?;
@@ -284,8 +334,8 @@ pub(crate) fn visit_kv<'a>(bytes: &'a [u8], mut f: impl FnMut(KvRef<'a>)) -> Res
             0 => {
                 let len = r.varint().ok_or_else(truncated)?;
                 let value = r.take(len).ok_or_else(truncated)?;
-                let set_ms = r.varint().ok_or_else(truncated)?;
-                let expires_ms = r.varint().ok_or_else(truncated)?;
+                let set_ms = time(&mut r)?;
+                let expires_ms = time(&mut r)?;
                 let retain_ms = expires_ms.saturating_add(r.varint().ok_or_else(truncated)?);
                 let version = r.varint().ok_or_else(truncated)?;
                 KvRef::Put {
@@ -296,7 +346,7 @@ pub(crate) fn visit_kv<'a>(bytes: &'a [u8], mut f: impl FnMut(KvRef<'a>)) -> Res
             }
             1 => KvRef::Delete {
                 key,
-                expires_ms: r.varint().ok_or_else(truncated)?,
+                expires_ms: time(&mut r)?,
                 version: r.varint().ok_or_else(truncated)?,
             },
             _ => return Err(corrupt("unknown entry tag")),
@@ -315,7 +365,7 @@ pub(crate) fn visit_kv<'a>(bytes: &'a [u8], mut f: impl FnMut(KvRef<'a>)) -> Res
 ///
 /// [`Error::UnknownFormat`] or [`Error::Corrupt`].
 pub(crate) fn kv_count(bytes: &[u8]) -> Result<u64, Error> {
-    Ok(open(bytes, KIND_KV)?.2)
+    Ok(open_format(bytes, KIND_KV, &[FORMAT_V2, FORMAT_V3])?.3)
 }
 
 /// Decodes a Redis-endpoint segment.
@@ -387,9 +437,43 @@ mod tests {
             },
         ];
         let bytes = encode_kv(5, &entries);
-        assert_eq!(decode_kv(&bytes).unwrap(), (5, entries));
+        assert_eq!(decode_kv(&bytes).unwrap(), (5, entries.clone()));
         // Either namespace refuses the other's segments.
         assert!(decode_relay(&bytes).is_err());
+        // Times on either side of the commit time, and far from it, round-trip.
+        let far = vec![KvEntry::Put {
+            key: b"k".to_vec(),
+            value: Vec::new(),
+            set_ms: u64::MAX,
+            expires_ms: 0,
+            retain_ms: 3,
+            version: u64::MAX,
+        }];
+        for base in [0, 1_764_000_000_000, u64::MAX] {
+            let bytes = encode_kv(base, &far);
+            assert_eq!(decode_kv(&bytes).unwrap(), (base, far.clone()));
+        }
+        // A format 2 segment (absolute times) still reads.
+        let mut v2 = vec![FORMAT_V2, KIND_KV, 5, 2];
+        v2.extend_from_slice(&[0, 5, b'm', b's', b'g', b':', b'1', 1, b'1', 5, 90, 30, 7]);
+        v2.extend_from_slice(&[1, 5, b'm', b's', b'g', b':', b'2', 70, 8]);
+        assert_eq!(decode_kv(&v2).unwrap(), (5, entries));
+    }
+
+    #[test]
+    fn the_seed_entry_takes_twenty_nine_bytes() {
+        let t = 1_764_000_000_000;
+        let seed = KvEntry::Put {
+            key: b"msg:000000123456".to_vec(),
+            value: b"1".to_vec(),
+            set_ms: t - 3,
+            expires_ms: t - 3 + 86_400_000,
+            retain_ms: t - 3 + 86_400_000,
+            version: 1_000_000,
+        };
+        let header = encode_kv(t, &[]).len();
+        // Tag 1, key 17, value 2, set time 1, expiry 4, retain 1, version 3 (format 2: 36).
+        assert_eq!(encode_kv(t, &[seed]).len() - header, 29);
     }
 
     #[test]
