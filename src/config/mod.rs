@@ -71,7 +71,7 @@ pub struct StoreSettings {
     pub expected_ids: NonZeroU64,
     /// `DEDUPD_BLOOM_FP_RATE`, default 0.01: target Bloom false-positive rate.
     pub bloom_fp_rate: f64,
-    /// `DEDUPD_CACHE_SIZE`, default 16 MiB: sled page cache in bytes.
+    /// `DEDUPD_CACHE_SIZE`, default 8 MiB: sled page cache in bytes.
     pub cache_bytes: u64,
 }
 
@@ -172,8 +172,8 @@ impl StoreSettings {
         )?;
         let cache_bytes = vars.var(
             "DEDUPD_CACHE_SIZE",
-            "16M",
-            "sled page cache (`512K`, `16M`, `1G` or bytes): what sled keeps in memory of the segments written and read",
+            "8M",
+            "sled page cache (`512K`, `8M`, `1G` or bytes): what sled keeps in memory of the segments written and read",
             size,
         )?;
         Ok(StoreSettings {

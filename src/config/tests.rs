@@ -45,7 +45,7 @@ fn defaults_run_against_the_local_broker() {
     assert_eq!(c.log.filter, "info");
     assert_eq!(c.store.expected_ids.get(), 1_000_000);
     assert_eq!(c.store.bloom_fp_rate, 0.01);
-    assert_eq!(c.store.cache_bytes, 16 << 20);
+    assert_eq!(c.store.cache_bytes, 8 << 20);
     assert_eq!(c.relay.dead_letter_exchange(), "dedupd.in.dlx");
     assert_eq!(c.relay.dead_letter_queue(), "dedupd.in.dead");
 }

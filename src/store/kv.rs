@@ -305,9 +305,9 @@ fn entry(slot: &KvSlot) -> Entry {
 /// it splits and each write to it is about three accesses, so with a segment per round (100+
 /// keys, several KiB) no shard had counted anything yet at 1 M keys: sled held a copy of every
 /// segment written, 36 B a key, whatever its cache size. Segments of about 1 KiB turn leaves
-/// over fast enough for the cache size to bound that (`redis_endpoint` bench, 1 M keys, 16 MiB
-/// cache: 103–105 B/key resident in all against 135 with 64 MiB; 512 and 2048 bytes gave 105
-/// and 108, and 56 and 53 B/key on disk against 53 for 1024).
+/// over fast enough for the cache size to bound that (1 M keys loaded as the `redis_endpoint`
+/// bench does, 8-16 MiB cache, one run each: 103-105 B/key resident in all against 135 with
+/// 64 MiB; 512 and 2048 bytes gave 105 and 108, and 56 and 53 B/key on disk against 53).
 const SEGMENT_BYTES: usize = 1024;
 
 /// Reads and writes of one [`Kv::batch`], under the store's write lock.
