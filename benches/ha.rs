@@ -5,9 +5,11 @@
 //! cargo bench --bench ha
 //! ```
 //!
-//! For each setup: `HA_BENCH_N` (default 50 000) persistent 256-byte messages, 20 % of them
+//! For each setup: `HA_BENCH_N` (default 30 000) persistent 256-byte messages, 20 % of them
 //! repeating an earlier id, queued into a fresh source declared by dedupd itself; then dedupd is
-//! started and timed until the source is empty and the destination holds each id once.
+//! started and timed until the source is empty and the destination holds each id once. Beside
+//! the time: the active instance's mean receipt-to-ack (`dedupd_relay_seconds`), and the CPU
+//! seconds of the active instance, the standby and the broker's `beam.smp` over the drain.
 //!
 //! - `classic`: `DEDUPD_HA=off`, classic source (the default);
 //! - `quorum`: `DEDUPD_HA=off`, `DEDUPD_QUEUE_TYPE=quorum` (what the queue type alone costs);
@@ -18,12 +20,18 @@
 //! then a fresh dedupd with an empty data dir joins the `ha` setup and is timed until it has
 //! applied every id of the stream (its catch-up rate).
 //!
+//! One drain takes a few seconds, and the machine's load moves more than that between setups, so
+//! the three run `HA_BENCH_ROUNDS` (default 5) times, interleaved (each round starting with the
+//! next setup), and the ratios come from the medians and from each round's pair. A round of
+//! 30 000 messages takes about half a minute.
+//!
 //! Then the catch-up rate at scale: `HA_CATCHUP_IDS` (default 1 000 000) ids committed by a store
 //! in segments of `HA_SEGMENT_IDS` (default 1 000, a commit batch of a busy relay) are written to
 //! a fresh `<source>.ids` stream as the active instance writes them; a dedupd with an empty data
 //! dir is started against it and timed until it has applied them all. Baseline in the same run:
 //! the same segments applied to an empty store in-process, with no broker (the store's part).
-//! `HA_BENCH=catch-up` runs only that part.
+//! `HA_BENCH=catch-up` runs only that part, `HA_BENCH=relay` only the relay setups.
+//! `HA_BENCH_DEDUPD=<path>` measures that binary instead of building this tree's (a baseline).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,7 +49,8 @@ use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue,
 #[path = "../tests/support/mod.rs"]
 mod support;
 use support::{
-    bind_out, connect, eventually, fill, free_port, http, ready, repeating_ids, Waiting,
+    bind_out, broker_pid, connect, cpu_seconds, eventually, fill, free_port, http, ready,
+    repeating_ids, Waiting,
 };
 
 /// Body size, as in CALIBRATION.md.
@@ -52,17 +61,21 @@ const WAIT: Duration = Duration::from_secs(600);
 fn main() {
     let n: usize = std::env::var("HA_BENCH_N")
         .map(|v| v.parse().expect("HA_BENCH_N is a number"))
-        .unwrap_or(50_000);
+        .unwrap_or(30_000);
     let bin = dedupd_release();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let only_catch_up = std::env::var("HA_BENCH").as_deref() == Ok("catch-up");
+    let rounds = env_number("HA_BENCH_ROUNDS", 5) as usize;
+    let only = std::env::var("HA_BENCH").unwrap_or_default();
     rt.block_on(async move {
-        if !only_catch_up {
-            relay_setups(&bin, n).await;
+        if only != "catch-up" {
+            relay_setups(&bin, n, rounds).await;
+        }
+        if only == "relay" {
+            return;
         }
         let ids: u64 = env_number("HA_CATCHUP_IDS", 1_000_000);
         let per_segment: u64 = env_number("HA_SEGMENT_IDS", 1_000);
@@ -78,49 +91,117 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The three relay setups, and their table.
-async fn relay_setups(bin: &Path, n: usize) {
+/// The three relay setups, `rounds` times interleaved, and their table.
+async fn relay_setups(bin: &Path, n: usize, rounds: usize) {
     let ids = repeating_ids("ha-bench", n);
     let mut distinct = ids.clone();
     distinct.sort();
     distinct.dedup();
     let distinct = distinct.len();
-    let classic = run(bin, &ids, distinct, Setup::Classic).await;
-    let quorum = run(bin, &ids, distinct, Setup::Quorum).await;
-    let ha = run(bin, &ids, distinct, Setup::Ha).await;
-    println!();
-    println!("{n} persistent {BODY}-byte messages, {distinct} distinct ids, queued before start");
-    println!();
-    println!("| setup | drain time | msg/s | vs classic |");
-    println!("|---|---|---|---|");
-    for (name, f) in [("classic", &classic), ("quorum", &quorum), ("ha", &ha)] {
-        let rate = n as f64 / f.elapsed.as_secs_f64();
-        let base = n as f64 / classic.elapsed.as_secs_f64();
-        println!(
-            "| {name} | {:.2} s | {rate:.0} | {:.2} |",
-            f.elapsed.as_secs_f64(),
-            rate / base
-        );
+    let setups = [Setup::Classic, Setup::Quorum, Setup::Ha];
+    let mut rows: Vec<(Setup, usize, Figures)> = Vec::new();
+    for round in 1..=rounds {
+        // Each round starts with another setup, so that a drift of the machine's load over the
+        // run does not always fall on the same one.
+        for i in 0..setups.len() {
+            let setup = setups[(round - 1 + i) % setups.len()];
+            let f = run(bin, &ids, distinct, setup).await;
+            eprintln!(
+                "round {round}: {} {:.2} s",
+                setup.name(),
+                f.elapsed.as_secs_f64()
+            );
+            rows.push((setup, round, f));
+        }
     }
+    rows.sort_by_key(|(setup, round, _)| (*setup as u8, *round));
+    let rate = |f: &Figures| n as f64 / f.elapsed.as_secs_f64();
+    let of = |setup: Setup| rows.iter().filter(move |(s, _, _)| *s == setup);
+    let median_rate = |setup: Setup| median(of(setup).map(|(_, _, f)| rate(f)).collect());
     println!();
     println!(
-        "ha / quorum = {:.2} (goal >= 0.90: the replication's own cost)",
-        quorum.elapsed.as_secs_f64() / ha.elapsed.as_secs_f64()
+        "{n} persistent {BODY}-byte messages, {distinct} distinct ids, queued before start; {rounds} round(s)"
     );
-    if let Some((p50, p99, max)) = ha.lag {
+    println!();
+    println!(
+        "| setup | round | drain time | msg/s | receipt to ack, mean | active CPU s | standby CPU s | broker CPU s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (setup, round, f) in &rows {
         println!(
-            "standby lag while relaying, once level with the stream: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (goal p99 <= 100 ms)",
-            p50 * 1e3,
-            p99 * 1e3,
-            max * 1e3
+            "| {} | {round} | {:.2} s | {:.0} | {:.1} ms | {:.2} | {} | {:.2} |",
+            setup.name(),
+            f.elapsed.as_secs_f64(),
+            rate(f),
+            f.ack_latency.as_secs_f64() * 1e3,
+            f.active_cpu,
+            f.standby_cpu
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            f.broker_cpu
         );
     }
-    if let Some((ids, took)) = ha.catch_up {
+    println!();
+    println!("| setup | median msg/s | vs classic |");
+    println!("|---|---|---|");
+    let classic = median_rate(Setup::Classic);
+    for setup in setups {
+        let r = median_rate(setup);
+        println!("| {} | {r:.0} | {:.2} |", setup.name(), r / classic);
+    }
+    // Each round's ha and quorum ran back to back: their ratio, round by round.
+    let paired: Vec<f64> = (1..=rounds)
+        .filter_map(|round| {
+            let at = |setup| {
+                of(setup)
+                    .find(|(_, r, _)| *r == round)
+                    .map(|(_, _, f)| rate(f))
+            };
+            Some(at(Setup::Ha)? / at(Setup::Quorum)?)
+        })
+        .collect();
+    println!();
+    println!(
+        "ha / quorum = {:.2} by the medians (goal >= 0.90: the replication's own cost); by round: {}",
+        median_rate(Setup::Ha) / median_rate(Setup::Quorum),
+        paired
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut lags: Vec<f64> = of(Setup::Ha).flat_map(|(_, _, f)| f.lags.clone()).collect();
+    if !lags.is_empty() {
+        lags.sort_by(f64::total_cmp);
+        let at = |q: f64| lags[((lags.len() - 1) as f64 * q) as usize];
         println!(
-            "fresh node: {ids} ids applied from the stream in {:.2} s from its start = {:.0} ids/s",
-            took.as_secs_f64(),
-            ids as f64 / took.as_secs_f64()
+            "standby lag while relaying, once level with the stream ({} samples): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (goal p99 <= 100 ms)",
+            lags.len(),
+            at(0.5) * 1e3,
+            at(0.99) * 1e3,
+            lags[lags.len() - 1] * 1e3
         );
+    }
+    let catch_up: Vec<f64> = of(Setup::Ha)
+        .filter_map(|(_, _, f)| f.catch_up)
+        .map(|took| distinct as f64 / took.as_secs_f64())
+        .collect();
+    if !catch_up.is_empty() {
+        println!(
+            "fresh node: {distinct} ids applied from the stream, counted from its start: median {:.0} ids/s",
+            median(catch_up)
+        );
+    }
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[m - 1] + v[m]) / 2.0
+    } else {
+        v[m]
     }
 }
 
@@ -131,16 +212,36 @@ enum Setup {
     Ha,
 }
 
-struct Figures {
-    elapsed: Duration,
-    /// Standby lag samples: p50, p99, max (seconds).
-    lag: Option<(f64, f64, f64)>,
-    /// Fresh node: ids applied and how long from its start.
-    catch_up: Option<(u64, Duration)>,
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Classic => "classic",
+            Setup::Quorum => "quorum",
+            Setup::Ha => "ha",
+        }
+    }
 }
 
-/// The release `dedupd`: built here (a no-op when `cargo bench` just built it).
+struct Figures {
+    elapsed: Duration,
+    /// The active instance's mean time from receiving a delivery to acking it.
+    ack_latency: Duration,
+    /// CPU seconds over the drain: the active instance, the standby, the broker.
+    active_cpu: f64,
+    standby_cpu: Option<f64>,
+    broker_cpu: f64,
+    /// Standby lag samples (seconds), from its first time level with the stream.
+    lags: Vec<f64>,
+    /// Fresh node: how long from its start until it applied every id.
+    catch_up: Option<Duration>,
+}
+
+/// The release `dedupd`: built here (a no-op when `cargo bench` just built it), or the binary
+/// `HA_BENCH_DEDUPD` names (to measure another build, a baseline say, the same way).
 fn dedupd_release() -> PathBuf {
+    if let Ok(bin) = std::env::var("HA_BENCH_DEDUPD") {
+        return PathBuf::from(bin);
+    }
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["build", "--release", "--bin", "dedupd"])
         .status()
@@ -242,6 +343,8 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
     Dedupd::start(bin, &source, &dest, dir_a.path(), setup).stop();
     fill(&ch, &source, ids, BODY).await;
 
+    let broker = broker_pid();
+    let broker_cpu = cpu_seconds(broker);
     let start = Instant::now();
     let active = Dedupd::start(bin, &source, &dest, dir_a.path(), setup);
     let standby =
@@ -268,17 +371,21 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
         waiting.again(|| "drain did not finish".into()).await;
     }
     let elapsed = start.elapsed();
+    let broker_cpu = cpu_seconds(broker) - broker_cpu;
+    let active_cpu = cpu_seconds(active.child.id());
+    let standby_cpu = standby.as_ref().map(|s| cpu_seconds(s.child.id()));
+    let ack_latency = {
+        let m = active.metrics();
+        let sum = m.get("dedupd_relay_seconds_sum").copied().unwrap_or(0.0);
+        let count = m.get("dedupd_relay_seconds_count").copied().unwrap_or(0.0);
+        Duration::from_secs_f64(if count > 0.0 { sum / count } else { 0.0 })
+    };
     assert_eq!(
         ready(&ch, &out).await,
         distinct,
         "{base}: destination count"
     );
 
-    let lag = (!lags.is_empty()).then(|| {
-        lags.sort_by(f64::total_cmp);
-        let at = |q: f64| lags[((lags.len() - 1) as f64 * q) as usize];
-        (at(0.5), at(0.99), lags[lags.len() - 1])
-    });
     let catch_up = if setup == Setup::Ha {
         // Everything the active one applied of the stream, read by a node that starts empty.
         let want = distinct as f64;
@@ -299,7 +406,7 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
         }
         let took = started.elapsed();
         fresh.stop();
-        Some((distinct as u64, took))
+        Some(took)
     } else {
         None
     };
@@ -323,7 +430,11 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
     let _ = conn.close().await;
     Figures {
         elapsed,
-        lag,
+        ack_latency,
+        active_cpu,
+        standby_cpu,
+        broker_cpu,
+        lags,
         catch_up,
     }
 }

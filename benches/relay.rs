@@ -28,7 +28,10 @@ use tokio::sync::mpsc;
 
 #[path = "../tests/support/mod.rs"]
 mod support;
-use support::{bind_out, connect, fill, ready, repeating_ids, Waiting};
+use support::{
+    bind_out, broker_pid, connect, cpu_seconds, fill, ready, repeating_ids, thread_cpu_seconds,
+    Waiting,
+};
 
 /// Body size, as in CALIBRATION.md.
 const BODY: usize = 256;
@@ -234,45 +237,6 @@ fn enable_shovel() {
         .output()
         .expect("rabbitmq-plugins on PATH");
     assert!(out.status.success(), "enable rabbitmq_shovel: {out:?}");
-}
-
-/// The broker's Erlang VM.
-fn broker_pid() -> u32 {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "beam.smp")
-        })
-        .expect("no beam.smp process: is RabbitMQ running here?")
-}
-
-/// User + system CPU seconds of `pid` so far, from /proc/<pid>/stat.
-fn cpu_seconds(pid: u32) -> f64 {
-    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
-}
-
-/// User + system CPU seconds of the calling thread so far.
-fn thread_cpu_seconds() -> f64 {
-    stat_cpu_seconds("/proc/thread-self/stat")
-}
-
-/// User + system CPU seconds from a /proc `stat` file.
-fn stat_cpu_seconds(path: &str) -> f64 {
-    let stat = std::fs::read_to_string(path).unwrap();
-    // Fields after the command name (which may hold spaces) start at state, field 3.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output();
-    out.ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 fn print_table(n: usize, distinct: usize, rows: &[(&str, usize, Figures)]) {
