@@ -963,7 +963,18 @@ impl Store {
     ///
     /// A sled error, or [`Error::Closed`]. The claims are released then: none of them counts as
     /// recorded, so the caller must not ack their messages.
-    pub fn commit(&self, mut claims: Vec<Claim>, now_ms: u64) -> Result<(), Error> {
+    pub fn commit(&self, claims: Vec<Claim>, now_ms: u64) -> Result<(), Error> {
+        self.commit_then(claims, now_ms, |_| {})
+    }
+
+    /// [`Store::commit`], calling `written` once the batch is written to sled, while the flush
+    /// that makes it durable runs (not at all for an empty batch, nor when the write fails).
+    fn commit_then(
+        &self,
+        mut claims: Vec<Claim>,
+        now_ms: u64,
+        written: impl FnOnce(&[Claim]),
+    ) -> Result<(), Error> {
         if claims.is_empty() {
             return Ok(());
         }
@@ -978,6 +989,7 @@ impl Store {
         let shared = &self.shared;
         // On error the claims drop here and release their ids.
         let ticket = shared.write_relay(now_ms, &entries, None)?;
+        written(&claims);
         // While the flush runs: the claims go (their ids stay in flight until settled below,
         // so they are settled by digest, for both outcomes).
         for c in &mut claims {
@@ -1014,6 +1026,33 @@ impl Store {
         );
         self.commit(claims, now_ms)?;
         Ok(segment)
+    }
+
+    /// As [`Store::commit_logged`], but hands the log segment to `replicate` as soon as the
+    /// batch is written to sled, while the flush that makes it durable runs, and returns once it
+    /// is durable: so the caller can ship the segment while the disk works. The batch is in sled
+    /// (not yet durable) when `replicate` runs, so an offset noted later with
+    /// [`Store::note_applied_offset`] is never durable without it. `replicate` is not called for
+    /// an empty batch, nor when the write fails.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::commit`]; `replicate` may have run by then (a failed flush).
+    pub fn commit_replicated(
+        &self,
+        claims: Vec<Claim>,
+        now_ms: u64,
+        replicate: impl FnOnce(Vec<u8>),
+    ) -> Result<(), Error> {
+        self.commit_then(claims, now_ms, |claims| {
+            replicate(log::encode(
+                now_ms,
+                claims.iter().map(|c| log::LogEntry {
+                    id: &c.id,
+                    ttl_ms: c.ttl_ms,
+                }),
+            ))
+        })
     }
 
     /// Applies a log segment written by another instance's [`Store::commit_logged`], and
@@ -1070,7 +1109,26 @@ impl Store {
         Ok(entries.len())
     }
 
-    /// The stream offset of the last log segment applied by [`Store::apply_logged`], if any.
+    /// Records that the stream is applied up to `offset`, where the segments since the last one
+    /// applied are this store's own ([`Store::commit_replicated`] wrote them to sled before
+    /// they reached the stream): nothing to apply, and no flush of its own, as the next flush
+    /// makes it durable (never without those segments, written before it).
+    ///
+    /// # Errors
+    ///
+    /// A sled error, or [`Error::Closed`].
+    pub fn note_applied_offset(&self, offset: u64) -> Result<(), Error> {
+        let shared = &self.shared;
+        let _guard = shared.write_lock()?;
+        shared
+            .meta
+            .insert(APPLIED_OFFSET_KEY, &offset.to_be_bytes())
+            .map_err(shared.sled_err("note offset"))?;
+        Ok(())
+    }
+
+    /// The stream offset recorded last ([`Store::apply_logged`], [`Store::note_applied_offset`]),
+    /// if any.
     ///
     /// # Errors
     ///

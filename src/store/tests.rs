@@ -666,6 +666,47 @@ fn logged_commit_applies_on_another_store_with_its_offset() {
 }
 
 #[test]
+fn replicated_commit_hands_out_its_segment_before_it_returns() {
+    let active_dir = tempfile::tempdir().unwrap();
+    let standby_dir = tempfile::tempdir().unwrap();
+    let active = open(active_dir.path());
+    let standby = open(standby_dir.path());
+    let claims = vec![claim_new(&active, b"a", T0), claim_new(&active, b"b", T0)];
+    let mut handed = None;
+    active
+        .commit_replicated(claims, T0, |segment| handed = Some(segment))
+        .unwrap();
+    // Returned: durable here, and the segment was handed out on the way.
+    assert!(is_duplicate(&active, b"a", T0));
+    let segment = handed.expect("the segment was handed out");
+    assert_eq!(standby.apply_logged(&segment, 3, T0 + 1).unwrap(), 2);
+    assert!(is_duplicate(&standby, b"b", T0 + 2));
+    // An empty batch has nothing to hand out.
+    let mut called = false;
+    active
+        .commit_replicated(Vec::new(), T0, |_| called = true)
+        .unwrap();
+    assert!(!called);
+}
+
+#[test]
+fn a_noted_offset_is_recorded_and_kept_with_the_next_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"a", T0);
+    let live = store.stats().live_ids;
+    store.note_applied_offset(9).unwrap();
+    assert_eq!(store.applied_offset().unwrap(), Some(9));
+    assert_eq!(store.stats().live_ids, live, "nothing applied");
+    // The next commit's flush makes it durable with everything written before it.
+    commit_one(&store, b"b", T0);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.applied_offset().unwrap(), Some(9));
+    assert!(is_duplicate(&store, b"a", T0));
+}
+
+#[test]
 fn backup_while_writing_restores_everything_recorded_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
