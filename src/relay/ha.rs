@@ -1,12 +1,21 @@
 //! Hot standby (`DEDUPD_HA=on`): the broker picks one active relay, the ids go through a stream.
 //!
 //! Every dedupd consuming a source queue with `x-single-active-consumer` is registered with the
-//! broker, which delivers to one of them. That one forwards, and each commit batch it makes
-//! durable (`Store::commit_logged`'s segment) is appended to the stream `<source>.ids` with a
-//! publisher confirm **before** the batch's source messages are acked. Every instance, the active
-//! one included, tails the stream from the offset its store last applied and applies the batches
+//! broker, which delivers to one of them. That one forwards, and each commit batch it records
+//! (`Store::commit_replicated`'s segment) is appended to the stream `<source>.ids` with a
+//! publisher confirm; the batch's source messages are acked only once **both** hold: the batch
+//! is durable in the local store and the stream confirmed it. Every instance, the active one
+//! included, tails the stream from the offset its store last applied and applies the batches
 //! (`Store::apply_logged`), so a standby's store follows the active one's. RabbitMQ replicates
 //! the stream (Raft); nothing here replicates by hand.
+//!
+//! The segment is appended as soon as the batch is written to the local store, while the flush
+//! that makes it durable there runs, so an ack waits for the longer of the two rather than their
+//! sum. The stream may then hold a batch that is not durable here yet (or never will be, if the
+//! flush fails and the session stops): harmless, as its messages were already confirmed by the
+//! destination, and a standby that knows those ids drops their redeliveries, which is what they
+//! are. What must not happen, an ack of a message whose id is not in both places yet, does not:
+//! the acks wait for both (`worker::Gate`).
 //!
 //! A session learns it became active from its first delivery: before deciding anything it
 //! publishes a marker to the stream and waits until its tailer has read it back, so every batch
@@ -16,6 +25,9 @@
 //! One connection of its own carries the publisher (confirms) and the tail consumer, so the
 //! relay session's code is unchanged but for two hooks. Batches not confirmed when that
 //! connection drops are published again on the next one, in order (applying is idempotent).
+//!
+//! The tailer skips our own batches (already in the local store: written before they were
+//! appended) and only notes the offset of the last one, without a flush of its own.
 //!
 //! What can pass twice: the messages whose batch was confirmed by the destination but whose
 //! segment or source ack was not through when the active died (at most a prefetch's worth), as
@@ -103,6 +115,20 @@ pub(crate) struct Replicator {
     next_offset: Option<u64>,
 }
 
+#[cfg(test)]
+impl Replicator {
+    /// The next segment appended, as the publisher would take it: its bytes, its ids and what
+    /// runs on its confirm. `None` once every handle is gone.
+    pub(crate) fn next_segment(&mut self) -> Option<(Vec<u8>, u64, Done)> {
+        loop {
+            match self.appends.blocking_recv()? {
+                Append::Segment { bytes, ids, done } => return Some((bytes, ids, done?)),
+                Append::Marker { .. } => continue,
+            }
+        }
+    }
+}
+
 impl Ha {
     /// A handle and the task that serves it; starts as a standby.
     pub(crate) fn new(metrics: &Metrics) -> (Ha, Replicator) {
@@ -125,8 +151,9 @@ impl Ha {
         (ha, replicator)
     }
 
-    /// Appends a durable commit batch of `ids` ids; `done` runs once the stream confirmed it.
-    /// Never blocks (the commit thread calls it).
+    /// Appends a commit batch of `ids` ids, written to the local store (its flush may still be
+    /// running); `done` runs once the stream confirmed it. Never blocks (the commit thread calls
+    /// it, between the write and the flush).
     pub(crate) fn append(&self, bytes: Vec<u8>, ids: u64, done: Done) {
         let _ = self.inner.appends.send(Append::Segment {
             bytes,
@@ -519,25 +546,29 @@ async fn tailer(
     }
 }
 
-/// Applies `items` in order: the others' batches, and of ours (durable here already) only the
-/// last of the run, so the store records the offset. The others' go to the store in groups of
-/// up to [`APPLY_BYTES`], each made durable by one flush. Returns the last offset, the ids
+/// Applies `items` in order: the others' batches go to the store in groups of up to
+/// [`APPLY_BYTES`], each made durable by one flush; ours are in the store already (written
+/// before they were appended), so when the run ends with ours only their last offset is noted,
+/// with no write of the ids again and no flush of its own. Returns the last offset, the ids
 /// applied and our markers read.
 fn apply(store: &Store, items: Vec<Item>) -> Result<(u64, u64, Vec<u64>), crate::store::Error> {
     let now = system_now_ms();
-    let last = items.len() - 1;
     let mut ids = 0;
     let mut markers = Vec::new();
     let mut offset = 0;
     // The others' segments not applied yet, in stream order, and their size.
     let mut group: Vec<(&[u8], u64)> = Vec::new();
     let mut bytes = 0;
-    for (i, item) in items.iter().enumerate() {
+    // The last segment of ours and of the others'.
+    let (mut ours, mut others) = (None, None);
+    for item in &items {
         offset = item.offset;
         match item.marker {
             Some(token) if item.own => markers.push(token),
             Some(_) => {}
-            None if !item.own => {
+            None if item.own => ours = Some(item.offset),
+            None => {
+                others = Some(item.offset);
                 group.push((&item.body, item.offset));
                 bytes += item.body.len();
                 if bytes >= APPLY_BYTES {
@@ -545,14 +576,12 @@ fn apply(store: &Store, items: Vec<Item>) -> Result<(u64, u64, Vec<u64>), crate:
                     bytes = 0;
                 }
             }
-            None if i == last => {
-                ids += store.apply_logged_many(group.drain(..), now)? as u64;
-                store.apply_logged(&item.body, item.offset, now)?;
-            }
-            None => {}
         }
     }
     ids += store.apply_logged_many(group, now)? as u64;
+    if let Some(ours) = ours.filter(|&o| others.is_none_or(|p| o > p)) {
+        store.note_applied_offset(ours)?;
+    }
     Ok((offset, ids, markers))
 }
 
@@ -702,14 +731,39 @@ mod tests {
         assert_eq!((last, ids, markers), (15, 400, vec![7]));
         assert_eq!(store.applied_offset().unwrap(), Some(15));
         let now = system_now_ms();
-        for s in [0, 1, 3, 4, 5] {
+        for s in [0, 1, 3, 4] {
             assert!(store
                 .check(format!("{s}-0").as_bytes(), now)
                 .unwrap()
                 .is_some());
         }
-        // Ours in the middle was skipped: durable at home, never in this scratch store.
-        assert!(store.check(b"2-0", now).unwrap().is_none());
+        // Ours were skipped, the last one too: in the store at home already (written before they
+        // were appended), never in this scratch one.
+        for s in [2, 5] {
+            assert!(store
+                .check(format!("{s}-0").as_bytes(), now)
+                .unwrap()
+                .is_none());
+        }
+    }
+
+    #[test]
+    fn our_offset_is_noted_only_when_ours_end_the_run() {
+        let segs = segments(2, 10);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        // Ours, then the others': the others' offset is the one recorded, never ours after it.
+        let items = vec![
+            item(3, true, None, segs[0].clone()),
+            item(4, false, None, segs[1].clone()),
+        ];
+        assert_eq!(apply(&store, items).unwrap(), (4, 10, vec![]));
+        assert_eq!(store.applied_offset().unwrap(), Some(4));
+        // Ours alone: noted, nothing applied.
+        let items = vec![item(5, true, None, segs[0].clone())];
+        assert_eq!(apply(&store, items).unwrap(), (5, 0, vec![]));
+        assert_eq!(store.applied_offset().unwrap(), Some(5));
+        assert!(store.check(b"0-0", system_now_ms()).unwrap().is_none());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! pile up while a flush runs are merged into the next flush (group commit), which is what makes
 //! durable acks cheap.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Instant;
 
@@ -36,6 +36,69 @@ pub(crate) struct Reply {
     pub(crate) result: Result<(), Arc<StoreError>>,
 }
 
+/// With HA, what the acks of one commit batch wait for: the batch durable here and its segment
+/// confirmed by the stream, in whichever order they come (the segment is appended while the
+/// local flush runs). The reply runs once, on the second of the two; a failed commit replies
+/// at once with its error (the session stops and acks nothing), whatever the stream does.
+struct Gate {
+    state: Mutex<GateState>,
+}
+
+/// What a [`Gate`] runs: the batch's reply to the session, with the commit's result.
+type Answer = Box<dyn FnOnce(Result<(), Arc<StoreError>>) + Send>;
+
+struct GateState {
+    /// The batch is durable here.
+    durable: bool,
+    /// The stream confirmed the batch's segment.
+    confirmed: bool,
+    /// Taken by the call that answers.
+    reply: Option<Answer>,
+}
+
+impl Gate {
+    fn new(reply: Answer) -> Arc<Gate> {
+        Arc::new(Gate {
+            state: Mutex::new(GateState {
+                durable: false,
+                confirmed: false,
+                reply: Some(reply),
+            }),
+        })
+    }
+
+    /// The local commit ended.
+    fn durable(&self, result: Result<(), Arc<StoreError>>) {
+        let reply = {
+            let mut state = self.state.lock().expect("gate lock");
+            state.durable = result.is_ok();
+            if result.is_ok() && !state.confirmed {
+                return;
+            }
+            state.reply.take()
+        };
+        // Outside the lock: the reply sends on channels.
+        if let Some(reply) = reply {
+            reply(result);
+        }
+    }
+
+    /// The stream confirmed the segment.
+    fn confirmed(&self) {
+        let reply = {
+            let mut state = self.state.lock().expect("gate lock");
+            state.confirmed = true;
+            if !state.durable {
+                return;
+            }
+            state.reply.take()
+        };
+        if let Some(reply) = reply {
+            reply(Ok(()));
+        }
+    }
+}
+
 /// The store and the time the relay claims by, and the commit thread. The thread exits when
 /// this is stopped or dropped.
 pub(crate) struct Workers {
@@ -47,8 +110,8 @@ pub(crate) struct Workers {
 
 impl Workers {
     /// Starts the commit thread on `store`; claims and commits read the time from `clock`. With
-    /// `ha`, each commit batch is appended to the id stream, and its messages are acked only once
-    /// the stream confirmed it.
+    /// `ha`, each commit batch is appended to the id stream while it is flushed here, and its
+    /// messages are acked only once it is both durable here and confirmed by the stream.
     ///
     /// # Errors
     ///
@@ -78,21 +141,7 @@ impl Workers {
                         let claimed: Vec<Instant> = claims.iter().map(Claim::claimed_at).collect();
                         let ids = claims.len() as u64;
                         let now = clock.now_ms();
-                        let (result, segment) = match &ha {
-                            None => (store.commit(claims, now).map_err(Arc::new), None),
-                            Some(_) => match store.commit_logged(claims, now) {
-                                Ok(segment) => (Ok(()), Some(segment)),
-                                Err(e) => (Err(Arc::new(e)), None),
-                            },
-                        };
-                        if result.is_ok() {
-                            // One clock read for the batch: they all became durable together.
-                            let now = Instant::now();
-                            Metrics::committed_after(
-                                claimed.iter().map(|at| now.saturating_duration_since(*at)),
-                            );
-                        }
-                        let reply = move || {
+                        let reply = move |result: Result<(), Arc<StoreError>>| {
                             for job in jobs {
                                 let _ = job.reply.send(Reply {
                                     tags: job.tags,
@@ -100,11 +149,32 @@ impl Workers {
                                 });
                             }
                         };
-                        match (&ha, segment) {
-                            // Durable here; acked once the stream holds it too, so a standby
-                            // that takes over knows every id whose message was acked.
-                            (Some(ha), Some(segment)) => ha.append(segment, ids, Box::new(reply)),
-                            _ => reply(),
+                        let durable = |result: &Result<(), StoreError>| {
+                            if result.is_ok() {
+                                // One clock read for the batch: they all became durable together.
+                                let now = Instant::now();
+                                Metrics::committed_after(
+                                    claimed.iter().map(|at| now.saturating_duration_since(*at)),
+                                );
+                            }
+                        };
+                        match &ha {
+                            None => {
+                                let result = store.commit(claims, now);
+                                durable(&result);
+                                reply(result.map_err(Arc::new));
+                            }
+                            Some(ha) => {
+                                // The segment goes to the stream while the flush runs here;
+                                // the acks wait for both (see `Gate`).
+                                let gate = Gate::new(Box::new(reply));
+                                let confirmed = gate.clone();
+                                let result = store.commit_replicated(claims, now, |segment| {
+                                    ha.append(segment, ids, Box::new(move || confirmed.confirmed()))
+                                });
+                                durable(&result);
+                                gate.durable(result.map_err(Arc::new));
+                            }
                         }
                     }
                 })?
@@ -139,5 +209,100 @@ impl Workers {
     pub(crate) fn stop(self) {
         drop(self.commits);
         let _ = self.committer.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{system_now_ms, StoreConfig, SystemClock};
+
+    /// A gate whose reply records what it answered.
+    fn gate() -> (Arc<Gate>, Arc<Mutex<Vec<bool>>>) {
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let seen = answers.clone();
+        let gate = Gate::new(Box::new(move |result: Result<(), Arc<StoreError>>| {
+            seen.lock().unwrap().push(result.is_ok())
+        }));
+        (gate, answers)
+    }
+
+    #[test]
+    fn gate_answers_on_the_second_of_flush_and_confirm() {
+        // Durable here first: no answer until the stream confirms.
+        let (g, answers) = gate();
+        g.durable(Ok(()));
+        assert!(answers.lock().unwrap().is_empty());
+        g.confirmed();
+        assert_eq!(*answers.lock().unwrap(), vec![true]);
+        // The stream first (the segment left before the flush ended): no answer until durable.
+        let (g, answers) = gate();
+        g.confirmed();
+        assert!(answers.lock().unwrap().is_empty());
+        g.durable(Ok(()));
+        assert_eq!(*answers.lock().unwrap(), vec![true]);
+    }
+
+    #[test]
+    fn gate_answers_a_failed_commit_at_once_and_only_once() {
+        let (g, answers) = gate();
+        g.durable(Err(Arc::new(StoreError::Closed)));
+        assert_eq!(*answers.lock().unwrap(), vec![false]);
+        // The stream's confirm that comes later acks nothing.
+        g.confirmed();
+        assert_eq!(*answers.lock().unwrap(), vec![false]);
+    }
+
+    fn claims(store: &Store, ids: &[&str]) -> Vec<Claim> {
+        let now = system_now_ms();
+        ids.iter()
+            .map(|id| match store.claim(id.as_bytes(), now).unwrap() {
+                Verdict::New(claim) => claim,
+                _ => panic!("a fresh id is new"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn with_ha_a_durable_batch_is_not_acked_before_the_stream_confirms_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        let metrics = Metrics::new();
+        let (ha, mut replicator) = Ha::new(&metrics);
+        let workers = Workers::start(&store, Some(ha), Arc::new(SystemClock)).unwrap();
+        let (tx, mut replies) = mpsc::unbounded_channel();
+        let job = |tags: Vec<u64>, ids: &[&str]| CommitJob {
+            tags,
+            claims: claims(&store, ids),
+            reply: tx.clone(),
+        };
+        assert!(workers.commit(job(vec![1, 2], &["a", "b"])));
+        // The batch's segment reaches the stream side.
+        let (segment, ids, confirm) = replicator.next_segment().unwrap();
+        assert_eq!(ids, 2);
+        // A second batch: the commit thread takes it only once the first is durable here.
+        assert!(workers.commit(job(vec![3], &["c"])));
+        let (_, _, _second) = replicator.next_segment().unwrap();
+        // Durable here, not confirmed by the stream: not acked.
+        assert!(replies.try_recv().is_err());
+        confirm();
+        match replies.blocking_recv() {
+            Some(Reply { tags, result }) => {
+                assert_eq!(tags, vec![1, 2]);
+                assert!(result.is_ok());
+            }
+            other => panic!("expected the first batch committed, got {other:?}"),
+        }
+        // The second one, durable too, still waits for its confirm.
+        assert!(replies.try_recv().is_err());
+        // The segment is the batch: a standby applying it knows both ids.
+        let standby_dir = tempfile::tempdir().unwrap();
+        let standby = Store::open(StoreConfig::new(standby_dir.path())).unwrap();
+        assert_eq!(
+            standby.apply_logged(&segment, 0, system_now_ms()).unwrap(),
+            2
+        );
+        drop(replicator);
+        workers.stop();
     }
 }
