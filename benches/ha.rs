@@ -31,7 +31,9 @@
 //! dir is started against it and timed until it has applied them all. Baseline in the same run:
 //! the same segments applied to an empty store in-process, with no broker (the store's part).
 //! `HA_BENCH=catch-up` runs only that part, `HA_BENCH=relay` only the relay setups.
-//! `HA_BENCH_DEDUPD=<path>` measures that binary instead of building this tree's (a baseline).
+//! `HA_BENCH_DEDUPD=<path>` measures that binary instead of building this tree's;
+//! `HA_BENCH_BASELINE=<path>` adds a fourth setup to each round, `ha` with that binary (a build
+//! before a change), so that before and after are compared in the same run.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -91,20 +93,28 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// The three relay setups, `rounds` times interleaved, and their table.
+/// The three relay setups (four with a baseline), `rounds` times interleaved, and their table.
 async fn relay_setups(bin: &Path, n: usize, rounds: usize) {
+    let baseline = std::env::var("HA_BENCH_BASELINE").ok().map(PathBuf::from);
     let ids = repeating_ids("ha-bench", n);
     let mut distinct = ids.clone();
     distinct.sort();
     distinct.dedup();
     let distinct = distinct.len();
-    let setups = [Setup::Classic, Setup::Quorum, Setup::Ha];
+    let mut setups = vec![Setup::Classic, Setup::Quorum, Setup::Ha];
+    if baseline.is_some() {
+        setups.push(Setup::HaBaseline);
+    }
     let mut rows: Vec<(Setup, usize, Figures)> = Vec::new();
     for round in 1..=rounds {
         // Each round starts with another setup, so that a drift of the machine's load over the
         // run does not always fall on the same one.
         for i in 0..setups.len() {
             let setup = setups[(round - 1 + i) % setups.len()];
+            let bin = match (setup, &baseline) {
+                (Setup::HaBaseline, Some(b)) => b.as_path(),
+                _ => bin,
+            };
             let f = run(bin, &ids, distinct, setup).await;
             eprintln!(
                 "round {round}: {} {:.2} s",
@@ -148,7 +158,7 @@ async fn relay_setups(bin: &Path, n: usize, rounds: usize) {
     println!();
     println!("| setup | median msg/s from start | vs classic | median msg/s from 1/5 forwarded | vs classic |");
     println!("|---|---|---|---|---|");
-    for setup in setups {
+    for &setup in &setups {
         let (d, s) = (median_of(setup, &drain), median_of(setup, &steady));
         println!(
             "| {} | {d:.0} | {:.2} | {s:.0} | {:.2} |",
@@ -158,7 +168,7 @@ async fn relay_setups(bin: &Path, n: usize, rounds: usize) {
         );
     }
     // Each round's ha and quorum ran back to back: their ratio, round by round.
-    let paired = |rate: &dyn Fn(&Figures) -> f64| {
+    let paired = |ha: Setup, rate: &dyn Fn(&Figures) -> f64| {
         (1..=rounds)
             .filter_map(|round| {
                 let at = |setup| {
@@ -166,7 +176,7 @@ async fn relay_setups(bin: &Path, n: usize, rounds: usize) {
                         .find(|(_, r, _)| *r == round)
                         .map(|(_, _, f)| rate(f))
                 };
-                Some(format!("{:.2}", at(Setup::Ha)? / at(Setup::Quorum)?))
+                Some(format!("{:.2}", at(ha)? / at(Setup::Quorum)?))
             })
             .collect::<Vec<_>>()
             .join(", ")
@@ -180,8 +190,21 @@ async fn relay_setups(bin: &Path, n: usize, rounds: usize) {
         println!(
             "- {what}: {:.2}; {}",
             median_of(Setup::Ha, rate) / median_of(Setup::Quorum, rate),
-            paired(rate)
+            paired(Setup::Ha, rate)
         );
+    }
+    if baseline.is_some() {
+        println!("ha (baseline binary) / quorum, the same way:");
+        for (what, rate) in [
+            ("from start", &drain as &dyn Fn(&Figures) -> f64),
+            ("from 1/5 forwarded", &steady),
+        ] {
+            println!(
+                "- {what}: {:.2}; {}",
+                median_of(Setup::HaBaseline, rate) / median_of(Setup::Quorum, rate),
+                paired(Setup::HaBaseline, rate)
+            );
+        }
     }
     let mut lags: Vec<f64> = of(Setup::Ha).flat_map(|(_, _, f)| f.lags.clone()).collect();
     if !lags.is_empty() {
@@ -223,6 +246,8 @@ enum Setup {
     Classic,
     Quorum,
     Ha,
+    /// As `Ha`, with the binary `HA_BENCH_BASELINE` names (a build before a change).
+    HaBaseline,
 }
 
 impl Setup {
@@ -231,7 +256,12 @@ impl Setup {
             Setup::Classic => "classic",
             Setup::Quorum => "quorum",
             Setup::Ha => "ha",
+            Setup::HaBaseline => "ha (baseline binary)",
         }
+    }
+
+    fn ha(self) -> bool {
+        matches!(self, Setup::Ha | Setup::HaBaseline)
     }
 }
 
@@ -301,7 +331,7 @@ impl Dedupd {
             Setup::Quorum => {
                 cmd.env("DEDUPD_QUEUE_TYPE", "quorum");
             }
-            Setup::Ha => {
+            Setup::Ha | Setup::HaBaseline => {
                 cmd.env("DEDUPD_HA", "on");
             }
         }
@@ -364,8 +394,9 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
     let broker_cpu = cpu_seconds(broker);
     let start = Instant::now();
     let active = Dedupd::start(bin, &source, &dest, dir_a.path(), setup);
-    let standby =
-        (setup == Setup::Ha).then(|| Dedupd::start(bin, &source, &dest, dir_b.path(), setup));
+    let standby = setup
+        .ha()
+        .then(|| Dedupd::start(bin, &source, &dest, dir_b.path(), setup));
     let mut lags = Vec::new();
     let mut level = false;
     // Polled every 10 ms: the error of the time measured, and the lag's sampling.
@@ -415,7 +446,7 @@ async fn run(bin: &Path, ids: &[String], distinct: usize, setup: Setup) -> Figur
         "{base}: destination count"
     );
 
-    let catch_up = if setup == Setup::Ha {
+    let catch_up = if setup.ha() {
         // Everything the active one applied of the stream, read by a node that starts empty.
         let want = distinct as f64;
         let started = Instant::now();
