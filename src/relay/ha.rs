@@ -52,7 +52,7 @@ use super::topology::Topology;
 use crate::config::Config;
 use crate::metrics::{Metrics, Role};
 use crate::shutdown::Shutdown;
-use crate::store::{system_now_ms, Store};
+use crate::store::{Clock, Store};
 
 /// Stream messages read ahead by the tail consumer (a stream consumer must set a prefetch).
 const TAIL_PREFETCH: u16 = 2000;
@@ -103,6 +103,9 @@ struct Inner {
     /// The newest of our markers the tailer has read back.
     markers: watch::Sender<u64>,
     next_token: AtomicU64,
+    /// The service's clock: when a batch was published (for the standbys' lag) and what has
+    /// expired when one is applied.
+    clock: Arc<dyn Clock>,
 }
 
 /// The stream side, run by [`Replicator::run`] until its shutdown.
@@ -130,8 +133,8 @@ impl Replicator {
 }
 
 impl Ha {
-    /// A handle and the task that serves it; starts as a standby.
-    pub(crate) fn new(metrics: &Metrics) -> (Ha, Replicator) {
+    /// A handle and the task that serves it, on the service's `clock`; starts as a standby.
+    pub(crate) fn new(metrics: &Metrics, clock: Arc<dyn Clock>) -> (Ha, Replicator) {
         let (tx, rx) = mpsc::unbounded_channel();
         metrics.set_role(Role::Standby);
         let ha = Ha {
@@ -140,6 +143,7 @@ impl Ha {
                 appends: tx,
                 markers: watch::channel(0).0,
                 next_token: AtomicU64::new(1),
+                clock,
             }),
         };
         let replicator = Replicator {
@@ -429,7 +433,10 @@ async fn publisher(
 fn message(ha: &Ha, append: &Append) -> (BasicProperties, Vec<u8>) {
     let mut headers = FieldTable::new();
     headers.insert(name(INSTANCE), FieldValue::from(ha.inner.instance.as_str()));
-    headers.insert(name(PUBLISHED_MS), FieldValue::l(system_now_ms() as i64));
+    headers.insert(
+        name(PUBLISHED_MS),
+        FieldValue::l(ha.inner.clock.now_ms() as i64),
+    );
     let body = match append {
         Append::Segment { bytes, ids, .. } => {
             headers.insert(name(KIND), FieldValue::from("segment"));
@@ -520,12 +527,10 @@ async fn tailer(
         }
         let lag_ids = items.iter().filter(|i| !i.own).map(|i| i.ids).sum();
         let oldest = items.iter().map(|i| i.published_ms).min().unwrap_or(0);
-        Metrics::ha_lag(
-            lag_ids,
-            Duration::from_millis(system_now_ms().saturating_sub(oldest)),
-        );
+        let now = ha.inner.clock.now_ms();
+        Metrics::ha_lag(lag_ids, Duration::from_millis(now.saturating_sub(oldest)));
         let store = store.clone();
-        let applied = tokio::task::spawn_blocking(move || apply(&store, items)).await;
+        let applied = tokio::task::spawn_blocking(move || apply(&store, items, now)).await;
         let (last, ids, markers) = match applied {
             Ok(Ok(applied)) => applied,
             Ok(Err(e)) => return format!("applying the id stream: {e}"),
@@ -551,8 +556,11 @@ async fn tailer(
 /// before they were appended), so when the run ends with ours only their last offset is noted,
 /// with no write of the ids again and no flush of its own. Returns the last offset, the ids
 /// applied and our markers read.
-fn apply(store: &Store, items: Vec<Item>) -> Result<(u64, u64, Vec<u64>), crate::store::Error> {
-    let now = system_now_ms();
+fn apply(
+    store: &Store,
+    items: Vec<Item>,
+    now: u64,
+) -> Result<(u64, u64, Vec<u64>), crate::store::Error> {
     let mut ids = 0;
     let mut markers = Vec::new();
     let mut offset = 0;
@@ -682,7 +690,7 @@ impl ConnectionCallback for StreamEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{StoreConfig, Verdict};
+    use crate::store::{system_now_ms, StoreConfig, Verdict};
 
     /// Segments of `per` ids each, committed by a scratch store as the active instance does.
     fn segments(n: usize, per: usize) -> Vec<Vec<u8>> {
@@ -725,7 +733,7 @@ mod tests {
             .map(|(i, s)| item(10 + i as u64, i == 2 || i == 5, None, s.clone()))
             .collect();
         items.insert(3, item(99, true, Some(7), Vec::new()));
-        let (last, ids, markers) = apply(&store, items).unwrap();
+        let (last, ids, markers) = apply(&store, items, system_now_ms()).unwrap();
         // The others' four segments count; ours are not applied again but the last one's
         // offset is recorded (it is the stream's last).
         assert_eq!((last, ids, markers), (15, 400, vec![7]));
@@ -757,13 +765,32 @@ mod tests {
             item(3, true, None, segs[0].clone()),
             item(4, false, None, segs[1].clone()),
         ];
-        assert_eq!(apply(&store, items).unwrap(), (4, 10, vec![]));
+        assert_eq!(
+            apply(&store, items, system_now_ms()).unwrap(),
+            (4, 10, vec![])
+        );
         assert_eq!(store.applied_offset().unwrap(), Some(4));
         // Ours alone: noted, nothing applied.
         let items = vec![item(5, true, None, segs[0].clone())];
-        assert_eq!(apply(&store, items).unwrap(), (5, 0, vec![]));
+        assert_eq!(
+            apply(&store, items, system_now_ms()).unwrap(),
+            (5, 0, vec![])
+        );
         assert_eq!(store.applied_offset().unwrap(), Some(5));
         assert!(store.check(b"0-0", system_now_ms()).unwrap().is_none());
+    }
+
+    #[test]
+    fn ids_past_their_window_at_the_services_time_are_not_applied() {
+        let segs = segments(1, 10);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(StoreConfig::new(dir.path())).unwrap();
+        // The applier's clock is a year on: every id of the batch expired meanwhile.
+        let later = system_now_ms() + 365 * 24 * 3600 * 1000;
+        let items = vec![item(0, false, None, segs[0].clone())];
+        assert_eq!(apply(&store, items, later).unwrap(), (0, 0, vec![]));
+        assert_eq!(store.applied_offset().unwrap(), Some(0));
+        assert!(store.check(b"0-0", later).unwrap().is_none());
     }
 
     #[test]
@@ -776,7 +803,7 @@ mod tests {
             item(1, false, None, b"not a segment".to_vec()),
             item(2, false, None, segs[1].clone()),
         ];
-        assert!(apply(&store, items).is_err());
+        assert!(apply(&store, items, system_now_ms()).is_err());
         assert_eq!(store.applied_offset().unwrap(), None);
         assert!(store.check(b"0-0", system_now_ms()).unwrap().is_none());
     }

@@ -96,7 +96,7 @@ pub(crate) async fn run(
     // stream's confirms), so it has a stop of its own, fired after the relay's end.
     let ha_token = tokio_util::sync::CancellationToken::new();
     let (ha, replicator) = if config.relay.ha {
-        let (ha, replicator) = ha::Ha::new(metrics);
+        let (ha, replicator) = ha::Ha::new(metrics, clock.clone());
         let run = replicator.run(config.clone(), store.clone(), Shutdown::new(&ha_token));
         (Some(ha), Some(tokio::spawn(run)))
     } else {

@@ -268,7 +268,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(StoreConfig::new(dir.path())).unwrap();
         let metrics = Metrics::new();
-        let (ha, mut replicator) = Ha::new(&metrics);
+        let (ha, mut replicator) = Ha::new(&metrics, Arc::new(SystemClock));
         let workers = Workers::start(&store, Some(ha), Arc::new(SystemClock)).unwrap();
         let (tx, mut replies) = mpsc::unbounded_channel();
         let job = |tags: Vec<u64>, ids: &[&str]| CommitJob {
