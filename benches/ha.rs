@@ -182,29 +182,24 @@ async fn relay_setups(bin: &Path, n: usize, rounds: usize) {
             .join(", ")
     };
     println!();
-    println!("ha / quorum (goal >= 0.90: the replication's own cost), by the medians, then round by round:");
-    for (what, rate) in [
-        ("from start", &drain as &dyn Fn(&Figures) -> f64),
-        ("from 1/5 forwarded", &steady),
-    ] {
-        println!(
-            "- {what}: {:.2}; {}",
-            median_of(Setup::Ha, rate) / median_of(Setup::Quorum, rate),
-            paired(Setup::Ha, rate)
-        );
-    }
-    if baseline.is_some() {
-        println!("ha (baseline binary) / quorum, the same way:");
+    // An HA setup against quorum without HA: by the medians, then round by round.
+    let ratios = |ha: Setup| {
         for (what, rate) in [
             ("from start", &drain as &dyn Fn(&Figures) -> f64),
             ("from 1/5 forwarded", &steady),
         ] {
             println!(
                 "- {what}: {:.2}; {}",
-                median_of(Setup::HaBaseline, rate) / median_of(Setup::Quorum, rate),
-                paired(Setup::HaBaseline, rate)
+                median_of(ha, rate) / median_of(Setup::Quorum, rate),
+                paired(ha, rate)
             );
         }
+    };
+    println!("ha / quorum (goal >= 0.90: the replication's own cost), by the medians, then round by round:");
+    ratios(Setup::Ha);
+    if baseline.is_some() {
+        println!("ha (baseline binary) / quorum, the same way:");
+        ratios(Setup::HaBaseline);
     }
     let mut lags: Vec<f64> = of(Setup::Ha).flat_map(|(_, _, f)| f.lags.clone()).collect();
     if !lags.is_empty() {
