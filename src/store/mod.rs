@@ -298,6 +298,18 @@ pub enum Settled {
     Released,
 }
 
+/// The log segment of a commit batch of `claims` made at `now_ms`: what
+/// [`Store::commit_logged`] returns and [`Store::commit_replicated`] hands on.
+fn log_segment(claims: &[Claim], now_ms: u64) -> Vec<u8> {
+    log::encode(
+        now_ms,
+        claims.iter().map(|c| log::LogEntry {
+            id: &c.id,
+            ttl_ms: c.ttl_ms,
+        }),
+    )
+}
+
 /// Bytes of an id a [`Claim`] holds without a heap block: a UUID's 36 and a SHA-256's 32 fit.
 const INLINE_ID: usize = 40;
 
@@ -1023,13 +1035,7 @@ impl Store {
     ///
     /// As [`Store::commit`].
     pub fn commit_logged(&self, claims: Vec<Claim>, now_ms: u64) -> Result<Vec<u8>, Error> {
-        let segment = log::encode(
-            now_ms,
-            claims.iter().map(|c| log::LogEntry {
-                id: &c.id,
-                ttl_ms: c.ttl_ms,
-            }),
-        );
+        let segment = log_segment(&claims, now_ms);
         self.commit(claims, now_ms)?;
         Ok(segment)
     }
@@ -1051,13 +1057,7 @@ impl Store {
         replicate: impl FnOnce(Vec<u8>),
     ) -> Result<(), Error> {
         self.commit_then(claims, now_ms, |claims| {
-            replicate(log::encode(
-                now_ms,
-                claims.iter().map(|c| log::LogEntry {
-                    id: &c.id,
-                    ttl_ms: c.ttl_ms,
-                }),
-            ))
+            replicate(log_segment(claims, now_ms))
         })
     }
 
