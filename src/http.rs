@@ -8,7 +8,9 @@
 //! - `DELETE /ids?all=true`: forget every id;
 //! - `GET /backup`: a consistent backup of the store, streamed (chunked) as it is taken;
 //! - `PUT /ids/{id}?ttl_ms=N`: record one id as seen for N ms (the window without `ttl_ms`),
-//!   as `dedupd import-redis` does; an id already live is left alone.
+//!   as `dedupd import-redis` does; an id already live is left alone;
+//! - `POST /clock?advance_ms=N`, in debug builds only (for tests): moves the service's clock
+//!   forward.
 //!
 //! `/healthz`, `/metrics` and `/stats` are open (Prometheus scrapes from other hosts). The id
 //! routes reveal and change the store: they need `Authorization: Bearer <DEDUPD_ADMIN_TOKEN>`, or,
@@ -121,9 +123,11 @@ pub(crate) async fn serve(listener: TcpListener, state: State, mut shutdown: Shu
         .route("/stats", get(stats))
         .route("/ids", delete(forget_all))
         .route("/backup", get(backup))
-        .route("/ids/{*id}", get(id_route).delete(id_route).put(id_route))
-        .fallback(unknown)
-        .with_state(state);
+        .route("/ids/{*id}", get(id_route).delete(id_route).put(id_route));
+    // Tests of the binary move its clock (see `cli::service_clock`); never in a release build.
+    #[cfg(debug_assertions)]
+    let app = app.route("/clock", axum::routing::post(advance_clock));
+    let app = app.fallback(unknown).with_state(state);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.fired().await })
         .await;
@@ -277,6 +281,32 @@ async fn id_route(
         },
     };
     json(answer)
+}
+
+/// `POST /clock?advance_ms=N` (debug builds only): moves the service's clock N ms forward, when
+/// it is a clock that may be moved; answers the new time.
+#[cfg(debug_assertions)]
+async fn advance_clock(Shared(state): Shared<State>, headers: HeaderMap, uri: Uri) -> Response {
+    if let Some(refused) = state.admin.refusal(authorization(&headers)) {
+        return json(refused);
+    }
+    let target = uri.to_string();
+    let Some(ms) = query_param(&target, "advance_ms").and_then(|v| v.parse::<u64>().ok()) else {
+        return json(Answer {
+            status: 400,
+            body: serde_json::json!({ "error": "expected ?advance_ms=<milliseconds>" }),
+        });
+    };
+    json(match state.clock.advance(Duration::from_millis(ms)) {
+        Some(now_ms) => Answer {
+            status: 200,
+            body: serde_json::json!({ "now_ms": now_ms }),
+        },
+        None => Answer {
+            status: 409,
+            body: serde_json::json!({ "error": "this clock cannot be moved" }),
+        },
+    })
 }
 
 async fn unknown(method: Method) -> Response {

@@ -161,7 +161,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         None => {
             init_logging(&config);
             let shutdown = crate::shutdown::on_signal()?;
-            runtime()?.block_on(crate::run(config, shutdown.cancelled_owned()))?;
+            let clock = service_clock();
+            runtime()?.block_on(crate::service::run_with_clock(
+                config,
+                clock,
+                shutdown.cancelled_owned(),
+            ))?;
             return Ok(ExitCode::SUCCESS);
         }
         Some(Command::Config) => {
@@ -243,6 +248,16 @@ fn exit_if(ok: bool) -> ExitCode {
 }
 
 /// The single-threaded runtime dedupd runs on (it measured faster than a multi-threaded one).
+/// The service's clock: the wall clock. A debug build (what the black-box tests run) reads one
+/// that its HTTP endpoint's `POST /clock?advance_ms=N` can move forward, so that a test of the
+/// binary lets a dedup window pass without waiting it out; a release build has neither.
+fn service_clock() -> std::sync::Arc<dyn crate::store::Clock> {
+    #[cfg(debug_assertions)]
+    return std::sync::Arc::new(crate::store::SteppedClock::default());
+    #[cfg(not(debug_assertions))]
+    std::sync::Arc::new(crate::store::SystemClock)
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -162,6 +162,13 @@ pub enum Error {
 pub trait Clock: Send + Sync + std::fmt::Debug {
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
+
+    /// Moves the clock forward by `by` and returns the new time, if this clock may be moved:
+    /// a test's clock. The wall clock is not ours to move (`None`).
+    fn advance(&self, by: Duration) -> Option<u64> {
+        let _ = by;
+        None
+    }
 }
 
 /// The wall clock.
@@ -201,6 +208,30 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
         self.0.load(Ordering::SeqCst)
+    }
+
+    fn advance(&self, by: Duration) -> Option<u64> {
+        Some(ManualClock::advance(self, by))
+    }
+}
+
+/// The wall clock, plus however far it was moved forward: for tests of a process that must run
+/// on real time (broker timeouts, confirms) yet let a dedup window pass without waiting it out.
+#[derive(Debug, Default)]
+pub struct SteppedClock {
+    /// Milliseconds added to the wall clock so far.
+    ahead_ms: AtomicU64,
+}
+
+impl Clock for SteppedClock {
+    fn now_ms(&self) -> u64 {
+        system_now_ms().saturating_add(self.ahead_ms.load(Ordering::SeqCst))
+    }
+
+    fn advance(&self, by: Duration) -> Option<u64> {
+        self.ahead_ms
+            .fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+        Some(self.now_ms())
     }
 }
 

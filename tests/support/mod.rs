@@ -738,6 +738,28 @@ impl Relay {
         http(self.port?, "GET", path, None)
     }
 
+    /// Moves the relay's clock `by` forward (`POST /clock`, which debug builds serve): a dedup
+    /// window passes without waiting it out.
+    pub fn advance_clock(&self, by: Duration) {
+        let path = format!("/clock?advance_ms={}", by.as_millis());
+        let answer = http(self.port.expect("an HTTP port"), "POST", &path, None);
+        assert!(
+            matches!(answer, Some((200, _))),
+            "POST {path}: {answer:?}; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Whether the relay's store holds `id` as seen now (`GET /ids/{id}`; ids of plain
+    /// characters only, as the tests use).
+    pub fn holds(&self, id: &str) -> bool {
+        match self.get(&format!("/ids/{id}")) {
+            Some((200, _)) => true,
+            Some((404, _)) => false,
+            other => panic!("GET /ids/{id}: {other:?}"),
+        }
+    }
+
     /// Waits for `/healthz` to answer 200 (connected and consuming).
     pub fn wait_healthy(&mut self) {
         let log = self.log.clone();
