@@ -306,6 +306,10 @@ fn kv_verdicts(shared: &Shared, commit_ms: u64, entries: Vec<KvEntry>, now_ms: u
     v
 }
 
+/// Most inserts made during a rebuild's scan that go in with the swap, under the filter's lock
+/// (a commit batch's worth: a fraction of a millisecond).
+const SWAP_PENDING: usize = 1024;
+
 /// Replaces a namespace's Bloom generations with one built from the index's live entries.
 pub(crate) fn rebuild(shared: &Shared, which: Which, now_ms: u64) {
     let started = Instant::now();
@@ -350,13 +354,31 @@ pub(crate) fn rebuild(shared: &Shared, which: Which, now_ms: u64) {
             fresh.insert(key, expires_ms);
         }
     }
-    let mut filters = ns.filters.write().expect("filter lock");
-    filters.finish_rebuild(fresh);
+    // The inserts made during the scan go in a share at a time outside the filter's lock, the
+    // last few with the swap under it. Replayed all at once under the lock, they held every
+    // claim and commit back while they went in: the store bench's rebuilds (2 M and 3.9 M live
+    // ids, 0.6 s and 1.1 s) met 300 000 and 470 000 inserts, and a batch of 1024 claims took
+    // 23 ms instead of a quarter of one.
+    let mut filters = loop {
+        let mut filters = ns.filters.write().expect("filter lock");
+        if filters.pending_len() <= SWAP_PENDING {
+            break filters;
+        }
+        let meanwhile = filters.take_pending();
+        drop(filters);
+        for (key, expires_ms) in meanwhile {
+            fresh.insert(key, expires_ms);
+        }
+    };
+    let replaced = filters.finish_rebuild(fresh);
+    let generations = filters.generations();
+    drop(filters);
+    drop(replaced);
     shared.bloom_rebuilds.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(
         ?which,
         live,
-        generations = filters.generations(),
+        generations,
         ms = started.elapsed().as_millis() as u64,
         "bloom filter rebuilt"
     );

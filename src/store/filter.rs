@@ -209,14 +209,31 @@ impl Filters {
         self.pending = Some(Vec::new());
     }
 
-    /// Swaps in a rebuilt generation, topped up with the inserts made during the scan.
-    pub(crate) fn finish_rebuild(&mut self, mut fresh: Filters) {
+    /// Inserts recorded since the rebuild began (or since [`Filters::take_pending`]).
+    pub(crate) fn pending_len(&self) -> usize {
+        self.pending.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Takes the inserts recorded so far, for the rebuild to add to its generation outside the
+    /// lock; recording goes on.
+    pub(crate) fn take_pending(&mut self) -> Vec<(u128, u64)> {
+        self.pending
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Swaps in a rebuilt generation, topped up with the inserts made during the scan, and
+    /// returns the generations it replaces, for the caller to free once it has let go of the
+    /// lock (unmapping megabytes of bit arrays takes a good part of a millisecond).
+    #[must_use = "the old generations are returned to be dropped outside the lock"]
+    pub(crate) fn finish_rebuild(&mut self, mut fresh: Filters) -> Filters {
         for (d, expires_ms) in self.pending.take().unwrap_or_default() {
             fresh.insert(d, expires_ms);
         }
         // A generation rolled during the scan only holds ids that are also in `pending`.
         fresh.roll_capacity = self.roll_capacity;
-        *self = fresh;
+        std::mem::replace(self, fresh)
     }
 
     /// Builds a one-generation set for a rebuild scan over about `live` ids.
@@ -340,9 +357,18 @@ mod tests {
         let mut fresh = f.for_rebuild(0, 5);
         fresh.insert(digest(b"scanned"), 100);
         f.insert(digest(b"during"), 100);
-        f.finish_rebuild(fresh);
-        assert!(f.contains(digest(b"scanned")));
-        assert!(f.contains(digest(b"during")));
+        // Taken out to go in outside the lock; what comes after is still recorded.
+        assert_eq!(f.pending_len(), 1);
+        for (d, expires_ms) in f.take_pending() {
+            fresh.insert(d, expires_ms);
+        }
+        f.insert(digest(b"after the take"), 100);
+        assert_eq!(f.pending_len(), 1);
+        drop(f.finish_rebuild(fresh));
+        for id in [&b"scanned"[..], b"during", b"after the take"] {
+            assert!(f.contains(digest(id)), "{id:?}");
+        }
+        assert_eq!(f.pending_len(), 0);
         assert_eq!(f.rebuild_at(10), 15);
     }
 
