@@ -8,7 +8,12 @@
 //! Value: a format byte, a kind byte, the commit time (varint ms), the entry count (varint),
 //! then the entries:
 //! - relay: the 16-byte keyed digest of the id, then a varint of
-//!   `(expires_ms - commit_ms) << 1 | tombstone`;
+//!   `(expires_ms - commit_ms) << 1 | tombstone`. In format 3 (relay segments written since it
+//!   exists) a varint after the count says whether every entry shares that value: 0 if not
+//!   (each entry then carries its own, as in format 2), the value plus one if so, and the entries
+//!   are then the digests alone. A commit's ids share their window unless messages set their
+//!   own (`x-dedup-ttl`), so a segment takes 16 bytes an id instead of 20 on disk, and as much
+//!   less in what sled keeps of it in memory;
 //! - Redis keys: a tag byte (0 put, 1 delete), the key (varint length + bytes), then for a put
 //!   the value (varint length + bytes), the set time, the expiry and how much longer the entry
 //!   must stay on disk (varint ms each), and for a delete how long it must stay (varint ms);
@@ -25,7 +30,8 @@ use super::Error;
 
 /// Format byte of this layout.
 pub(crate) const FORMAT_V2: u8 = 2;
-/// Format byte of Redis-key segments whose times are relative to the commit time.
+/// Format byte of Redis-key segments whose times are relative to the commit time, and of relay
+/// segments that may say their entries' shared window once.
 pub(crate) const FORMAT_V3: u8 = 3;
 const KIND_RELAY: u8 = 1;
 const KIND_KV: u8 = 2;
@@ -128,11 +134,23 @@ fn header(format: u8, kind: u8, commit_ms: u64, count: usize, per_entry: usize) 
 
 /// Encodes a relay segment committed at `commit_ms`.
 pub(crate) fn encode_relay(commit_ms: u64, entries: &[RelayEntry]) -> Vec<u8> {
-    let mut out = header(FORMAT_V2, KIND_RELAY, commit_ms, entries.len(), 21);
+    let tagged = |e: &RelayEntry| {
+        let life = e.expires_ms.saturating_sub(commit_ms);
+        (life << 1) | u64::from(e.tombstone)
+    };
+    // The value every entry shares, if any (and if one more still fits the header's varint).
+    let shared = entries
+        .first()
+        .map(tagged)
+        .filter(|&t| t < u64::MAX && entries.iter().all(|e| tagged(e) == t));
+    let per_entry = if shared.is_some() { 16 } else { 21 };
+    let mut out = header(FORMAT_V3, KIND_RELAY, commit_ms, entries.len(), per_entry);
+    put_varint(&mut out, shared.map_or(0, |t| t + 1));
     for e in entries {
         out.extend_from_slice(&e.digest.to_le_bytes());
-        let life = e.expires_ms.saturating_sub(commit_ms);
-        put_varint(&mut out, (life << 1) | u64::from(e.tombstone));
+        if shared.is_none() {
+            put_varint(&mut out, tagged(e));
+        }
     }
     out
 }
@@ -234,12 +252,8 @@ fn corrupt(reason: &str) -> Error {
     }
 }
 
-/// Reads the header of a segment of `kind`: commit time and entry count.
-fn open(bytes: &[u8], kind: u8) -> Result<(Reader<'_>, u64, u64), Error> {
-    open_format(bytes, kind, &[FORMAT_V2]).map(|(r, _, commit_ms, count)| (r, commit_ms, count))
-}
-
-/// As [`open`], for a segment in one of `formats`; returns its format too.
+/// Reads the header of a segment of `kind` in one of `formats`: its format, commit time and
+/// entry count.
 fn open_format<'a>(
     bytes: &'a [u8],
     kind: u8,
@@ -270,7 +284,16 @@ fn open_format<'a>(
 ///
 /// [`Error::UnknownFormat`] or [`Error::Corrupt`].
 pub(crate) fn decode_relay(bytes: &[u8]) -> Result<(u64, Vec<RelayEntry>), Error> {
-    let (mut r, commit_ms, count) = open(bytes, KIND_RELAY)?;
+    let (mut r, format, commit_ms, count) =
+        open_format(bytes, KIND_RELAY, &[FORMAT_V2, FORMAT_V3])?;
+    // Format 3 says once the value every entry shares, if they do.
+    let shared = match format {
+        FORMAT_V2 => None,
+        _ => match r.varint().ok_or_else(|| corrupt("truncated header"))? {
+            0 => None,
+            plus_one => Some(plus_one - 1),
+        },
+    };
     let mut entries = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let digest = r
@@ -278,7 +301,10 @@ pub(crate) fn decode_relay(bytes: &[u8]) -> Result<(u64, Vec<RelayEntry>), Error
             .and_then(|b| <[u8; 16]>::try_from(b).ok())
             .map(u128::from_le_bytes)
             .ok_or_else(|| corrupt("truncated digest"))?;
-        let tagged = r.varint().ok_or_else(|| corrupt("truncated expiry"))?;
+        let tagged = match shared {
+            Some(tagged) => tagged,
+            None => r.varint().ok_or_else(|| corrupt("truncated expiry"))?,
+        };
         entries.push(RelayEntry {
             digest,
             expires_ms: commit_ms.saturating_add(tagged >> 1),
@@ -414,9 +440,67 @@ mod tests {
             })
             .collect();
         let bytes = encode_relay(t, &entries);
-        // 16-byte digest + 4-byte varint of a day in ms (shifted by one bit).
+        // One tombstone among them: each entry says its own window, 16-byte digest + 4-byte
+        // varint of a day in ms (shifted by one bit).
         assert!(bytes.len() <= 16 + 1024 * 20, "{}", bytes.len());
         assert_eq!(decode_relay(&bytes).unwrap(), (t, entries));
+    }
+
+    #[test]
+    fn a_shared_window_is_written_once_and_every_entry_reads_it() {
+        let t = 1_764_000_000_000;
+        let entries: Vec<RelayEntry> = (0..1024u128)
+            .map(|i| RelayEntry {
+                digest: i * 0x9e37_79b9_7f4a_7c15,
+                expires_ms: t + 86_400_000,
+                tombstone: false,
+            })
+            .collect();
+        let bytes = encode_relay(t, &entries);
+        let header = encode_relay(t, &[]).len();
+        // The digests alone, and the shared value once in the header (4 bytes for a day).
+        assert_eq!(bytes.len(), header + 4 + 1024 * 16);
+        assert_eq!(decode_relay(&bytes).unwrap(), (t, entries));
+        // Windows that differ (a message's own `x-dedup-ttl`) are written per entry again.
+        let mixed = [
+            RelayEntry {
+                digest: 1,
+                expires_ms: t + 5_000,
+                tombstone: false,
+            },
+            RelayEntry {
+                digest: 2,
+                expires_ms: t + 86_400_000,
+                tombstone: false,
+            },
+        ];
+        assert_eq!(
+            decode_relay(&encode_relay(t, &mixed)).unwrap(),
+            (t, mixed.to_vec())
+        );
+    }
+
+    #[test]
+    fn format_2_relay_segments_still_read() {
+        // Commit time 5, two entries: digest 3 until 9 (life 4), digest 7 a tombstone until 6.
+        let mut v2 = vec![FORMAT_V2, KIND_RELAY, 5, 2];
+        v2.extend_from_slice(&3u128.to_le_bytes());
+        v2.push(4 << 1);
+        v2.extend_from_slice(&7u128.to_le_bytes());
+        v2.push((1 << 1) | 1);
+        let entries = vec![
+            RelayEntry {
+                digest: 3,
+                expires_ms: 9,
+                tombstone: false,
+            },
+            RelayEntry {
+                digest: 7,
+                expires_ms: 6,
+                tombstone: true,
+            },
+        ];
+        assert_eq!(decode_relay(&v2).unwrap(), (5, entries));
     }
 
     #[test]
