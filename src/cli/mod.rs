@@ -247,7 +247,6 @@ fn exit_if(ok: bool) -> ExitCode {
     }
 }
 
-/// The single-threaded runtime dedupd runs on (it measured faster than a multi-threaded one).
 /// The service's clock: the wall clock. A debug build (what the black-box tests run) reads one
 /// that its HTTP endpoint's `POST /clock?advance_ms=N` can move forward, so that a test of the
 /// binary lets a dedup window pass without waiting it out; a release build has neither.
@@ -258,6 +257,7 @@ fn service_clock() -> std::sync::Arc<dyn crate::store::Clock> {
     std::sync::Arc::new(crate::store::SystemClock)
 }
 
+/// The single-threaded runtime dedupd runs on (it measured faster than a multi-threaded one).
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

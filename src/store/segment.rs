@@ -429,16 +429,21 @@ pub(crate) fn decode_kv(bytes: &[u8]) -> Result<(u64, Vec<KvEntry>), Error> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn relay_segment_round_trips_in_about_twenty_bytes_an_id() {
-        let t = 1_764_000_000_000;
-        let entries: Vec<RelayEntry> = (0..1024u128)
+    /// 1024 entries committed at `t` for a day, the `i`-th a tombstone if `tombstone(i)`.
+    fn day_of_entries(t: u64, tombstone: impl Fn(u128) -> bool) -> Vec<RelayEntry> {
+        (0..1024u128)
             .map(|i| RelayEntry {
                 digest: i * 0x9e37_79b9_7f4a_7c15,
                 expires_ms: t + 86_400_000,
-                tombstone: i == 7,
+                tombstone: tombstone(i),
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn relay_segment_round_trips_in_about_twenty_bytes_an_id() {
+        let t = 1_764_000_000_000;
+        let entries = day_of_entries(t, |i| i == 7);
         let bytes = encode_relay(t, &entries);
         // One tombstone among them: each entry says its own window, 16-byte digest + 4-byte
         // varint of a day in ms (shifted by one bit).
@@ -449,13 +454,7 @@ mod tests {
     #[test]
     fn a_shared_window_is_written_once_and_every_entry_reads_it() {
         let t = 1_764_000_000_000;
-        let entries: Vec<RelayEntry> = (0..1024u128)
-            .map(|i| RelayEntry {
-                digest: i * 0x9e37_79b9_7f4a_7c15,
-                expires_ms: t + 86_400_000,
-                tombstone: false,
-            })
-            .collect();
+        let entries = day_of_entries(t, |_| false);
         let bytes = encode_relay(t, &entries);
         let header = encode_relay(t, &[]).len();
         // The digests alone, and the shared value once in the header (4 bytes for a day).
