@@ -110,7 +110,7 @@ fn append(
     expiries: Vec<u64>,
     bytes: Vec<u8>,
 ) -> sled::Result<()> {
-    let key = segment::key(segment::filing_expiry(expiries), db.generate_id()?);
+    let (_, key) = super::file_segment(db, expiries)?;
     tree.insert(key, bytes).map(drop)
 }
 

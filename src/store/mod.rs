@@ -341,6 +341,13 @@ fn log_segment(claims: &[Claim], now_ms: u64) -> Vec<u8> {
     )
 }
 
+/// Where a segment whose entries expire at `expiries` goes in its tree: the expiry it is filed
+/// under and its key (that expiry, then a sequence number fresh from `db`).
+fn file_segment(db: &sled::Db, expiries: Vec<u64>) -> sled::Result<(u64, [u8; 16])> {
+    let filed = segment::filing_expiry(expiries);
+    Ok((filed, segment::key(filed, db.generate_id()?)))
+}
+
 /// Bytes of an id a [`Claim`] holds without a heap block: a UUID's 36 and a SHA-256's 32 fit.
 const INLINE_ID: usize = 40;
 
@@ -635,10 +642,9 @@ impl Shared {
         expiries: Vec<u64>,
         bytes: Vec<u8>,
     ) -> Result<u64, Error> {
-        let filed = segment::filing_expiry(expiries);
-        let seq = self.db.generate_id().map_err(self.sled_err("append"))?;
+        let (filed, key) = file_segment(&self.db, expiries).map_err(self.sled_err("append"))?;
         ns.segments
-            .insert(segment::key(filed, seq), bytes)
+            .insert(key, bytes)
             .map_err(self.sled_err("append"))?;
         if ns.due_at(filed) {
             self.wake_compactor();
@@ -664,9 +670,8 @@ impl Shared {
         let mut batch = sled::Batch::default();
         let mut first_due = u64::MAX;
         for (expiries, bytes) in segments {
-            let filed = segment::filing_expiry(expiries);
-            let seq = self.db.generate_id().map_err(self.sled_err("append"))?;
-            batch.insert(&segment::key(filed, seq), bytes);
+            let (filed, key) = file_segment(&self.db, expiries).map_err(self.sled_err("append"))?;
+            batch.insert(&key, bytes);
             first_due = first_due.min(filed);
         }
         ns.segments

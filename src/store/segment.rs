@@ -17,8 +17,8 @@
 //! - Redis keys: a tag byte (0 put, 1 delete), the key (varint length + bytes), then for a put
 //!   the value (varint length + bytes), the set time, the expiry and how much longer the entry
 //!   must stay on disk (varint ms each), and for a delete how long it must stay (varint ms);
-//!   for both the version last (varint). In format 3 (Redis-key segments since format 3
-//!   exists; relay segments stay format 2), the set time and the expiry (a delete's too) are
+//!   for both the version last (varint). In format 3 (Redis-key segments written since it
+//!   exists), the set time and the expiry (a delete's too) are
 //!   zigzag varints of their distance from the commit time, 4 bytes for a day's window and 1
 //!   for a set time, where format 2's absolute times took 6 bytes each; format 2 segments
 //!   still read. Versions order a key's writes however segments are
