@@ -471,6 +471,78 @@ fn malformed_frame_closes_that_connection_only() {
     assert_eq!(pong, "PONG", "other connections live on");
 }
 
+/// A client that sends each request as soon as the last reply is in, as a lone `-c1` client
+/// does: dedupd's writer then reads that client's next requests itself, and must hand it back
+/// to its connection for anything else (a command off the store, a request split over two
+/// reads, a malformed one) without losing or holding up a byte. Same transcript as Redis.
+#[test]
+fn a_client_sending_each_request_as_its_reply_arrives_gets_redis_replies() {
+    let data = tempfile::tempdir().unwrap();
+    let endpoint = Endpoint::start(data.path(), &[]);
+    let prefix = Prefix::new();
+    let p = &prefix.0;
+    let set = |i: usize| format!("SET {p}k{i} {i} NX EX 100\r\n").into_bytes();
+    // (request, in the pieces it is written in, and the reply's lines)
+    let mut steps: Vec<(Vec<Vec<u8>>, usize)> = Vec::new();
+    // More writes in a row than the writer keeps a client for, each followed by a read and,
+    // now and then, a command that does not touch the store.
+    for i in 0..150 {
+        steps.push((vec![set(i)], 1));
+        steps.push((vec![format!("GET {p}k{i}\r\n").into_bytes()], 2));
+        if i % 10 == 0 {
+            steps.push((vec![b"PING\r\n".to_vec()], 1));
+        }
+    }
+    // A request that arrives in two reads.
+    let key = format!("{p}k7");
+    steps.push((
+        vec![
+            b"*2\r\n$3\r\nGET\r\n".to_vec(),
+            format!("${}\r\n{key}\r\n", key.len()).into_bytes(),
+        ],
+        2,
+    ));
+    steps.push((
+        vec![format!("EXISTS {p}k1 {p}k2 {p}nope\r\n").into_bytes()],
+        1,
+    ));
+    steps.push((vec![set(1000)], 1));
+    // A malformed request right after a write's reply: an error, then the connection closes.
+    steps.push((vec![b"*1\r\n$x\r\n".to_vec()], 1));
+
+    let transcript = |port: u16| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut all = Vec::new();
+        for (pieces, want_lines) in &steps {
+            for (n, piece) in pieces.iter().enumerate() {
+                if n > 0 {
+                    // Long enough that the first piece is read on its own.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                s.write_all(piece).unwrap();
+            }
+            let mut reply = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !lines(*want_lines)(&reply) {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => reply.extend_from_slice(&buf[..n]),
+                    Err(e) => panic!("no reply to {pieces:?} within 5 s: {e}"),
+                }
+            }
+            all.extend_from_slice(&reply);
+        }
+        let closed = matches!(s.read(&mut [0u8; 1]), Ok(0));
+        (String::from_utf8_lossy(&all).into_owned(), closed)
+    };
+    // Both start without the prefix's keys; `prefix` clears Redis' when dropped.
+    let (got, got_closed) = transcript(endpoint.port);
+    let (want, want_closed) = transcript(6379);
+    assert_eq!(got, want);
+    assert!(want_closed && got_closed, "a malformed request closes");
+}
+
 /// Whether the server closes the connection after replying to `bytes`.
 fn raw_closed_after(port: u16, bytes: &[u8]) -> bool {
     raw(port, bytes, |_| false).1

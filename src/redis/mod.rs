@@ -306,35 +306,101 @@ async fn connection(
     server.clients.fetch_sub(1, Ordering::SeqCst);
 }
 
+/// What a connection has read and not yet run: the parser's state and the bytes after it. It
+/// goes with a batch to the [`writer`], which may read the client's next requests into it
+/// itself, and comes back with the replies.
+pub(crate) struct Inbox {
+    parser: Parser,
+    pub(crate) buf: Vec<u8>,
+    /// The client's batches the writer lets go by before it waits on the socket again.
+    pub(crate) skip_waits: u32,
+    /// What `skip_waits` is set to after the next wait that finds nothing (doubling).
+    pub(crate) backoff: u32,
+}
+
+/// What [`Inbox::take_for_writer`] found.
+pub(crate) enum Taken {
+    /// A batch for the writer, taken out of the inbox.
+    Batch(Vec<Request>),
+    /// No complete request yet.
+    Partial,
+    /// Requests the connection's task must run itself, or a malformed one: left in the inbox.
+    Other,
+}
+
+impl Inbox {
+    fn new(max_arg: usize) -> Inbox {
+        Inbox {
+            parser: Parser::new(max_arg),
+            // Sized by `reserve` before the first read.
+            buf: Vec::new(),
+            skip_waits: 0,
+            backoff: 0,
+        }
+    }
+
+    /// Every complete request already read, up to a batch, and the protocol error met after
+    /// them if any.
+    fn take_batch(&mut self) -> (Vec<Request>, Option<resp::ProtocolError>) {
+        let (batch, broken, pos) = self.parse();
+        self.buf.drain(..pos);
+        (batch, broken)
+    }
+
+    /// As [`Inbox::take_batch`], but takes the batch only if it is the writer's to run; anything
+    /// else stays as it was, for the connection's task.
+    pub(crate) fn take_for_writer(&mut self) -> Taken {
+        let before = self.parser.clone();
+        let (batch, broken, pos) = self.parse();
+        if broken.is_some() || (!batch.is_empty() && route(&batch) != Route::Writer) {
+            self.parser = before;
+            return Taken::Other;
+        }
+        self.buf.drain(..pos);
+        if batch.is_empty() {
+            Taken::Partial
+        } else {
+            Taken::Batch(batch)
+        }
+    }
+
+    /// Parses up to a batch of requests from the buffer; returns them, the error that stopped
+    /// the parse if any, and how many bytes were consumed.
+    fn parse(&mut self) -> (Vec<Request>, Option<resp::ProtocolError>, usize) {
+        let mut batch = Vec::new();
+        let mut pos = 0;
+        while batch.len() < MAX_BATCH {
+            match self.parser.next(&self.buf, &mut pos) {
+                Ok(Some(request)) => batch.push(request),
+                Ok(None) => break,
+                Err(e) => return (batch, Some(e), pos),
+            }
+        }
+        (batch, None, pos)
+    }
+
+    /// Makes room for the next read.
+    fn reserve(&mut self) {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+    }
+}
+
 async fn serve_client(
     stream: &Arc<TcpStream>,
     server: &Arc<Server>,
     client: &mut Client,
     shutdown: &mut Shutdown,
 ) -> std::io::Result<()> {
-    let mut parser = Parser::new(server.max_value_bytes);
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut inbox = Inbox::new(server.max_value_bytes);
     let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     loop {
-        // Every complete request already read, up to a batch.
-        let mut batch = Vec::new();
-        let mut pos = 0;
-        let mut broken = None;
-        while batch.len() < MAX_BATCH {
-            match parser.next(&buf, &mut pos) {
-                Ok(Some(request)) => batch.push(request),
-                Ok(None) => break,
-                Err(e) => {
-                    broken = Some(e);
-                    break;
-                }
-            }
-        }
-        buf.drain(..pos);
-        let full = batch.len() == MAX_BATCH;
-        if !batch.is_empty() {
+        let (batch, broken) = inbox.take_batch();
+        let ran = !batch.is_empty();
+        if ran {
             let flow;
-            (flow, out) = run_batch(server, client, stream, batch, out).await;
+            (flow, out) = run_batch(server, client, stream, &mut inbox, batch, out).await;
             write_all(stream, &out).await?;
             out.clear();
             if flow == Flow::Close {
@@ -351,15 +417,15 @@ async fn serve_client(
             );
             return Ok(());
         }
-        if full {
-            continue; // more complete requests may be waiting in `buf`
+        if ran {
+            // More complete requests may be waiting in the inbox: past a full batch, or read
+            // by the writer while it kept the client.
+            continue;
         }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
+        inbox.reserve();
         let n = tokio::select! {
             _ = shutdown.fired() => return Ok(()),
-            n = read_buf(stream, &mut buf) => n?,
+            n = read_buf(stream, &mut inbox.buf) => n?,
         };
         if n == 0 {
             return Ok(());
@@ -392,28 +458,51 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> 
     Ok(())
 }
 
-/// Runs a batch of requests in order, appending their replies to `out`: on a blocking thread
-/// when any of them touches the store, inline otherwise. Replies the writer already sent to
-/// `stream` are not in the `out` returned.
-async fn run_batch(
-    server: &Arc<Server>,
-    client: &mut Client,
-    stream: &Arc<TcpStream>,
-    batch: Vec<Request>,
-    out: Vec<u8>,
-) -> (Flow, Vec<u8>) {
+/// Where a batch runs.
+#[derive(PartialEq)]
+pub(crate) enum Route {
+    /// None of its requests touches the store: on the connection's task.
+    Inline,
+    /// `SCRIPT ...` alone (`KILL` above all), which must not wait for the store's lock: the
+    /// script it stops may hold it. On a blocking thread, outside any transaction.
+    ScriptAdmin,
+    /// In the writer's next round.
+    Writer,
+}
+
+fn route(batch: &[Request]) -> Route {
     let on_store = batch.iter().any(|r| match r {
         Request::Args(args) => command::lookup(&args[0]).is_some_and(|s| s.store),
         Request::Oversize(_) => false,
     });
     if !on_store {
+        Route::Inline
+    } else if batch.iter().all(is_script_admin) {
+        Route::ScriptAdmin
+    } else {
+        Route::Writer
+    }
+}
+
+/// Runs a batch of requests in order, appending their replies to `out`: on a blocking thread
+/// when any of them touches the store, inline otherwise. Replies the writer already sent to
+/// `stream` are not in the `out` returned. The `inbox` goes with a batch to the writer and
+/// comes back with what it read meanwhile.
+async fn run_batch(
+    server: &Arc<Server>,
+    client: &mut Client,
+    stream: &Arc<TcpStream>,
+    inbox: &mut Inbox,
+    batch: Vec<Request>,
+    out: Vec<u8>,
+) -> (Flow, Vec<u8>) {
+    let route = route(&batch);
+    if route == Route::Inline {
         let mut out = out;
         let flow = run_all(server, client, &batch, &mut out, &mut &server.kv);
         return (flow, out);
     }
-    // `SCRIPT` (`KILL` above all) must not wait for the store's lock: the script it stops may
-    // hold it. A batch of nothing else runs on a blocking thread outside any transaction.
-    if batch.iter().all(is_script_admin) {
+    if route == Route::ScriptAdmin {
         let server = server.clone();
         let mut moved = std::mem::take(client);
         let (moved, flow, out) = tokio::task::spawn_blocking(move || {
@@ -442,6 +531,8 @@ async fn run_batch(
         server: server.clone(),
         client: std::mem::take(client),
         stream: stream.clone(),
+        inbox: std::mem::replace(inbox, Inbox::new(0)),
+        kept: 0,
         batch,
         out,
         done,
@@ -450,8 +541,9 @@ async fn run_batch(
         return (Flow::Close, Vec::new());
     }
     match replies.await {
-        Ok((moved, flow, out)) => {
+        Ok((moved, flow, out, read)) => {
             *client = moved;
+            *inbox = read;
             (flow, out)
         }
         // The writer is gone (a panic in a command): nothing to answer with.

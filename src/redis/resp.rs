@@ -29,7 +29,7 @@ pub(crate) enum Request {
 pub(crate) struct ProtocolError(pub(crate) String);
 
 /// Where the parser is inside a multibulk request.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Multibulk {
     /// Arguments still to come.
     remaining: usize,
@@ -44,7 +44,7 @@ struct Multibulk {
 }
 
 /// Incremental request parser. Feed it the connection's buffer; it consumes what it parsed.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Parser {
     /// Longest argument kept; longer ones are skipped and the request refused.
     max_arg: usize,
