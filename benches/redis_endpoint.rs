@@ -14,6 +14,10 @@
 //! `used_memory`. Last, that dedupd is killed with `kill -9` and started again on its data dir:
 //! the time from the start until a key written before the kill answers `GET`.
 //!
+//! After the rate tables and before the memory: `-c1 -P1` again in alternating rounds, dedupd
+//! then Redis `always`, with each round's ratio and their median (`BENCH_C1_ROUNDS`, default 5;
+//! 0 skips them).
+//!
 //! `cargo bench --bench redis_endpoint` (needs `redis-server` and `redis-benchmark` on PATH).
 
 #[path = "../tests/support/mod.rs"]
@@ -34,8 +38,15 @@ const EVAL_NX: &[&str] = &[
     "msg:__rand_int__",
     "1",
 ];
+/// Keys `__rand_int__` is drawn from: far more than all runs together send (a few million), so a
+/// `SET NX` is nearly always a new key that must be written and made durable, as a dedup check
+/// of a new id is. (With 1 M, the first `-c50 -P32` run filled most of the keyspace, and every
+/// run after it measured mostly refused `NX`s, which write nothing.)
+const KEYSPACE: u64 = 100_000_000;
 /// Each measured run lasts about this long (its request count comes from a short probe run).
 const RUN_FOR: Duration = Duration::from_secs(4);
+/// Each run of the alternating `-c1 -P1` rounds lasts about this long.
+const C1_ROUND: Duration = Duration::from_secs(3);
 
 /// A server under test, killed when dropped.
 struct Server {
@@ -148,9 +159,9 @@ fn rate(command: &[&str], port: u16, clients: u32, pipeline: u32, n: u64, keyspa
 /// A probe run sizes the measured run so that it lasts about [`RUN_FOR`].
 fn measure(command: &[&str], port: u16, clients: u32, pipeline: u32) -> f64 {
     let probe_n = u64::from(clients * pipeline).max(500) * 4;
-    let probe = rate(command, port, clients, pipeline, probe_n, 1_000_000);
+    let probe = rate(command, port, clients, pipeline, probe_n, KEYSPACE);
     let n = ((probe * RUN_FOR.as_secs_f64()) as u64).max(probe_n);
-    rate(command, port, clients, pipeline, n, 1_000_000)
+    rate(command, port, clients, pipeline, n, KEYSPACE)
 }
 
 fn redis_used_memory(port: u16) -> u64 {
@@ -201,9 +212,46 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// `-c1 -P1` is one client waiting for one fsync per request on either server: a second of
+/// disk or scheduler noise moves one server's run by more than the two differ. So after the
+/// table: `BENCH_C1_ROUNDS` (default 5) rounds of `-c1 -P1 SET`, dedupd then Redis `always`,
+/// each run about [`C1_ROUND`] long, with each round's ratio and their median.
+fn alternate_c1(ours: &Server, theirs: &Server) {
+    let rounds: usize = std::env::var("BENCH_C1_ROUNDS")
+        .ok()
+        .map(|v| v.parse().expect("BENCH_C1_ROUNDS: a number of rounds"))
+        .unwrap_or(5);
+    if rounds == 0 {
+        return;
+    }
+    let probe = rate(SET_NX, ours.port, 1, 1, 2_000, KEYSPACE);
+    let n = ((probe * C1_ROUND.as_secs_f64()) as u64).max(2_000);
+    println!(
+        "\n`-c1 -P1` alternating, {rounds} rounds of {n} requests each: {} / {}\n",
+        ours.name, theirs.name
+    );
+    println!("| round | {} | {} | ratio |", ours.name, theirs.name);
+    println!("|---|---|---|---|");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let a = rate(SET_NX, ours.port, 1, 1, n, KEYSPACE);
+        let b = rate(SET_NX, theirs.port, 1, 1, n, KEYSPACE);
+        println!("| {round} | {a:.0} | {b:.0} | {:.2}x |", a / b);
+        ratios.push(a / b);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "median dedupd / {} at -c1 -P1: {:.2}x (rounds {:.2}x to {:.2}x)",
+        theirs.name,
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
+}
+
 /// Loads about `keys` distinct keys (a keyspace far larger than the count, so few collide).
 fn load(port: u16, keys: u64) -> u64 {
-    rate(SET_NX, port, 50, 32, keys, 100_000_000);
+    rate(SET_NX, port, 50, 32, keys, KEYSPACE);
     dbsize(port)
 }
 
@@ -240,7 +288,7 @@ fn main() {
         scripts.push((server.name, rates));
     }
     println!(
-        "\nredis-benchmark {} -r 1000000 (requests/s)\n",
+        "\nredis-benchmark {} -r {KEYSPACE} (requests/s)\n",
         SET_NX.join(" ")
     );
     println!("| server | `-c1 -P1` | `-c50 -P32` |");
@@ -257,7 +305,7 @@ fn main() {
         );
     }
     println!(
-        "\nthe same as a script: redis-benchmark {} -r 1000000 (requests/s)\n",
+        "\nthe same as a script: redis-benchmark {} -r {KEYSPACE} (requests/s)\n",
         EVAL_NX.join(" ")
     );
     println!("| server | `-c1 -P1` | `-c50 -P32` | EVAL / SET at `-c1 -P1` | at `-c50 -P32` |");
@@ -271,6 +319,7 @@ fn main() {
             rates[1] / plain[1]
         );
     }
+    alternate_c1(&servers[0], &servers[2]);
     drop(servers);
 
     let keys: u64 = std::env::var("BENCH_KEYS")
