@@ -311,11 +311,11 @@ async fn connection(
 /// itself, and comes back with the replies.
 pub(crate) struct Inbox {
     parser: Parser,
-    pub(crate) buf: Vec<u8>,
+    buf: Vec<u8>,
     /// The client's batches the writer lets go by before it waits on the socket again.
-    pub(crate) skip_waits: u32,
+    skip_waits: u32,
     /// What `skip_waits` is set to after the next wait that finds nothing (doubling).
-    pub(crate) backoff: u32,
+    backoff: u32,
 }
 
 /// What [`Inbox::take_for_writer`] found.
@@ -460,7 +460,7 @@ async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> 
 
 /// Where a batch runs.
 #[derive(PartialEq)]
-pub(crate) enum Route {
+enum Route {
     /// None of its requests touches the store: on the connection's task.
     Inline,
     /// `SCRIPT ...` alone (`KILL` above all), which must not wait for the store's lock: the
