@@ -35,7 +35,9 @@
 
 pub mod store;
 
-pub use store::{Claim, Error as StoreError, Seen, Settled, Stats, Store, StoreConfig, Verdict};
+pub use store::{
+    Claim, Durability, Error as StoreError, Seen, Settled, Stats, Store, StoreConfig, Verdict,
+};
 pub mod admin;
 pub(crate) mod amqp;
 pub mod backup;

@@ -24,7 +24,7 @@ use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::store::{StoreConfig, MAX_ID_LIMIT};
+use crate::store::{Durability, StoreConfig, MAX_ID_LIMIT};
 use values::{addr_or_off, duration, header_name, size};
 
 pub use amqp::{AmqpConfig, AmqpUrl, TlsFiles};
@@ -73,6 +73,8 @@ pub struct StoreSettings {
     pub bloom_fp_rate: f64,
     /// `DEDUPD_CACHE_SIZE`, default 8 MiB: sled page cache in bytes.
     pub cache_bytes: u64,
+    /// `DEDUPD_DURABILITY`, default `process`: what an acked record survives.
+    pub durability: Durability,
 }
 
 impl StoreSettings {
@@ -176,6 +178,16 @@ impl StoreSettings {
             "sled page cache (`512K`, `8M`, `1G` or bytes): what sled keeps in memory of the segments written and read",
             size,
         )?;
+        let durability = vars.var(
+            "DEDUPD_DURABILITY",
+            "process",
+            "what an acked record survives: `process` (a killed dedupd: sled's flush) or `power` (also a kernel crash or power cut: a `syncfs` of the data dir's file system after every flush, slower)",
+            |v| match v {
+                "process" => Ok(Durability::Process),
+                "power" => Ok(Durability::Power),
+                _ => Err("`process` or `power`".into()),
+            },
+        )?;
         Ok(StoreSettings {
             data_dir,
             ttl,
@@ -185,6 +197,7 @@ impl StoreSettings {
             expected_ids,
             bloom_fp_rate,
             cache_bytes,
+            durability,
         })
     }
 
@@ -196,6 +209,7 @@ impl StoreSettings {
         store.fp_rate = self.bloom_fp_rate;
         store.cache_bytes = self.cache_bytes;
         store.max_id_bytes = self.max_id_bytes.get();
+        store.durability = self.durability;
         store
     }
 }

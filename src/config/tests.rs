@@ -46,6 +46,7 @@ fn defaults_run_against_the_local_broker() {
     assert_eq!(c.store.expected_ids.get(), 1_000_000);
     assert_eq!(c.store.bloom_fp_rate, 0.01);
     assert_eq!(c.store.cache_bytes, 8 << 20);
+    assert_eq!(c.store.durability, Durability::Process);
     assert_eq!(c.relay.dead_letter_exchange(), "dedupd.in.dlx");
     assert_eq!(c.relay.dead_letter_queue(), "dedupd.in.dead");
 }
@@ -117,6 +118,7 @@ fn values_are_parsed_into_types() {
         ("DEDUPD_DUPLICATES_EXCHANGE", "audit"),
         ("DEDUPD_METRICS_ADDR", "off"),
         ("DEDUPD_CACHE_SIZE", "1G"),
+        ("DEDUPD_DURABILITY", "power"),
         ("DEDUPD_SHUTDOWN_GRACE", "0s"),
         ("PATH", "/bin"),
     ])
@@ -138,6 +140,8 @@ fn values_are_parsed_into_types() {
     assert_eq!(c.relay.duplicates_exchange.as_deref(), Some("audit"));
     assert_eq!(c.http.addr, None);
     assert_eq!(c.store.cache_bytes, 1 << 30);
+    assert_eq!(c.store.durability, Durability::Power);
+    assert_eq!(c.store_config().durability, Durability::Power);
     assert_eq!(c.relay.shutdown_grace, Duration::ZERO);
 }
 
@@ -243,6 +247,7 @@ fn bad_enums_are_refused() {
     refused("DEDUPD_ID_SOURCE", "uuid");
     refused("DEDUPD_MISSING_ID", "drop");
     refused("DEDUPD_DEST_EXCHANGE_TYPE", "fan");
+    refused("DEDUPD_DURABILITY", "fsync");
     refused("DEDUPD_DECLARE", "maybe");
     refused("DEDUPD_METRICS_ADDR", "localhost");
     refused("DEDUPD_LOG", "dedupd=loud");

@@ -22,6 +22,9 @@ pub(crate) struct FlushGroup {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// With [`Durability::Power`](super::Durability): the data dir, whose file system is synced
+    /// after each sled flush.
+    power: Option<std::fs::File>,
     state: Mutex<FlushState>,
     /// A flush ended.
     done: Condvar,
@@ -44,9 +47,13 @@ struct FlushState {
 }
 
 impl FlushGroup {
-    /// A group flushing `db`, with its flusher thread.
-    pub(crate) fn new(db: sled::Db) -> FlushGroup {
-        let inner = Arc::new(Inner::default());
+    /// A group flushing `db`, with its flusher thread; each flush also syncs the file system
+    /// of `power` (the data dir) when given.
+    pub(crate) fn new(db: sled::Db, power: Option<std::fs::File>) -> FlushGroup {
+        let inner = Arc::new(Inner {
+            power,
+            ..Inner::default()
+        });
         let worker = inner.clone();
         let flusher = std::thread::Builder::new()
             .name("dedupd-flush".into())
@@ -113,7 +120,7 @@ impl Inner {
         state.flushing = true;
         let target = state.issued;
         drop(state);
-        let flushed = db.flush().map(drop);
+        let flushed = db.flush().map(drop).and_then(|()| self.sync_power());
         let mut state = self.state.lock().expect("flush lock");
         state.flushing = false;
         if flushed.is_ok() {
@@ -125,6 +132,21 @@ impl Inner {
             self.kick.notify_one();
         }
         (state, flushed)
+    }
+
+    /// With [`Durability::Power`](super::Durability): `syncfs` of the data dir's file system,
+    /// which flushes what sled's flush leaves (file sizes, its unsynced blob files, the disk's
+    /// write cache).
+    fn sync_power(&self) -> sled::Result<()> {
+        let Some(dir) = &self.power else {
+            return Ok(());
+        };
+        // SAFETY: `dir` is an open file for as long as this call; syncfs only reads the fd.
+        if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(dir)) } == 0 {
+            Ok(())
+        } else {
+            Err(sled::Error::Io(std::io::Error::last_os_error()))
+        }
     }
 
     /// The flusher thread: runs the flushes [`FlushGroup::start`] asks for. A failed flush is
@@ -172,7 +194,7 @@ mod tests {
             .flush_every_ms(None)
             .open()
             .unwrap();
-        let group = FlushGroup::new(db.clone());
+        let group = FlushGroup::new(db.clone(), None);
         db.insert(b"a", b"1").unwrap();
         let first = group.ticket();
         group.start(first);

@@ -255,6 +255,23 @@ pub struct StoreConfig {
     pub max_id_bytes: usize,
     /// Clock read by the background compactor. Default [`SystemClock`].
     pub clock: Arc<dyn Clock>,
+    /// What a commit that returned survives. Default [`Durability::Process`].
+    pub durability: Durability,
+}
+
+/// What a commit (or a Redis write's reply) survives once it has returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// sled's own flush (on Linux a `sync_file_range` of its log): the write has reached the
+    /// disk, so a killed or crashed process loses nothing; a kernel crash or power cut can lose
+    /// the last writes (the file's size and the disk's write cache are not flushed, and sled
+    /// writes a large log entry to a file of its own without syncing it).
+    #[default]
+    Process,
+    /// Also `syncfs` of the data dir's file system after every group flush, as Redis'
+    /// `appendfsync always` `fdatasync`s: survives a kernel crash or a power cut too. Each
+    /// flush then also waits for the file system's other dirty data and the disk's cache.
+    Power,
 }
 
 impl StoreConfig {
@@ -268,6 +285,7 @@ impl StoreConfig {
             cache_bytes: 8 << 20,
             max_id_bytes: 256,
             clock: Arc::new(SystemClock),
+            durability: Durability::Process,
         }
     }
 
@@ -862,7 +880,18 @@ impl Store {
             ms = started.elapsed().as_millis() as u64,
             "store opened"
         );
-        let flush = FlushGroup::new(db.clone());
+        let power = match config.durability {
+            Durability::Process => None,
+            Durability::Power => {
+                Some(
+                    fs::File::open(&config.dir).map_err(|source| Error::Snapshot {
+                        path: config.dir.clone(),
+                        source,
+                    })?,
+                )
+            }
+        };
+        let flush = FlushGroup::new(db.clone(), power);
         let shared = Arc::new(Shared {
             dir: config.dir.clone(),
             db,
