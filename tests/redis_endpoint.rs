@@ -484,15 +484,17 @@ fn a_client_sending_each_request_as_its_reply_arrives_gets_redis_replies() {
     let set = |i: usize| format!("SET {p}k{i} {i} NX EX 100\r\n").into_bytes();
     // (request, in the pieces it is written in, and the reply's lines)
     let mut steps: Vec<(Vec<Vec<u8>>, usize)> = Vec::new();
-    // More writes in a row than the writer keeps a client for, each followed by a read and,
-    // now and then, a command that does not touch the store.
+    // Writes each followed by a read: first more in a row than the writer keeps a client for,
+    // then with a command that does not touch the store now and then.
     for i in 0..150 {
         steps.push((vec![set(i)], 1));
         steps.push((vec![format!("GET {p}k{i}\r\n").into_bytes()], 2));
-        if i % 10 == 0 {
+        if i >= 70 && i % 10 == 0 {
             steps.push((vec![b"PING\r\n".to_vec()], 1));
         }
     }
+    // A command off the store that arrives in two reads.
+    steps.push((vec![b"*1\r\n$4\r\nPI".to_vec(), b"NG\r\n".to_vec()], 1));
     // A request that arrives in two reads.
     let key = format!("{p}k7");
     steps.push((

@@ -11,7 +11,8 @@
 //! that touches the store goes to the endpoint's [`writer`] thread, which runs every batch queued
 //! by then, from all connections, as one store transaction, and its replies come back once the
 //! group flush covering them is done: a write's `+OK` leaves only after its fsync, while other
-//! connections go on.
+//! connections go on. A lone client's next requests the writer may read itself, with the
+//! connection's read state (its [`Inbox`]) handed over with the batch and back.
 
 mod command;
 mod glob;
@@ -484,8 +485,9 @@ fn route(batch: &[Request]) -> Route {
     }
 }
 
-/// Runs a batch of requests in order, appending their replies to `out`: on a blocking thread
-/// when any of them touches the store, inline otherwise. Replies the writer already sent to
+/// Runs a batch of requests in order, appending their replies to `out`: on the writer thread
+/// when any of them touches the store, on a blocking thread for `SCRIPT` alone, inline
+/// otherwise. Replies the writer already sent to
 /// `stream` are not in the `out` returned. The `inbox` goes with a batch to the writer and
 /// comes back with what it read meanwhile.
 async fn run_batch(

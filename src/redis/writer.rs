@@ -41,7 +41,7 @@ const MAX_ROUND: usize = 256;
 const KEEP_READING: Duration = Duration::from_micros(100);
 
 /// Most batches of one client the writer runs in a row before handing it back to its task
-/// (which then sees a shutdown, and runs the next batch through the queue like any other).
+/// (which runs the next batch through the queue like any other, and may see a shutdown).
 const KEEP_BATCHES: u32 = 64;
 
 /// Most batches a client's wait is skipped for after waits that found nothing: one that pauses
@@ -195,22 +195,27 @@ fn keep_reading(mut job: Job, flow: Flow, jobs: &Receiver<Job>) -> Option<Job> {
         give_back(job, flow);
         return None;
     }
+    // A batch already read (past a full one, or several requests in one read) needs no wait.
+    let mut parse = true;
     if job.inbox.skip_waits > 0 {
+        if let Taken::Batch(batch) = job.inbox.take_for_writer() {
+            return Some(next_of(job, batch));
+        }
         job.inbox.skip_waits -= 1;
         give_back(job, flow);
         return None;
     }
     let until = Instant::now() + KEEP_READING;
     loop {
-        match job.inbox.take_for_writer() {
-            Taken::Batch(batch) => {
-                job.inbox.backoff = 0;
-                job.batch = batch;
-                job.kept += 1;
-                return Some(job);
+        if parse {
+            match job.inbox.take_for_writer() {
+                Taken::Batch(batch) => {
+                    job.inbox.backoff = 0;
+                    return Some(next_of(job, batch));
+                }
+                Taken::Other => break,
+                Taken::Partial => parse = false,
             }
-            Taken::Other => break,
-            Taken::Partial => {}
         }
         match jobs.try_recv() {
             Ok(other) => {
@@ -220,25 +225,34 @@ fn keep_reading(mut job: Job, flow: Flow, jobs: &Receiver<Job>) -> Option<Job> {
             Err(TryRecvError::Disconnected) => break,
             Err(TryRecvError::Empty) => {}
         }
+        // Past the deadline even while bytes come in (a large value): the task reads the rest.
+        let late = Instant::now() >= until;
         match read_now(&job.stream, &mut job.inbox) {
-            Ok(n) if n > 0 => {}
+            Ok(n) if n > 0 && !late => parse = true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && !late => {
+                std::hint::spin_loop();
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() < until {
-                    std::hint::spin_loop();
-                    continue;
-                }
                 // Waited in vain: skip this client's next waits, more of them each time.
                 let inbox = &mut job.inbox;
                 inbox.backoff = (inbox.backoff * 2 + 1).min(MAX_SKIPPED_WAITS);
                 inbox.skip_waits = inbox.backoff;
                 break;
             }
-            // Closed or failed: the task meets it on its next read.
+            // Closed or failed: the task meets it on its next read. Or late with bytes read:
+            // the task parses them first.
             _ => break,
         }
     }
     give_back(job, flow);
     None
+}
+
+/// The kept client's next batch, as the next job to run.
+fn next_of(mut job: Job, batch: Vec<Request>) -> Job {
+    job.batch = batch;
+    job.kept += 1;
+    job
 }
 
 /// Reads what the client has sent into `inbox` without waiting; `WouldBlock` when nothing.

@@ -44,6 +44,10 @@ struct FlushState {
     wanted: u64,
     /// The group is dropped: the flusher exits.
     stopping: bool,
+    /// Why a `syncfs` failed, once one has: nothing written since can be called durable. Kept
+    /// for good because the kernel reports a writeback error to a file once only: a second
+    /// `syncfs` would succeed over the lost pages.
+    power_failed: Option<String>,
 }
 
 impl FlushGroup {
@@ -99,6 +103,11 @@ impl FlushGroup {
             if state.durable >= ticket {
                 return Ok(());
             }
+            if let Some(why) = &state.power_failed {
+                return Err(sled::Error::Io(std::io::Error::other(format!(
+                    "a syncfs of the data dir failed ({why}): later writes cannot be made durable"
+                ))));
+            }
             if state.flushing {
                 state = inner.done.wait(state).expect("flush lock");
                 continue;
@@ -120,9 +129,14 @@ impl Inner {
         state.flushing = true;
         let target = state.issued;
         drop(state);
-        let flushed = db.flush().map(drop).and_then(|()| self.sync_power());
+        // `Ok(Err(e))`: sled's flush went through, the `syncfs` after it did not.
+        let flushed = db.flush().map(|_| self.sync_power());
         let mut state = self.state.lock().expect("flush lock");
         state.flushing = false;
+        if let Ok(Err(e)) = &flushed {
+            state.power_failed = Some(e.to_string());
+        }
+        let flushed = flushed.and_then(|synced| synced);
         if flushed.is_ok() {
             state.durable = state.durable.max(target);
         }
@@ -145,7 +159,11 @@ impl Inner {
         if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(dir)) } == 0 {
             Ok(())
         } else {
-            Err(sled::Error::Io(std::io::Error::last_os_error()))
+            let e = std::io::Error::last_os_error();
+            Err(sled::Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("syncfs of the data dir: {e}"),
+            )))
         }
     }
 
@@ -157,7 +175,7 @@ impl Inner {
             if state.stopping {
                 return;
             }
-            if state.wanted > state.durable && !state.flushing {
+            if state.wanted > state.durable && !state.flushing && state.power_failed.is_none() {
                 let (next, flushed) = self.flush(state, db);
                 state = next;
                 if flushed.is_err() {

@@ -188,9 +188,12 @@ impl Kv {
         };
         let out = f(&mut tx);
         if tx.expiries.is_empty() {
-            // What the batch read may be a write of another batch not yet durable.
+            // Nothing written; what the batch read may be another batch's write not yet
+            // durable. Each such write got its ticket before that batch let go of the lock this
+            // one took, so the latest ticket covers them all, and is durable already unless a
+            // flush is due anyway: a read alone never costs a flush.
             drop(tx);
-            return Ok((out, self.ticket()));
+            return Ok((out, self.last_ticket()));
         }
         let segments = tx.segments();
         match shared.append_all(&tx.guard, &shared.kv, segments) {
@@ -219,10 +222,6 @@ impl Kv {
     /// when those are already durable.
     pub fn last_ticket(&self) -> Ticket {
         Ticket(self.shared.flush.issued())
-    }
-
-    fn ticket(&self) -> Ticket {
-        Ticket(self.shared.flush.ticket())
     }
 
     /// Live keys of the next part of the index: the shards from `after` (opaque, from the

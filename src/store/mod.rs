@@ -270,7 +270,9 @@ pub enum Durability {
     Process,
     /// Also `syncfs` of the data dir's file system after every group flush, as Redis'
     /// `appendfsync always` `fdatasync`s: survives a kernel crash or a power cut too. Each
-    /// flush then also waits for the file system's other dirty data and the disk's cache.
+    /// flush then also waits for the file system's other dirty data and the disk's cache. Once
+    /// a `syncfs` fails, every later commit fails (the kernel reports a lost write once only).
+    /// Linux 5.8 or later: before it, `syncfs` did not report write errors at all.
     Power,
 }
 
