@@ -156,11 +156,16 @@ fn rate(command: &[&str], port: u16, clients: u32, pipeline: u32, n: u64, keyspa
         .unwrap_or_else(|| panic!("no rate in redis-benchmark output: {text}"))
 }
 
-/// A probe run sizes the measured run so that it lasts about [`RUN_FOR`].
-fn measure(command: &[&str], port: u16, clients: u32, pipeline: u32) -> f64 {
+/// Requests for a run of `command` lasting about `run_for`, from a short probe run.
+fn sized(command: &[&str], port: u16, clients: u32, pipeline: u32, run_for: Duration) -> u64 {
     let probe_n = u64::from(clients * pipeline).max(500) * 4;
     let probe = rate(command, port, clients, pipeline, probe_n, KEYSPACE);
-    let n = ((probe * RUN_FOR.as_secs_f64()) as u64).max(probe_n);
+    ((probe * run_for.as_secs_f64()) as u64).max(probe_n)
+}
+
+/// A run of `command` lasting about [`RUN_FOR`]; its rate.
+fn measure(command: &[&str], port: u16, clients: u32, pipeline: u32) -> f64 {
+    let n = sized(command, port, clients, pipeline, RUN_FOR);
     rate(command, port, clients, pipeline, n, KEYSPACE)
 }
 
@@ -224,8 +229,7 @@ fn alternate_c1(ours: &Server, theirs: &Server) {
     if rounds == 0 {
         return;
     }
-    let probe = rate(SET_NX, ours.port, 1, 1, 2_000, KEYSPACE);
-    let n = ((probe * C1_ROUND.as_secs_f64()) as u64).max(2_000);
+    let n = sized(SET_NX, ours.port, 1, 1, C1_ROUND);
     println!(
         "\n`-c1 -P1` alternating, {rounds} rounds of {n} requests each: {} / {}\n",
         ours.name, theirs.name
