@@ -7,6 +7,12 @@
 //! `redis_set_nx_ex/pipeline_1`, `redis_set_nx_ex/pipeline_32`; `claim_commit/sled_key_per_id_1024`
 //! is the layout before segments (one sled key per id, one flush per batch), as the baseline
 //! of the commit path.
+//!
+//! First it prints what a load costs on this machine within 2 MiB and within 32 MiB (a chase of
+//! dependent loads to random lines). The index of 1 M ids takes about 20 MiB and its filter
+//! about 3 MiB: a lookup or a commit waits on loads like the second kind (the filter's lines,
+//! then the index table's control bytes, then its entry, one after another), so the store's
+//! figures move with this one from machine to machine.
 
 use std::hint::black_box;
 use std::sync::OnceLock;
@@ -65,6 +71,41 @@ fn filled_store() -> &'static Store {
             (dir, store)
         })
         .1
+}
+
+/// Nanoseconds per load of a chain of dependent loads through `bytes` of memory, each to a
+/// random cache line: the latency of the cache (or memory) a working set of that size lives in.
+fn chase_ns(bytes: usize) -> f64 {
+    use rand::seq::SliceRandom;
+    const LINE_WORDS: usize = 64 / std::mem::size_of::<usize>();
+    let lines = bytes / 64;
+    let mut order: Vec<usize> = (0..lines).collect();
+    order.shuffle(&mut rand::rng());
+    // One word per line, holding the index of the next line's word: one cycle through all.
+    let mut next = vec![0usize; lines * LINE_WORDS];
+    for (i, &line) in order.iter().enumerate() {
+        next[line * LINE_WORDS] = order[(i + 1) % lines] * LINE_WORDS;
+    }
+    let steps = 1_000_000;
+    let mut at = 0;
+    for _ in 0..steps {
+        at = next[at];
+    }
+    let started = std::time::Instant::now();
+    for _ in 0..steps {
+        at = next[at];
+    }
+    black_box(at);
+    started.elapsed().as_nanos() as f64 / steps as f64
+}
+
+/// Prints the machine's cache and memory latency, so each run's figures come with it.
+fn machine(_: &mut Criterion) {
+    println!(
+        "machine: a dependent load to a random line of 2 MiB takes {:.1} ns, of 32 MiB {:.1} ns",
+        chase_ns(2 << 20),
+        chase_ns(32 << 20)
+    );
 }
 
 fn lookup(c: &mut Criterion) {
@@ -217,5 +258,5 @@ fn redis_set_nx_ex(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, lookup, claim_commit, redis_set_nx_ex);
+criterion_group!(benches, machine, lookup, claim_commit, redis_set_nx_ex);
 criterion_main!(benches);
