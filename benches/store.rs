@@ -10,9 +10,9 @@
 //!
 //! First it prints what a load costs on this machine within 2 MiB and within 32 MiB (a chase of
 //! dependent loads to random lines). The index of 1 M ids takes about 20 MiB and its filter
-//! about 3 MiB: a lookup or a commit waits on loads like the second kind (the filter's lines,
-//! then the index table's control bytes, then its entry, one after another), so the store's
-//! figures move with this one from machine to machine.
+//! about 3 MiB: a present lookup waits on loads like the second kind, one after another (the
+//! filter's lines, then the index table's control bytes, then its entry), and a claim and
+//! commit on several an id, so the store's figures move with this one from machine to machine.
 
 use std::hint::black_box;
 use std::sync::OnceLock;
