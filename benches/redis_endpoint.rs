@@ -240,8 +240,9 @@ fn alternate_c1(ours: &Server, theirs: &Server) {
     for round in 1..=rounds {
         let a = rate(SET_NX, ours.port, 1, 1, n, KEYSPACE);
         let b = rate(SET_NX, theirs.port, 1, 1, n, KEYSPACE);
-        println!("| {round} | {a:.0} | {b:.0} | {:.2}x |", a / b);
-        ratios.push(a / b);
+        let ratio = a / b;
+        println!("| {round} | {a:.0} | {b:.0} | {ratio:.2}x |");
+        ratios.push(ratio);
     }
     ratios.sort_by(f64::total_cmp);
     println!(

@@ -487,9 +487,8 @@ fn route(batch: &[Request]) -> Route {
 
 /// Runs a batch of requests in order, appending their replies to `out`: on the writer thread
 /// when any of them touches the store, on a blocking thread for `SCRIPT` alone, inline
-/// otherwise. Replies the writer already sent to
-/// `stream` are not in the `out` returned. The `inbox` goes with a batch to the writer and
-/// comes back with what it read meanwhile.
+/// otherwise. Replies the writer already sent to `stream` are not in the `out` returned. The
+/// `inbox` goes with a batch to the writer and comes back with what it read meanwhile.
 async fn run_batch(
     server: &Arc<Server>,
     client: &mut Client,
