@@ -18,6 +18,8 @@ const TTL_MS: u64 = 10_000;
 #[derive(Debug, Clone)]
 enum Op {
     Claim(u8),
+    /// One `claim_all` of these ids (repeats allowed), answered as claims one by one.
+    ClaimAll(Vec<u8>),
     CommitAll,
     ReleaseFirst,
     Forget(u8),
@@ -37,6 +39,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0u8..12).prop_map(Op::Claim),
+        2 => proptest::collection::vec(0u8..12, 1..6).prop_map(Op::ClaimAll),
         3 => Just(Op::CommitAll),
         1 => Just(Op::ReleaseFirst),
         1 => (0u8..12).prop_map(Op::Forget),
@@ -65,6 +68,35 @@ fn id(n: u8) -> Vec<u8> {
     format!("id-{n}").into_bytes()
 }
 
+/// The window the batch claims ask for: the store's own, as `claim` uses.
+const TTL: Duration = Duration::from_millis(TTL_MS);
+
+/// Checks a claim's verdict for `id(n)` against the model, and keeps a new claim in `held`.
+fn check_claim(
+    n: u8,
+    verdict: Verdict,
+    model: &HashMap<Vec<u8>, u64>,
+    held: &mut Vec<Claim>,
+    now: u64,
+) -> Result<(), TestCaseError> {
+    let key = id(n);
+    let live = model.get(&key).is_some_and(|&exp| now < exp);
+    let is_held = held.iter().any(|c| c.id() == key.as_slice());
+    match verdict {
+        Verdict::New(c) => {
+            prop_assert!(!live, "live id {n} reported new");
+            prop_assert!(!is_held, "held id {n} reported new");
+            held.push(c);
+        }
+        Verdict::Duplicate(seen) => {
+            prop_assert!(live, "dead id {n} reported duplicate");
+            prop_assert_eq!(Some(&seen.expires_ms), model.get(&key));
+        }
+        Verdict::InFlight(_) => prop_assert!(is_held, "unheld id {n} in flight"),
+    }
+    Ok(())
+}
+
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path());
@@ -78,20 +110,14 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         let op_name = format!("{op:?}");
         match op {
             Op::Claim(n) => {
-                let key = id(n);
-                let live = model.get(&key).is_some_and(|&exp| now < exp);
-                let is_held = held.iter().any(|c| c.id() == key.as_slice());
-                match store.claim(&key, now).unwrap() {
-                    Verdict::New(c) => {
-                        prop_assert!(!live, "live id {n} reported new");
-                        prop_assert!(!is_held, "held id {n} reported new");
-                        held.push(c);
-                    }
-                    Verdict::Duplicate(seen) => {
-                        prop_assert!(live, "dead id {n} reported duplicate");
-                        prop_assert_eq!(Some(&seen.expires_ms), model.get(&key));
-                    }
-                    Verdict::InFlight(_) => prop_assert!(is_held, "unheld id {n} in flight"),
+                let verdict = store.claim(&id(n), now).unwrap();
+                check_claim(n, verdict, &model, &mut held, now)?;
+            }
+            Op::ClaimAll(ns) => {
+                let verdicts = store.claim_all(ns.iter().map(|&n| (id(n), TTL)), now);
+                prop_assert_eq!(verdicts.len(), ns.len());
+                for (&n, verdict) in ns.iter().zip(verdicts) {
+                    check_claim(n, verdict.unwrap(), &model, &mut held, now)?;
                 }
             }
             Op::CommitAll => {

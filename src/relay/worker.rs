@@ -187,16 +187,18 @@ impl Workers {
         })
     }
 
-    /// Claims each id for its window, in order, now. Memory only (see the module doc), so it
-    /// runs on the caller's task.
+    /// Claims each id for its window, in order, now, as one batch of the store. Memory only
+    /// (see the module doc), so it runs on the caller's task.
     pub(crate) fn claim(&self, items: Vec<ClaimItem>) -> Vec<Claimed> {
         let now = self.clock.now_ms();
+        let verdicts = self.store.claim_all(
+            items.iter().map(|(_, id, window)| (id.as_slice(), *window)),
+            now,
+        );
         items
             .into_iter()
-            .map(|(tag, id, window)| {
-                let verdict = self.store.claim_with_ttl(&id, window, now);
-                (tag, id, verdict)
-            })
+            .zip(verdicts)
+            .map(|((tag, id, _), verdict)| (tag, id, verdict))
             .collect()
     }
 

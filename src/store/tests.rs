@@ -81,6 +81,59 @@ fn second_claimer_sees_in_flight_and_learns_commit() {
 }
 
 #[test]
+fn a_claim_batch_answers_each_id_as_claims_one_by_one_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    commit_one(&store, b"live", T0);
+    let elsewhere = claim_new(&store, b"held", T0);
+    let absent_before = store.stats().absent_lookups;
+    let long = vec![b'x'; 257];
+    let batch: [&[u8]; 8] = [
+        b"new", b"live", b"", b"held", b"new", b"live", &long, b"other",
+    ];
+    let verdicts = store.claim_all(batch.iter().map(|id| (*id, TTL)), T0 + 1);
+    assert_eq!(verdicts.len(), batch.len());
+    let mut verdicts = verdicts.into_iter();
+    let mut next = || verdicts.next().unwrap();
+    let Ok(Verdict::New(new)) = next() else {
+        panic!("a first-seen id is new")
+    };
+    assert_eq!(new.id(), b"new");
+    let live = |verdict| match verdict {
+        Ok(Verdict::Duplicate(live)) => assert_eq!(live.expires_ms, T0 + 60_000),
+        other => panic!("expected the live id's duplicate, got {other:?}"),
+    };
+    live(next());
+    // A refused id is answered in its place and held nowhere; the rest goes on.
+    assert!(matches!(next(), Err(Error::EmptyId { .. })));
+    let Ok(Verdict::InFlight(_)) = next() else {
+        panic!("an id held by another claim is in flight")
+    };
+    let Ok(Verdict::InFlight(second)) = next() else {
+        panic!("an id's second coming waits on its first")
+    };
+    // A live id's second coming is the same duplicate, as after the first one.
+    live(next());
+    assert!(matches!(next(), Err(Error::IdTooLong { len: 257, .. })));
+    let Ok(Verdict::New(other)) = next() else {
+        panic!("ids after a refused one are still claimed")
+    };
+    // "new" and "other" were absent from the filter; the live id's second coming was not
+    // looked up again.
+    assert_eq!(store.stats().absent_lookups - absent_before, 2);
+    assert_eq!(store.stats().in_flight, 3);
+    store.commit(vec![new], T0 + 1).unwrap();
+    drop((other, elsewhere));
+    assert_eq!(store.stats().in_flight, 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert_eq!(rt.block_on(second.settled()), Settled::Committed);
+    assert!(is_duplicate(&store, b"new", T0 + 2));
+    let _other_again = claim_new(&store, b"other", T0 + 2);
+}
+
+#[test]
 fn released_claim_is_new_again_and_waiters_are_told() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
