@@ -56,18 +56,7 @@ fn filled_store() -> &'static Store {
         .get_or_init(|| {
             let dir = tempfile::tempdir().expect("temp dir");
             let store = Store::open(store_config(dir.path())).expect("open store");
-            let now = system_now_ms();
-            for chunk in 0..LIVE_IDS / COMMIT_BATCH as u64 + 1 {
-                let lo = chunk * COMMIT_BATCH as u64;
-                let hi = (lo + COMMIT_BATCH as u64).min(LIVE_IDS);
-                let claims = (lo..hi)
-                    .filter_map(|n| match store.claim(uuid_id(n.into()).as_bytes(), now) {
-                        Ok(Verdict::New(c)) => Some(c),
-                        _ => None,
-                    })
-                    .collect();
-                store.commit(claims, now).expect("fill commit");
-            }
+            ids::record_uuid_ids(&store, 0, LIVE_IDS, COMMIT_BATCH as u64, system_now_ms());
             (dir, store)
         })
         .1

@@ -15,20 +15,24 @@ pub fn uuid_id(n: u128) -> String {
     )
 }
 
-/// Records the [`uuid_id`]s of `from..to` in `store`, durably, in commits of `batch`, as new ids
-/// (a panic otherwise): how the examples fill a store.
-#[allow(dead_code)] // the examples use it; the store bench, which includes this file too, does not
+/// Records the [`uuid_id`]s of `from..to` in `store`, durably, in commits of `batch`, each
+/// claimed as one batch as the relay claims them, as new ids (a panic otherwise): how the store
+/// bench and the examples fill a store.
+#[allow(dead_code)] // the integration tests include this file too and do not fill stores
 pub fn record_uuid_ids(store: &dedupd::Store, from: u64, to: u64, batch: u64, now: u64) {
+    let window = store.ttl();
     let mut next = from;
     while next < to {
         let hi = (next + batch).min(to);
-        let claims = (next..hi)
-            .map(
-                |i| match store.claim(uuid_id(i.into()).as_bytes(), now).unwrap() {
-                    dedupd::Verdict::New(c) => c,
-                    other => panic!("id {i} not new: {other:?}"),
-                },
-            )
+        let ids: Vec<String> = (next..hi).map(|i| uuid_id(i.into())).collect();
+        let claims = store
+            .claim_all(ids.iter().map(|id| (id.as_bytes(), window)), now)
+            .into_iter()
+            .zip(&ids)
+            .map(|(verdict, id)| match verdict.unwrap() {
+                dedupd::Verdict::New(c) => c,
+                other => panic!("id {id} not new: {other:?}"),
+            })
             .collect();
         store.commit(claims, now).unwrap();
         next = hi;
