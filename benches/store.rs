@@ -6,7 +6,8 @@
 //! `lookup/bloom_negative`, `lookup/present`, `claim_commit/durable_batch_1024`,
 //! `redis_set_nx_ex/pipeline_1`, `redis_set_nx_ex/pipeline_32`; `claim_commit/sled_key_per_id_1024`
 //! is the layout before segments (one sled key per id, one flush per batch), as the baseline
-//! of the commit path.
+//! of the commit path. `durable_batch_1024` claims its 1024 fresh ids as one batch
+//! (`Store::claim_all`, as the relay claims a read's deliveries) and commits them.
 //!
 //! First it prints what a load costs on this machine within 2 MiB and within 32 MiB (a chase of
 //! dependent loads to random lines). The index of 1 M ids takes about 20 MiB and its filter
