@@ -1106,9 +1106,9 @@ impl Store {
         if !live.is_empty() {
             shared.settle_all(live.iter().map(|(key, _)| *key), Settled::Committed);
             if !waiting.is_empty() {
-                // A live id this batch held was held by it, not by another claimer, where it
-                // came again (the map was not let go of in between): answer as a second claim
-                // after the first let go of it would.
+                // Where a live id came again in this batch, its second coming found this
+                // batch's own hold (the map was not let go of in between), not another
+                // claimer's: it gets the duplicate a second claim would.
                 let live: HashMap<u128, Live> = live.into_iter().collect();
                 for (i, key) in waiting {
                     if let Some(l) = live.get(&key) {
