@@ -681,13 +681,35 @@ pub fn repeating_ids(prefix: &str, n: usize) -> Vec<String> {
     ids
 }
 
-/// A free TCP port on loopback (free when asked; good enough between tests).
+/// A free TCP port on loopback for a server a test starts: picked at random outside the
+/// kernel's range for ephemeral ports, then checked by binding it. A port the kernel handed out
+/// (`bind` to port 0) could be taken again, before the server binds it, as the local port of
+/// any outgoing connection (the tests' own to RabbitMQ and Redis are many): CI saw dedupd fail
+/// to listen that way.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let (lo, hi) = ephemeral_ports();
+    // Below the range when there is room (on Linux' default of 32768-60999, 20000-32767),
+    // above it otherwise.
+    let (from, to) = if lo > 21_024 {
+        (20_000, lo - 1)
+    } else {
+        (hi.saturating_add(1).min(65_000), 65_535)
+    };
+    (0..1000)
+        .map(|_| rand::random_range(from..=to))
+        .find(|&port| TcpListener::bind(("127.0.0.1", port)).is_ok())
+        .unwrap_or_else(|| panic!("no free port in {from}-{to} after 1000 tries"))
+}
+
+/// The kernel's range for ephemeral ports (Linux' default when it cannot be read).
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 /// The `dedupd` command with no `DEDUPD_*` inherited from the test's environment.
