@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use dedupd::store::system_now_ms;
-use dedupd::{Store, StoreConfig, Verdict};
+use dedupd::{Store, StoreConfig};
 
 /// Live ids in the store the lookups run against.
 const LIVE_IDS: u64 = 1_000_000;
@@ -143,7 +143,6 @@ fn claim_commit(c: &mut Criterion) {
     group.sample_size(20);
     group.measurement_time(Duration::from_secs(5));
     let mut next: u128 = 1 << 64;
-    let window = store.ttl();
     group.bench_function("durable_batch_1024", |b| {
         b.iter_batched(
             // Fresh ids, built outside the timing.
@@ -154,16 +153,9 @@ fn claim_commit(c: &mut Criterion) {
             },
             |ids| {
                 let now = system_now_ms();
-                // One claim batch, as the relay claims what a read from the queue brought.
-                let claims = store
-                    .claim_all(ids.iter().map(|id| (id.as_bytes(), window)), now)
-                    .into_iter()
-                    .map(|verdict| match verdict.unwrap() {
-                        Verdict::New(c) => c,
-                        other => panic!("fresh id not new: {other:?}"),
-                    })
-                    .collect();
-                store.commit(claims, now).unwrap();
+                store
+                    .commit(ids::claim_fresh(&store, &ids, now), now)
+                    .unwrap();
                 // Returned, so criterion frees the ids after the timing as it built them before.
                 ids
             },

@@ -15,26 +15,31 @@ pub fn uuid_id(n: u128) -> String {
     )
 }
 
-/// Records the [`uuid_id`]s of `from..to` in `store`, durably, in commits of `batch`, each
-/// claimed as one batch as the relay claims them, as new ids (a panic otherwise): how the store
-/// bench and the examples fill a store.
+/// Claims `ids` for the store's window as one batch, as the relay claims a read's deliveries,
+/// and returns the claims: all new (a panic names the first id that is not).
 #[allow(dead_code)] // the integration tests include this file too and do not fill stores
-pub fn record_uuid_ids(store: &dedupd::Store, from: u64, to: u64, batch: u64, now: u64) {
+pub fn claim_fresh(store: &dedupd::Store, ids: &[String], now: u64) -> Vec<dedupd::Claim> {
     let window = store.ttl();
+    store
+        .claim_all(ids.iter().map(|id| (id.as_bytes(), window)), now)
+        .into_iter()
+        .zip(ids)
+        .map(|(verdict, id)| match verdict.unwrap() {
+            dedupd::Verdict::New(c) => c,
+            other => panic!("id {id} not new: {other:?}"),
+        })
+        .collect()
+}
+
+/// Records the [`uuid_id`]s of `from..to` in `store`, durably, in commits of `batch`, each
+/// claimed with [`claim_fresh`]: how the store bench and the examples fill a store.
+#[allow(dead_code)] // as above
+pub fn record_uuid_ids(store: &dedupd::Store, from: u64, to: u64, batch: u64, now: u64) {
     let mut next = from;
     while next < to {
         let hi = (next + batch).min(to);
         let ids: Vec<String> = (next..hi).map(|i| uuid_id(i.into())).collect();
-        let claims = store
-            .claim_all(ids.iter().map(|id| (id.as_bytes(), window)), now)
-            .into_iter()
-            .zip(&ids)
-            .map(|(verdict, id)| match verdict.unwrap() {
-                dedupd::Verdict::New(c) => c,
-                other => panic!("id {id} not new: {other:?}"),
-            })
-            .collect();
-        store.commit(claims, now).unwrap();
+        store.commit(claim_fresh(store, &ids, now), now).unwrap();
         next = hi;
     }
 }
